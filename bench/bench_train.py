@@ -1,0 +1,94 @@
+"""Training throughput of our Transformer vs transformers.LlamaForCausalLM.
+
+Identical configuration, weights, batch, sequence length, dtype and thread count; one
+step is forward + cross-entropy + backward + AdamW. The two models alternate for
+`--repeats` rounds of `--steps` steps each (so both see the same machine conditions),
+and the median tokens/s of each is reported with the ratio and MFU against a matmul
+peak measured in the same run.
+
+    python -m bench.bench_train --configs 5M,30M
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import hf_peer, matmul_peak_flops, median, sync
+from model import ModelConfig, Transformer
+
+
+def ours_step(model, optimizer, x, y):
+    _, loss, _ = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def hf_step(model, optimizer, x, y):
+    logits = model(input_ids=x).logits
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def tokens_per_second(step, model, optimizer, x, y, steps: int, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(model, optimizer, x, y)
+    sync(device)
+    return steps * x.numel() / (time.perf_counter() - start)
+
+
+def bench_config(name: str, args, device, peak: float) -> dict:
+    config = ModelConfig.from_name(name, context_len=max(args.seq_len, ModelConfig.from_name(name).context_len))
+    torch.manual_seed(0)
+    ours = Transformer(config).to(device).train()
+    peer = hf_peer(ours).train()
+    x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    for _ in range(args.warmup):  # warm-up: allocator, optimizer state
+        ours_step(ours, opt_ours, x, y)
+        hf_step(peer, opt_peer, x, y)
+    ours_rates, peer_rates = [], []
+    for _ in range(args.repeats):
+        ours_rates.append(tokens_per_second(ours_step, ours, opt_ours, x, y, args.steps, device))
+        peer_rates.append(tokens_per_second(hf_step, peer, opt_peer, x, y, args.steps, device))
+    ours_tps, peer_tps = median(ours_rates), median(peer_rates)
+    flops = config.flops_per_token(args.seq_len)
+    return dict(config=name, params=config.num_params(), ours=ours_tps, hf=peer_tps,
+                ratio=ours_tps / peer_tps, mfu_ours=ours_tps * flops / peak, mfu_hf=peer_tps * flops / peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="5M,30M", help="comma-separated model presets")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timed round")
+    parser.add_argument("--repeats", type=int, default=9, help="alternating rounds per model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    peak = matmul_peak_flops(device)
+    print(f"device={device} threads={args.threads} torch={torch.__version__} batch={args.batch_size} "
+          f"seq_len={args.seq_len} fp32 matmul peak={peak / 1e9:.1f} GFLOP/s")
+    print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>7}")
+    for name in args.configs.split(","):
+        r = bench_config(name.strip(), args, device, peak)
+        print(f"{r['config']:>7} {r['params'] / 1e6:>7.1f}M {r['ours']:>11.0f} {r['hf']:>10.0f} {r['ratio']:>6.2f} "
+              f"{r['mfu_ours']:>9.1%} {r['mfu_hf']:>7.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,748 @@
+"""Datasets: sources (built-in corpus, local files, the Hugging Face hub), the tokenizer
+(a byte-level BPE trained here, or a pretrained one), packing for pretraining, prompt
+masking for instruction data, the train/validation split, a quality report and an
+on-disk cache of tokenized arrays.
+
+Nothing here prints: problems are `DataError`s with a message meant for the user, and
+what happened along the way is in the `QualityReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+BUILTIN = "builtin"
+BUILTIN_NAME = "python-stdlib"
+TEXT_EXTENSIONS = {".txt", ".md"}
+RECORD_EXTENSIONS = {".json", ".jsonl", ".csv", ".parquet"}
+TEXT_FIELDS = ("text", "content", "document", "body", "story", "article", "sentence")
+EOT, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+HUB_HOST = ("huggingface.co", 443)
+_SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+FORMAT_VERSION = 1  # bump when the cached arrays' meaning changes
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data settings, explained for the user."""
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it becomes token blocks."""
+
+    source: str = field(default=BUILTIN, metadata=_help(
+        "'builtin' (offline Python stdlib corpus), a local file or folder, or a Hugging Face hub dataset name"))
+    hub_config: Optional[str] = field(default=None, metadata=_help("hub dataset configuration, e.g. wikitext-2-raw-v1"))
+    split: str = field(default="train", metadata=_help("hub dataset split"))
+    text_field: Optional[str] = field(default=None, metadata=_help("record field holding the text; auto-detected when empty"))
+    format: str = field(default="auto", metadata=_help("text (pretraining), instruction (chat / Alpaca, loss on responses), or auto",
+                                                       choices=("auto", "text", "instruction")))
+    txt_unit: str = field(default="file", metadata=_help("a .txt/.md document is a whole file or each blank-line paragraph",
+                                                         choices=("file", "paragraph")))
+    subset_size: Optional[int] = field(default=None, metadata=_help("use only the first N documents (LightLM's subset mode)"))
+    token_budget: Optional[int] = field(default=None, metadata=_help("stop reading documents after about this many tokens"))
+    dedupe: bool = field(default=True, metadata=_help("drop exact duplicate documents (counted in the report)"))
+    val_fraction: float = field(default=0.05, metadata=_help("share of documents held out for validation"))
+    seed: int = field(default=1998, metadata=_help("seed of the train/validation split"))
+    tokenizer: str = field(default="bpe", metadata=_help("'bpe' trains a byte-level BPE on the data; else a hub id or local directory"))
+    vocab_size: int = field(default=8192, metadata=_help("vocabulary of the trained BPE"))
+    bpe_sample_bytes: int = field(default=8_000_000, metadata=_help("train the BPE on at most this much text"))
+    overlong: str = field(default="truncate", metadata=_help("instruction samples longer than the sequence: truncate or drop",
+                                                             choices=("truncate", "drop")))
+    num_proc: int = field(default=0, metadata=_help("tokenizer processes (0 = one, in-process)"))
+    cache_dir: str = field(default=".cache/sprat", metadata=_help("where tokenized arrays and trained tokenizers are cached"))
+    hub_timeout_s: float = field(default=3.0, metadata=_help("seconds to wait for the hub before calling it unreachable"))
+
+    def __post_init__(self) -> None:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for name in ("format", "txt_unit", "overlong"):
+            choices = fields[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
+        for name in ("subset_size", "token_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"DataConfig.{name}={value!r}: must be a positive integer or empty")
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ValueError(f"DataConfig.val_fraction={self.val_fraction!r}: must be between 0 and 1 (exclusive)")
+        if not isinstance(self.vocab_size, int) or not 300 <= self.vocab_size <= 1_000_000:
+            raise ValueError(f"DataConfig.vocab_size={self.vocab_size!r}: must be an integer in [300, 1000000] "
+                             f"(256 byte symbols plus merges and special tokens)")
+        if not isinstance(self.num_proc, int) or self.num_proc < 0:
+            raise ValueError(f"DataConfig.num_proc={self.num_proc!r}: must be an integer >= 0")
+        if not self.source or not str(self.source).strip():
+            raise ValueError("DataConfig.source='': name 'builtin', a local file or folder, or a hub dataset")
+        if not self.hub_timeout_s > 0:
+            raise ValueError(f"DataConfig.hub_timeout_s={self.hub_timeout_s!r}: must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DataConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "DataConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class QualityReport:
+    """What reading and tokenizing the data did; the UI renders it."""
+
+    source: str = ""
+    format: str = "text"
+    notes: list[str] = field(default_factory=list)
+    documents_read: int = 0
+    documents_kept: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0
+    train_documents: int = 0
+    val_documents: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    length_mean: float = 0.0
+    length_p50: float = 0.0
+    length_p95: float = 0.0
+    length_max: int = 0
+    truncated_samples: int = 0
+    dropped_samples: int = 0
+    train_blocks: int = 0
+    val_blocks: int = 0
+    seconds: float = 0.0
+    cached: bool = False
+
+
+# ---- sources ----------------------------------------------------------------------------
+def _stdlib_paths() -> list[Path]:
+    """The standard library's modules, without site-packages and test suites (pruned, not walked)."""
+    paths = []
+    for folder, subfolders, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [name for name in subfolders if name not in _SKIPPED_DIRS]
+        paths.extend(Path(folder) / name for name in files if name.endswith(".py"))
+    return sorted(paths)
+
+
+def builtin_documents(limit: Optional[int] = None) -> Iterator[str]:
+    """The built-in offline corpus: the running Python's standard library source (one
+    document per module, test suites excluded) followed by the `pydoc_data` topic texts,
+    about 12 MB of real code and English documentation on every Python install. The
+    order is deterministic (sorted paths, then sorted topics)."""
+    count = 0
+    for path in _stdlib_paths():
+        if limit is not None and count >= limit:
+            return
+        count += 1
+        yield path.read_text(encoding="utf-8", errors="replace")
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        if limit is not None and count >= limit:
+            return
+        count += 1
+        yield topics[name]
+
+
+def hub_reachable(timeout_s: float = 3.0, host: tuple[str, int] = HUB_HOST) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout_s`; False
+    at once when HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(host, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS | RECORD_EXTENSIONS)
+        if not files:
+            raise DataError(f"{path} holds no supported files ({', '.join(sorted(TEXT_EXTENSIONS | RECORD_EXTENSIONS))})")
+        return files
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_EXTENSIONS | RECORD_EXTENSIONS:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; supported: "
+                        f"{', '.join(sorted(TEXT_EXTENSIONS | RECORD_EXTENSIONS))}")
+    return [path]
+
+
+def _json_error(path: Path) -> Optional[str]:
+    """The first malformed line of a JSON Lines file (or the JSON document), described."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):
+                return f"{path}: line {error.lineno}: {error.msg}"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"{path}: line {number}: malformed JSON ({error.msg})"
+    return None
+
+
+def _read_records(path: Path) -> list[dict]:
+    """Records of a .json/.jsonl/.csv/.parquet file through `datasets`' builders."""
+    import datasets
+
+    builder = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix.lower()]
+    if builder == "json":
+        problem = _json_error(path)
+        if problem:
+            raise DataError(problem)
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps parser errors in many types
+        raise DataError(f"{path}: cannot be read as {builder}: {error}") from error
+    return table.to_list()
+
+
+def _text_of(record: dict, text_field: Optional[str], origin: str) -> str:
+    if text_field is not None:
+        if text_field not in record:
+            raise DataError(f"{origin}: no field {text_field!r}; fields found: {', '.join(record) or '(none)'}")
+        value = record[text_field]
+        return "" if value is None else str(value)
+    for name in TEXT_FIELDS:
+        if name in record and isinstance(record[name], str):
+            return record[name]
+    raise DataError(f"{origin}: no text field found (tried {', '.join(TEXT_FIELDS)}); fields found: "
+                    f"{', '.join(record) or '(none)'}; set the text field (data.text_field=NAME)")
+
+
+def is_instruction_record(record: dict) -> bool:
+    return ("instruction" in record and "output" in record) or ("prompt" in record and
+            ("response" in record or "completion" in record)) or isinstance(record.get("messages"), list)
+
+
+def is_hub_source(source: str) -> bool:
+    return source != BUILTIN and not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
+def resolve_source(config: DataConfig, fallback_to_builtin: bool) -> tuple[DataConfig, Optional[str]]:
+    """`config` itself, or — for a hub dataset while the hub is unreachable and fallback
+    is allowed — the built-in corpus instead, with a note saying so."""
+    if not fallback_to_builtin or not is_hub_source(config.source) or hub_reachable(config.hub_timeout_s):
+        return config, None
+    name = config.source if config.hub_config is None else f"{config.source} ({config.hub_config})"
+    note = (f"the Hugging Face hub is unreachable, so {name} could not be fetched; "
+            f"using the built-in corpus ({BUILTIN_NAME}) instead")
+    return dataclasses.replace(config, source=BUILTIN), note
+
+
+def read_source(config: DataConfig) -> tuple[list, QualityReport]:
+    """The documents (strings) or instruction records (dicts) of `config.source`, in a
+    deterministic order, with the subset limit applied, and a report of what was read."""
+    report = QualityReport(source=config.source)
+    limit = config.subset_size
+    source = config.source
+    if source == BUILTIN:
+        report.source = f"{BUILTIN} ({BUILTIN_NAME})"
+        return list(builtin_documents(limit)), report
+    path = Path(source).expanduser()
+    if path.exists():
+        items: list = []
+        for file in _local_files(path):
+            if limit is not None and len(items) >= limit:
+                break
+            if file.suffix.lower() in TEXT_EXTENSIONS:
+                text = file.read_text(encoding="utf-8", errors="replace")
+                items.extend(re.split(r"\n\s*\n", text) if config.txt_unit == "paragraph" else [text])
+            else:
+                items.extend(_records_to_items(_read_records(file), config, str(file)))
+        return items[:limit] if limit is not None else items, report
+    if _looks_like_path(source):
+        raise DataError(f"{source}: no such file or folder")
+    return _read_hub(config, report)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TEXT_EXTENSIONS | RECORD_EXTENSIONS
+
+
+def _records_to_items(records: list[dict], config: DataConfig, origin: str) -> list:
+    if not records:
+        return []
+    instruction = config.format == "instruction" or (config.format == "auto" and is_instruction_record(records[0]))
+    if instruction:
+        for number, record in enumerate(records, start=1):
+            if not is_instruction_record(record):
+                raise DataError(f"{origin}: record {number} is not an instruction record (needs instruction/output, "
+                                f"prompt/response or messages); fields found: {', '.join(record)}")
+        return records
+    return [_text_of(record, config.text_field, f"{origin}, record {number}")
+            for number, record in enumerate(records, start=1)]
+
+
+def _read_hub(config: DataConfig, report: QualityReport) -> tuple[list, QualityReport]:
+    name = config.source if config.hub_config is None else f"{config.source} ({config.hub_config})"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline and not hub_reachable(config.hub_timeout_s):
+        raise DataError(f"cannot fetch the hub dataset {name}: the Hugging Face hub is unreachable. "
+                        f"Use the built-in corpus (--data builtin) or a local file or folder.")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(config.source, config.hub_config, split=config.split)
+    except Exception as error:
+        raise DataError(f"cannot load the hub dataset {name} (split {config.split!r}): {error}. "
+                        f"Use the built-in corpus (--data builtin) or a local file or folder.") from error
+    if config.subset_size is not None and config.subset_size < len(table):
+        table = table.select(range(config.subset_size))
+    report.source = f"hub:{name}"
+    return _records_to_items(table.to_list(), config, f"hub dataset {name}"), report
+
+
+# ---- tokenizer ----------------------------------------------------------------------------
+def _sample_texts(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    used = 0
+    for text in texts:
+        if used >= max_bytes:
+            return
+        used += len(text.encode("utf-8", errors="replace"))
+        yield text
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, max_bytes: int = 8_000_000):
+    """A byte-level BPE trained with `tokenizers` on (a sample of) `texts`, as a
+    `PreTrainedTokenizerFast` with end-of-text, pad and ChatML special tokens and a
+    ChatML chat template. Any UTF-8 text round-trips exactly through encode/decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, PAD, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_sample_texts(texts, max_bytes), trainer=trainer)
+    return _wrap(backend)
+
+
+def _wrap(backend):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token=EOT, pad_token=PAD,
+                                        additional_special_tokens=[IM_START, IM_END],
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.model_max_length = 1 << 30  # we crop to context_len ourselves; silence length warnings
+    return tokenizer
+
+
+def load_tokenizer_dir(path: str | Path):
+    """A tokenizer saved by `save_pretrained` or a bare `tokenizer.json`."""
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    file = path if path.is_file() else path / "tokenizer.json"
+    if not file.exists():
+        raise DataError(f"{path} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_file(str(file)))
+
+
+def load_pretrained_tokenizer(name: str, timeout_s: float = 3.0):
+    """A Hugging Face tokenizer by hub id or local directory, with an end-of-text and a pad token."""
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.exists():
+        tokenizer = load_tokenizer_dir(path)
+    else:
+        local_only = not hub_reachable(timeout_s)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        except Exception as error:
+            where = "is not in the local cache and the hub is unreachable" if local_only else "could not be loaded"
+            raise DataError(f"tokenizer {name!r} {where} ({type(error).__name__}). Use tokenizer 'bpe' to train "
+                            f"one on your data, or a local tokenizer directory.") from error
+    if tokenizer.eos_token is None:
+        raise DataError(f"tokenizer {name!r} has no end-of-text token; it cannot separate documents")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    serial = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    serial += str(tokenizer.chat_template)
+    return hashlib.sha256(serial.encode()).hexdigest()[:16]
+
+
+# ---- fingerprints and cache ------------------------------------------------------------------
+def source_fingerprint(config: DataConfig) -> str:
+    """Changes when the source's content may have changed (paths, sizes, mtimes)."""
+    digest = hashlib.sha256()
+    if config.source == BUILTIN:
+        digest.update(f"{BUILTIN}:{sys.version}:{sysconfig.get_paths()['stdlib']}".encode())
+        for path in _stdlib_paths():
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif Path(config.source).expanduser().exists():
+        for path in _local_files(Path(config.source).expanduser()):
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(f"hub:{config.source}:{config.hub_config}:{config.split}".encode())
+    reading = {k: getattr(config, k) for k in ("hub_config", "split", "text_field", "format", "txt_unit",
+                                                "subset_size", "token_budget", "dedupe", "val_fraction", "seed",
+                                                "overlong")}
+    digest.update(json.dumps(reading, sort_keys=True).encode())
+    digest.update(str(FORMAT_VERSION).encode())
+    return digest.hexdigest()[:16]
+
+
+# ---- token datasets ------------------------------------------------------------------------------
+class PackedBlocks:
+    """Pretraining blocks: row i is `seq_len + 1` consecutive tokens of the packed stream;
+    inputs are row[:-1], targets row[1:]. Consecutive rows overlap by one token so every
+    token of the stream is a target exactly once."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens = tokens  # (N, seq_len + 1)
+        self.seq_len = seq_len
+
+    @classmethod
+    def from_stream(cls, stream: np.ndarray, seq_len: int) -> "PackedBlocks":
+        count = (len(stream) - 1) // seq_len
+        rows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)[::seq_len][:count]
+        return cls(np.ascontiguousarray(rows), seq_len)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(self.tokens[indices].astype(np.int64))  # (B, T+1)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class MaskedSamples:
+    """Instruction samples, one per row, padded: targets are -100 on prompts and padding."""
+
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray):
+        self.inputs, self.targets = inputs, targets  # (N, seq_len) each
+        self.seq_len = inputs.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.inputs[indices].astype(np.int64)),
+                torch.from_numpy(self.targets[indices].astype(np.int64)))
+
+
+@dataclass
+class PreparedData:
+    """Everything training needs from the data side."""
+
+    tokenizer: object
+    train: PackedBlocks | MaskedSamples
+    val: PackedBlocks | MaskedSamples
+    report: QualityReport
+    fingerprint: str
+
+
+# ---- pretraining text --------------------------------------------------------------------------
+def _tokenize(texts: list[str], tokenizer, num_proc: int) -> list[list[int]]:
+    if num_proc > 1 and len(texts) > num_proc:
+        import datasets
+
+        datasets.disable_progress_bars()
+        table = datasets.Dataset.from_dict({"text": texts})
+        table = table.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+                          batched=True, num_proc=num_proc, remove_columns=["text"])
+        return table["ids"]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _clean(documents: list[str], config: DataConfig, report: QualityReport) -> list[str]:
+    report.documents_read = len(documents)
+    kept, seen = [], set()
+    for document in documents:
+        if not document.strip():
+            report.empty_dropped += 1
+            continue
+        if config.dedupe:
+            key = hashlib.blake2b(document.encode("utf-8", errors="replace"), digest_size=16).digest()
+            if key in seen:
+                report.duplicates_dropped += 1
+                continue
+            seen.add(key)
+        kept.append(document)
+    report.documents_kept = len(kept)
+    return kept
+
+
+def _length_stats(lengths: list[int], report: QualityReport) -> None:
+    if lengths:
+        array = np.asarray(lengths)
+        report.length_mean = float(array.mean())
+        report.length_p50 = float(np.percentile(array, 50))
+        report.length_p95 = float(np.percentile(array, 95))
+        report.length_max = int(array.max())
+
+
+def _split_documents(lengths: list[int], config: DataConfig, min_val_tokens: int) -> np.ndarray:
+    """A boolean mask of validation documents: a seeded random `val_fraction` of them,
+    grown until they hold at least `min_val_tokens` tokens."""
+    count = len(lengths)
+    order = np.random.default_rng(config.seed).permutation(count)
+    is_val = np.zeros(count, dtype=bool)
+    wanted = max(1, round(config.val_fraction * count))
+    tokens = 0
+    for taken, index in enumerate(order):
+        if taken >= wanted and tokens >= min_val_tokens:
+            break
+        if taken >= count - 1:  # always leave at least one training document
+            break
+        is_val[index] = True
+        tokens += lengths[index] + 1
+    return is_val
+
+
+def _pack(token_lists: list[list[int]], eot: int, dtype) -> np.ndarray:
+    """Documents joined with an end-of-text token between them (and before the first,
+    so every document starts after a separator)."""
+    total = sum(len(ids) + 1 for ids in token_lists)
+    stream = np.empty(total, dtype=dtype)
+    position = 0
+    for ids in token_lists:
+        stream[position] = eot
+        stream[position + 1:position + 1 + len(ids)] = ids
+        position += len(ids) + 1
+    return stream
+
+
+def build_pretraining(documents: list[str], tokenizer, config: DataConfig, seq_len: int,
+                      report: QualityReport) -> tuple[PackedBlocks, PackedBlocks]:
+    documents = _clean(documents, config, report)
+    if not documents:
+        raise DataError(f"{config.source}: no documents left after dropping {report.empty_dropped} empty "
+                        f"and {report.duplicates_dropped} duplicate ones")
+    token_lists = _tokenize(documents, tokenizer, config.num_proc)
+    if config.token_budget is not None:
+        total, keep = 0, 0
+        for keep, ids in enumerate(token_lists, start=1):
+            total += len(ids) + 1
+            if total >= config.token_budget:
+                break
+        token_lists = token_lists[:keep]
+        report.notes.append(f"token budget {config.token_budget:,}: kept the first {keep} documents")
+    lengths = [len(ids) for ids in token_lists]
+    _length_stats(lengths, report)
+    needed = 2 * (seq_len + 1)
+    if sum(lengths) + len(lengths) < needed + 1:
+        raise DataError(f"{config.source}: {sum(lengths):,} tokens is too small for sequences of {seq_len} tokens; "
+                        f"need at least {needed + 1:,} (one training and one validation block)")
+    is_val = _split_documents(lengths, config, min_val_tokens=seq_len + 2)
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    eot = tokenizer.eos_token_id
+    train_stream = _pack([ids for ids, v in zip(token_lists, is_val) if not v], eot, dtype)
+    val_stream = _pack([ids for ids, v in zip(token_lists, is_val) if v], eot, dtype)
+    train, val = PackedBlocks.from_stream(train_stream, seq_len), PackedBlocks.from_stream(val_stream, seq_len)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"{config.source}: too small to give both a training and a validation block of "
+                        f"{seq_len + 1} tokens ({len(train_stream):,} training, {len(val_stream):,} validation tokens)")
+    report.train_documents, report.val_documents = int((~is_val).sum()), int(is_val.sum())
+    report.train_tokens, report.val_tokens = len(train_stream), len(val_stream)
+    report.train_blocks, report.val_blocks = len(train), len(val)
+    return train, val
+
+
+# ---- instruction data --------------------------------------------------------------------------
+def to_messages(record: dict) -> list[dict]:
+    """Alpaca, prompt/response and messages records as a list of chat messages."""
+    if isinstance(record.get("messages"), list):
+        messages = record["messages"]
+        for number, message in enumerate(messages, start=1):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DataError(f"message {number} needs 'role' and 'content', got {message!r}")
+        return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+    if "instruction" in record:
+        prompt = str(record["instruction"])
+        if record.get("input"):
+            prompt += "\n\n" + str(record["input"])
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["output"])}]
+    response = record.get("response", record.get("completion"))
+    return [{"role": "user", "content": str(record["prompt"])}, {"role": "assistant", "content": str(response)}]
+
+
+def encode_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and labels that keep only assistant tokens (-100 elsewhere)."""
+    def render(upto: int, generation_prompt: bool) -> list[int]:
+        if upto == 0:
+            return []
+        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = render(len(messages), False)
+    labels = [-100] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, through = render(index, True), render(index + 1, False)
+        if ids[:len(prompt)] != prompt or ids[:len(through)] != through:
+            raise DataError("the tokenizer's chat template does not render conversations prefix by prefix")
+        labels[len(prompt):len(through)] = ids[len(prompt):len(through)]
+    return ids, labels
+
+
+def build_instruction(records: list[dict], tokenizer, config: DataConfig, seq_len: int,
+                      report: QualityReport) -> tuple[MaskedSamples, MaskedSamples]:
+    report.format = "instruction"
+    report.documents_read = report.documents_kept = len(records)
+    pad = tokenizer.pad_token_id
+    rows_in, rows_out, lengths = [], [], []
+    for number, record in enumerate(records, start=1):
+        try:
+            ids, labels = encode_chat(to_messages(record), tokenizer)
+        except DataError as error:
+            raise DataError(f"{config.source}, record {number}: {error}") from None
+        lengths.append(len(ids))
+        if len(ids) > seq_len + 1:
+            if config.overlong == "drop":
+                report.dropped_samples += 1
+                continue
+            ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
+            report.truncated_samples += 1
+        targets = labels[1:]
+        if all(t == -100 for t in targets):  # nothing of the response survived truncation
+            report.dropped_samples += 1
+            continue
+        inputs = ids[:-1]
+        rows_in.append(inputs + [pad] * (seq_len - len(inputs)))
+        rows_out.append(targets + [-100] * (seq_len - len(targets)))
+    _length_stats(lengths, report)
+    if len(rows_in) < 2:
+        raise DataError(f"{config.source}: {len(rows_in)} usable instruction sample(s) after dropping "
+                        f"{report.dropped_samples}; need at least 2 (one for validation)")
+    inputs, targets = np.asarray(rows_in, dtype=np.int32), np.asarray(rows_out, dtype=np.int32)
+    is_val = _split_documents([1] * len(inputs), config, min_val_tokens=1)
+    report.train_documents, report.val_documents = int((~is_val).sum()), int(is_val.sum())
+    report.train_tokens = int((targets[~is_val] != -100).sum())
+    report.val_tokens = int((targets[is_val] != -100).sum())
+    report.train_blocks, report.val_blocks = report.train_documents, report.val_documents
+    return MaskedSamples(inputs[~is_val], targets[~is_val]), MaskedSamples(inputs[is_val], targets[is_val])
+
+
+# ---- the whole pipeline ---------------------------------------------------------------------------
+def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builtin: bool = False) -> PreparedData:
+    """Read, tokenize, split and pack `config`'s data for sequences of `seq_len` tokens.
+    A second call with the same source, tokenizer and settings loads the arrays from the
+    cache. `tokenizer` overrides `config.tokenizer` (e.g. a fine-tuned base's)."""
+    started = time.perf_counter()
+    config, fallback_note = resolve_source(config, fallback_to_builtin)
+    cache = Path(config.cache_dir)
+    fingerprint = source_fingerprint(config)
+    if tokenizer is None and config.tokenizer != "bpe":
+        tokenizer = load_pretrained_tokenizer(config.tokenizer, config.hub_timeout_s)
+    bpe_file = cache / "tokenizers" / f"{fingerprint}-{config.vocab_size}-{config.bpe_sample_bytes}.json"
+    if tokenizer is None and bpe_file.exists():
+        tokenizer = load_tokenizer_dir(bpe_file)
+    if tokenizer is not None:
+        arrays = cache / "arrays" / f"{fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}"
+        if (arrays / "report.json").exists():
+            prepared = _load_arrays(arrays, tokenizer, fingerprint, started)
+            prepared.report.notes += [fallback_note] if fallback_note else []
+            return prepared
+
+    items, report = read_source(config)
+    report.notes += [fallback_note] if fallback_note else []
+    if not items:
+        raise DataError(f"{config.source}: the dataset is empty")
+    instruction = isinstance(items[0], dict)
+    if tokenizer is None:
+        texts = (json.dumps(item) if isinstance(item, dict) else item for item in items)
+        tokenizer = train_bpe(texts, config.vocab_size, config.bpe_sample_bytes)
+        bpe_file.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.backend_tokenizer.save(str(bpe_file))
+        report.notes.append(f"trained a {len(tokenizer)}-token byte-level BPE on the data")
+    if instruction:
+        train, val = build_instruction(items, tokenizer, config, seq_len, report)
+    else:
+        train, val = build_pretraining(items, tokenizer, config, seq_len, report)
+    report.seconds = time.perf_counter() - started
+    arrays = cache / "arrays" / f"{fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}"
+    _save_arrays(arrays, train, val, report)
+    return PreparedData(tokenizer, train, val, report, fingerprint)
+
+
+def _save_arrays(directory: Path, train, val, report: QualityReport) -> None:
+    temporary = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    temporary.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("val", val)):
+        if isinstance(part, PackedBlocks):
+            np.save(temporary / f"{name}_tokens.npy", part.tokens)
+        else:
+            np.save(temporary / f"{name}_inputs.npy", part.inputs)
+            np.save(temporary / f"{name}_targets.npy", part.targets)
+    (temporary / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+    if directory.exists():  # another process won the race; theirs is equivalent
+        import shutil
+
+        shutil.rmtree(temporary, ignore_errors=True)
+        return
+    temporary.rename(directory)
+
+
+def _load_arrays(directory: Path, tokenizer, fingerprint: str, started: float) -> PreparedData:
+    report = QualityReport(**json.loads((directory / "report.json").read_text()))
+    parts = []
+    for name in ("train", "val"):
+        packed = directory / f"{name}_tokens.npy"
+        if packed.exists():
+            tokens = np.load(packed)
+            parts.append(PackedBlocks(tokens, tokens.shape[1] - 1))
+        else:
+            parts.append(MaskedSamples(np.load(directory / f"{name}_inputs.npy"),
+                                       np.load(directory / f"{name}_targets.npy")))
+    report.cached = True
+    report.seconds = time.perf_counter() - started
+    return PreparedData(tokenizer, parts[0], parts[1], report, fingerprint)

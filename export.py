@@ -1,0 +1,189 @@
+"""Import and export in the Hugging Face Llama layout (config.json + model.safetensors).
+
+Our parameter names are Llama's without the `model.` prefix (see model.py), so the
+mapping is a prefix and the tied output head; nothing is permuted, because our RoPE
+uses the same half-split layout as `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import ModelConfig, Transformer
+
+HEAD = "lm_head.weight"
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict under Llama's key names; the tied head is stored once, as the embedding."""
+    if model.config.use_moe:
+        raise ValueError("exporting a mixture-of-experts model to the Llama layout is not supported yet "
+                         "(it needs the Mixtral layout)")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == HEAD:
+            if model.config.tie_embeddings:
+                continue
+            state[name] = tensor
+        else:
+            state["model." + name] = tensor
+    return state
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Llama's key names → ours. Rotary buffers some old checkpoints carry are dropped."""
+    ours = {}
+    for name, tensor in state.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == HEAD:
+            if not tie_embeddings:
+                ours[name] = tensor
+        elif name.startswith("model."):
+            ours[name[len("model."):]] = tensor
+        else:
+            raise ValueError(f"unexpected tensor {name!r} in a Llama checkpoint")
+    if tie_embeddings:
+        ours[HEAD] = ours["embed_tokens.weight"]
+    return ours
+
+
+def hf_config(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> dict:
+    """A `config.json` for `LlamaForCausalLM` with the same shape as `config`."""
+    values = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.num_dims,
+        "intermediate_size": config.ffn_hidden_dims,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.context_len,
+        "rms_norm_eps": config.rmsnorm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token_id = getattr(tokenizer, key, None)
+            if token_id is not None:
+                values[key] = token_id
+    return values
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write `model` (and its tokenizer) as a directory `transformers` loads with
+    `AutoModelForCausalLM.from_pretrained`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
+    dtype = next(iter(state.values())).dtype
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def config_from_hf(values: dict, context_len: Optional[int] = None) -> ModelConfig:
+    """Our ModelConfig for a Llama `config.json`; unsupported variants are a clear error."""
+    model_type = values.get("model_type")
+    if model_type != "llama":
+        raise ValueError(f"model_type {model_type!r} is not supported; load_hf imports Llama-architecture "
+                         f"checkpoints (model_type 'llama')")
+    unsupported = {
+        "attention_bias": values.get("attention_bias", False),
+        "mlp_bias": values.get("mlp_bias", False),
+    }
+    for key, value in unsupported.items():
+        if value:
+            raise ValueError(f"config.json has {key}={value}; biases in attention/MLP are not supported")
+    act = values.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json has hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
+    rope_scaling = values.get("rope_scaling") or values.get("rope_parameters") or {}
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"config.json uses RoPE scaling {rope_type!r}; supported: none (default) and 'llama3'")
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = {"rope_type": "llama3", **{key: rope_scaling[key] for key in keys}}
+    rope_theta = values.get("rope_theta", (values.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    hidden, heads = values["hidden_size"], values["num_attention_heads"]
+    head_dim = values.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise ValueError(f"config.json has head_dim={head_dim} with hidden_size={hidden} and "
+                         f"{heads} heads; only head_dim = hidden_size / num_attention_heads is supported")
+    return ModelConfig(
+        vocab_size=values["vocab_size"],
+        num_dims=hidden,
+        num_heads=heads,
+        num_kv_heads=values.get("num_key_value_heads") or heads,
+        num_layers=values["num_hidden_layers"],
+        ffn_hidden_dims=values["intermediate_size"],
+        context_len=context_len or values.get("max_position_embeddings", 2048),
+        rmsnorm_eps=values.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=scaling,
+        tie_embeddings=bool(values.get("tie_word_embeddings", False)),
+    )
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(path / shard)))
+        return state
+    legacy = path / "pytorch_model.bin"
+    if legacy.exists():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_hf(path: str | Path, context_len: Optional[int] = None,
+            dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Import a Llama-architecture directory saved by `transformers` (`save_pretrained`).
+    `context_len` caps the RoPE tables for checkpoints with very long contexts."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = config_from_hf(json.loads(config_file.read_text()), context_len)
+    state = from_hf_state_dict(_read_weights(path), config.tie_embeddings)
+    model = Transformer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {name!r}")
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model

@@ -1,0 +1,563 @@
+"""A Llama-style decoder-only Transformer: GQA, RoPE, RMSNorm, SwiGLU, optional MoE.
+
+Module and parameter names follow Hugging Face's Llama layout (`embed_tokens`,
+`layers.N.self_attn.q_proj`, `mlp.gate_proj`, ...) so weights map to and from
+`transformers.LlamaForCausalLM` by name alone (see export.py), and LoRA adapters use
+the key names `peft` expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and options of a `Transformer`. Field names follow LightLM's ModelConfig."""
+
+    vocab_size: int = field(default=8192, metadata=_help("tokens in the vocabulary"))
+    num_dims: int = field(default=256, metadata=_help("model width (embedding size)"))
+    num_heads: int = field(default=4, metadata=_help("query heads"))
+    num_kv_heads: int = field(default=2, metadata=_help("key/value heads (grouped-query attention)"))
+    num_layers: int = field(default=4, metadata=_help("transformer blocks"))
+    ffn_hidden_dims: int = field(default=688, metadata=_help("hidden width of the SwiGLU feed-forward (per expert with MoE)"))
+    context_len: int = field(default=256, metadata=_help("longest sequence the model accepts"))
+    rmsnorm_eps: float = field(default=1e-5, metadata=_help("epsilon inside RMSNorm"))
+    rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
+    rope_scaling: Optional[dict] = field(default=None, metadata=_help(
+        "Llama 3 RoPE frequency scaling: {'rope_type': 'llama3', 'factor', 'low_freq_factor', "
+        "'high_freq_factor', 'original_max_position_embeddings'}; empty for none"))
+    use_cache: bool = field(default=True, metadata=_help("use the KV cache when generating"))
+    use_flash: bool = field(default=True, metadata=_help("attention through scaled_dot_product_attention (flash / memory-efficient kernels on CUDA) instead of explicit matmul-softmax"))
+    use_moe: bool = field(default=False, metadata=_help("mixture-of-experts feed-forward"))
+    moe_num_experts: int = field(default=4, metadata=_help("experts per MoE layer"))
+    moe_active_experts: int = field(default=2, metadata=_help("experts each token is routed to (top-k)"))
+    moe_eps: float = field(default=1e-6, metadata=_help("epsilon when renormalising the top-k gates"))
+    moe_aux_loss_coef: float = field(default=0.01, metadata=_help("weight of the Switch-Transformer load-balancing loss (not used with loss-free balancing)"))
+    use_lossfreebalance: bool = field(default=False, metadata=_help("DeepSeek-V3 auxiliary-loss-free balancing: a per-expert selection bias instead of the aux loss"))
+    moe_bias_update_rate: float = field(default=1e-3, metadata=_help("step size of the loss-free balancing bias update"))
+    tie_embeddings: bool = field(default=True, metadata=_help("share the token embedding with the output head"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute each block's activations in backward to save memory"))
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "num_dims", "num_heads", "num_kv_heads", "num_layers",
+                    "ffn_hidden_dims", "context_len", "moe_num_experts", "moe_active_experts")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive integer")
+        for name in ("rmsnorm_eps", "rope_theta", "moe_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive number")
+        for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a number >= 0")
+        if self.num_dims % self.num_heads:
+            raise ValueError(f"ModelConfig.num_dims={self.num_dims}: must be divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads}: must divide "
+                             f"num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.num_dims={self.num_dims}: head dim num_dims/num_heads="
+                             f"{self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type") != "llama3" \
+                    or not required <= set(self.rope_scaling):
+                raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}: must be None or a dict with "
+                                 f"rope_type='llama3' and {', '.join(sorted(required))}")
+        if self.moe_active_experts > self.moe_num_experts:
+            raise ValueError(f"ModelConfig.moe_active_experts={self.moe_active_experts}: must be "
+                             f"between 1 and moe_num_experts={self.moe_num_experts}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.num_dims // self.num_heads
+
+    # ---- presets and serialisation -------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """A preset by name (see `PRESETS`), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---- size and cost ------------------------------------------------------------
+    def _layer_params(self, experts: int, norms: bool = True) -> int:
+        kv_dims = self.num_kv_heads * self.head_dim
+        attention = 2 * self.num_dims * self.num_dims + 2 * self.num_dims * kv_dims
+        ffn = 3 * self.num_dims * self.ffn_hidden_dims
+        if self.use_moe:
+            ffn = experts * ffn + self.num_dims * self.moe_num_experts  # experts + router
+        return attention + ffn + (2 * self.num_dims if norms else 0)  # + two RMSNorm weights
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count; `active=True` counts only the experts a token uses (MoE)."""
+        experts = self.moe_active_experts if active else self.moe_num_experts
+        embedding = self.vocab_size * self.num_dims
+        head = 0 if self.tie_embeddings else embedding
+        return embedding + head + self.num_layers * self._layer_params(experts) + self.num_dims
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token: 6N over the matmul weights (the embedding lookup is
+        free, the output head is not) plus PaLM's attention term 12·L·H·Q·T
+        (https://arxiv.org/abs/2204.02311, appendix B; counts the full, not causal, T×T)."""
+        seq_len = self.context_len if seq_len is None else seq_len
+        matmul_params = self.num_layers * self._layer_params(self.moe_active_experts, norms=False)
+        matmul_params += self.vocab_size * self.num_dims  # output head
+        attention = 12 * self.num_layers * self.num_dims * seq_len
+        return 6 * matmul_params + attention
+
+
+PRESETS: dict[str, dict] = {
+    # For tests: builds and runs in milliseconds.
+    "tiny": dict(vocab_size=64, num_dims=32, num_heads=4, num_kv_heads=2, num_layers=2,
+                 ffn_hidden_dims=64, context_len=16),
+    # Sizes below assume the default 8192-token BPE vocabulary.
+    "1M": dict(vocab_size=8192, num_dims=96, num_heads=3, num_kv_heads=1, num_layers=2,
+               ffn_hidden_dims=256, context_len=256),
+    "5M": dict(vocab_size=8192, num_dims=256, num_heads=4, num_kv_heads=2, num_layers=4,
+               ffn_hidden_dims=688, context_len=256),
+    "15M": dict(vocab_size=8192, num_dims=384, num_heads=6, num_kv_heads=2, num_layers=8,
+                ffn_hidden_dims=1024, context_len=512),
+    "30M": dict(vocab_size=8192, num_dims=512, num_heads=8, num_kv_heads=4, num_layers=9,
+                ffn_hidden_dims=1408, context_len=512),
+    "60M": dict(vocab_size=8192, num_dims=640, num_heads=10, num_kv_heads=5, num_layers=12,
+                ffn_hidden_dims=1728, context_len=1024),
+    "125M": dict(vocab_size=32000, num_dims=768, num_heads=12, num_kv_heads=4, num_layers=12,
+                 ffn_hidden_dims=3072, context_len=1024),
+}
+
+
+# ---- building blocks ------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (https://arxiv.org/abs/1910.07467), computed in fp32 as Llama does."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's long-context RoPE (https://arxiv.org/abs/2407.21783): wavelengths longer
+    than the original context / low_freq_factor are slowed by `factor`, shorter than
+    context / high_freq_factor are kept, and those between are interpolated."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(between, interpolated, scaled)
+
+
+def rope_cache(head_dim: int, max_len: int, theta: float,
+               scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) for RoPE (https://arxiv.org/abs/2104.09864) in the
+    half-split layout of Hugging Face's Llama: frequencies repeated for both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hs); cos/sin: (T, hs)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions for one attention layer (non-persistent buffers)."""
+
+    def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at positions [start_pos, start_pos+T); return all keys
+        and values up to start_pos+T."""
+        end = start_pos + k.size(2)
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention (https://arxiv.org/abs/2305.13245) with RoPE."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.use_flash = config.use_flash
+        kv_dims = config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.num_dims, config.num_dims, bias=False)
+        self.k_proj = nn.Linear(config.num_dims, kv_dims, bias=False)
+        self.v_proj = nn.Linear(config.num_dims, kv_dims, bias=False)
+        self.o_proj = nn.Linear(config.num_dims, config.num_dims, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, start_pos+T, hs)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # share each key/value head among `groups` query heads
+            k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(groups, dim=1)
+        y = self._attend(q, k, v, start_pos)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        T, S = q.size(2), k.size(2)
+        # Query i sits at absolute position S - T + i and sees keys 0..S-T+i.
+        mask = None
+        if T > 1 and S > T:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        if self.use_flash:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+        if T > 1:
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
+        return weights @ v  # (B, nh, T, hs)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward (https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, dims: int, hidden_dims: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts (https://arxiv.org/abs/2101.03961 for the router and
+    auxiliary loss; https://arxiv.org/abs/2412.19437 section 2.1.2 for loss-free balancing).
+    Each expert runs only on the tokens routed to it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts = config.moe_num_experts
+        self.top_k = config.moe_active_experts
+        self.eps = config.moe_eps
+        self.use_lossfreebalance = config.use_lossfreebalance
+        self.gate = nn.Linear(config.num_dims, config.moe_num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(FeedForward(config.num_dims, config.ffn_hidden_dims)
+                                     for _ in range(config.moe_num_experts))
+        # Selection bias of loss-free balancing: a buffer, saved with the model, never seen
+        # by the optimizer; it shifts which experts are chosen, not the gate values.
+        self.register_buffer("expert_bias", torch.zeros(config.moe_num_experts))
+        # Tokens routed to each expert: in the last forward, and since the last bias update.
+        self.register_buffer("last_load", torch.zeros(config.moe_num_experts), persistent=False)
+        self.register_buffer("pending_load", torch.zeros(config.moe_num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the output and the Switch auxiliary loss (f·P summed, times num_experts)."""
+        B, T, C = x.size()
+        tokens = x.reshape(B * T, C)
+        probs = F.softmax(self.gate(tokens).float(), dim=-1)  # (N, E)
+        scores = probs + self.expert_bias if self.use_lossfreebalance else probs
+        _, chosen = scores.topk(self.top_k, dim=-1)  # (N, k)
+        gates = probs.gather(-1, chosen)
+        gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)  # (N, k)
+
+        load = torch.bincount(chosen.flatten(), minlength=self.num_experts).to(probs.dtype)  # (E,)
+        with torch.no_grad():
+            self.last_load.copy_(load)
+            if self.training:
+                self.pending_load.add_(load)
+
+        out = torch.zeros_like(tokens)
+        order = chosen.flatten().argsort()  # assignments grouped by expert
+        token_of = order // self.top_k
+        gate_of = gates.flatten()[order]
+        counts = load.long().tolist()
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                idx = token_of[start:start + count]
+                y = expert(tokens[idx]) * gate_of[start:start + count, None].to(tokens.dtype)
+                out.index_add_(0, idx, y)
+            start += count
+
+        fraction = load / (B * T * self.top_k)  # f_e: share of assignments per expert
+        aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum()
+        return out.view(B, T, C), aux_loss
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """Loss-free balancing step: raise the bias of under-loaded experts, lower the rest."""
+        load = self.pending_load
+        if load.sum() > 0:
+            self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.num_dims, config.rmsnorm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.num_dims, config.rmsnorm_eps)
+        self.mlp = MoE(config) if config.use_moe else FeedForward(config.num_dims, config.ffn_hidden_dims)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):
+            h, aux_loss = h
+        else:
+            aux_loss = x.new_zeros((), dtype=torch.float32)
+        return x + h, aux_loss
+
+
+class Transformer(nn.Module):
+    """Token embedding → blocks → RMSNorm → LM head (tied to the embedding by default)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.num_dims)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.num_dims, config.rmsnorm_eps)
+        self.lm_head = nn.Linear(config.num_dims, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cache(config.head_dim, config.context_len, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.check_inputs = True  # token-id range check; costs a device sync on CUDA
+        self.apply(self._init_weights)
+        # GPT-2 scaling of the residual projections: std 0.02/sqrt(2·num_layers).
+        residual_std = 0.02 / math.sqrt(2 * config.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                start_pos: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """input_ids (B, T) → (logits (B, T, V), loss, ce_loss). `targets` are next-token ids
+        aligned with the inputs; -100 is ignored. `loss` adds the MoE auxiliary loss."""
+        self._check_input(input_ids, start_pos)
+        B, T = input_ids.size()
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_aux = checkpoint(block, x, cos, sin, start_pos, use_reentrant=False)
+            else:
+                x, block_aux = block(x, cos, sin, start_pos)
+            aux_loss = aux_loss + block_aux
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None, None
+        ce_loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        loss = ce_loss
+        if self.config.use_moe and not self.config.use_lossfreebalance and self.config.moe_aux_loss_coef > 0:
+            loss = ce_loss + self.config.moe_aux_loss_coef * aux_loss / self.config.num_layers
+        return logits, loss, ce_loss
+
+    def _check_input(self, input_ids: torch.Tensor, start_pos: int) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        end = start_pos + input_ids.size(1)
+        if start_pos < 0 or end > self.config.context_len:
+            raise ValueError(f"positions {start_pos}..{end - 1} exceed context_len="
+                             f"{self.config.context_len}; crop the sequence or raise context_len")
+        if self.check_inputs and input_ids.numel():
+            low, high = torch.aminmax(input_ids)
+            low, high = int(low), int(high)
+            if low < 0 or high >= self.config.vocab_size:
+                bad = high if high >= self.config.vocab_size else low
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    # ---- MoE balancing ------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def update_moe_bias(self, rate: Optional[float] = None) -> None:
+        """Loss-free balancing update; the trainer calls it after each optimizer step."""
+        if not self.config.use_lossfreebalance:
+            return
+        rate = self.config.moe_bias_update_rate if rate is None else rate
+        for moe in self.moe_layers():
+            moe.update_bias(rate)
+
+    def expert_load(self) -> Optional[torch.Tensor]:
+        """Tokens routed to each expert in the last forward, (num_layers, num_experts)."""
+        layers = self.moe_layers()
+        return torch.stack([m.last_load for m in layers]) if layers else None
+
+    # ---- KV cache and generation ----------------------------------------------------
+    def setup_kv_cache(self, batch_size: int, max_len: Optional[int] = None,
+                       device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate a KV cache for `batch_size` sequences of up to `max_len` positions."""
+        max_len = self.config.context_len if max_len is None else min(max_len, self.config.context_len)
+        weight = self.embed_tokens.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.num_kv_heads,
+                                               self.config.head_dim, device, dtype)
+
+    def reset_kv_cache(self) -> None:
+        """Drop the KV cache; forward passes are uncached again."""
+        for block in self.layers:
+            block.self_attn.kv_cache = None
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        eos_token_id: Optional[int] = None, use_cache: Optional[bool] = None,
+                        generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+        """Yield the next token ids (B,) one step at a time for equal-length prompts (B, T).
+        Temperature 0 is greedy. Stops early once every sequence has produced `eos_token_id`.
+        When the sequence outgrows context_len, only its last context_len tokens are seen."""
+        if input_ids.dim() != 2 or input_ids.size(1) == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, seq_len) tensor, got {tuple(input_ids.shape)}")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k}: must be >= 1")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        context_len = self.config.context_len
+        was_training = self.training
+        self.eval()
+        tokens = input_ids
+        finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        cached = 0  # positions already in the KV cache
+        try:
+            if use_cache:
+                self.setup_kv_cache(input_ids.size(0), context_len)
+            for _ in range(max_new_tokens):
+                if use_cache and cached and tokens.size(1) <= context_len:
+                    logits, _, _ = self(tokens[:, cached:], start_pos=cached)
+                else:  # first step, no cache, or the window slid past context_len: recompute
+                    window = tokens[:, -context_len:]
+                    logits, _, _ = self(window)
+                cached = tokens.size(1) if tokens.size(1) <= context_len else 0
+                next_token = sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+                if eos_token_id is not None:
+                    next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                    finished |= next_token == eos_token_id
+                tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+                yield next_token
+                if eos_token_id is not None and bool(finished.all()):
+                    break
+        finally:
+            if use_cache:
+                self.reset_kv_cache()
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int] = None, use_cache: Optional[bool] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Prompt followed by up to `max_new_tokens` generated ids, (B, T + new)."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p,
+                                        eos_token_id, use_cache, generator))
+        if not new:
+            return input_ids
+        return torch.cat((input_ids, torch.stack(new, dim=1)), dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k / nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

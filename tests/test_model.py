@@ -1,0 +1,324 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from model import MoE, ModelConfig, Transformer, sample
+
+
+def tokens(config: ModelConfig, batch: int = 2, length: int | None = None) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (batch, length or config.context_len))
+
+
+# ---- config -------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_dims=30), "num_dims"),             # not divisible by 4 heads
+    (dict(num_kv_heads=3), "num_kv_heads"),      # does not divide 4 heads
+    (dict(num_dims=12, num_heads=4, num_kv_heads=1), "num_dims"),  # head dim 3 is odd
+    (dict(moe_active_experts=5, moe_num_experts=4), "moe_active_experts"),
+    (dict(moe_active_experts=0), "moe_active_experts"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(vocab_size=-1), "vocab_size"),
+    (dict(context_len=2.5), "context_len"),
+    (dict(rmsnorm_eps=0.0), "rmsnorm_eps"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(moe_aux_loss_coef=-0.1), "moe_aux_loss_coef"),
+])
+def test_config_validation_names_field_and_value(overrides, field):
+    with pytest.raises(ValueError, match=field) as error:
+        ModelConfig.from_name("tiny", **overrides)
+    assert str(overrides[field]) in str(error.value)
+
+
+def test_config_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="tiny"):
+        ModelConfig.from_name("nope")
+    with pytest.raises(ValueError, match="not_a_field"):
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "not_a_field": 1})
+
+
+def test_config_json_round_trip(tmp_path, tiny):
+    config = dataclasses.replace(tiny, use_moe=True, rope_theta=5e5, tie_embeddings=False)
+    config.to_json(tmp_path / "config.json")
+    assert ModelConfig.from_json(tmp_path / "config.json") == config
+    assert json.loads((tmp_path / "config.json").read_text())["rope_theta"] == 5e5
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=False), dict(use_moe=True),
+                                       dict(use_moe=True, moe_num_experts=8, moe_active_experts=2)])
+def test_num_params_matches_the_module(tiny, overrides):
+    config = dataclasses.replace(tiny, **overrides)
+    model = Transformer(config)
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_active_params_and_flops(tiny):
+    moe = dataclasses.replace(tiny, use_moe=True, moe_num_experts=4, moe_active_experts=1)
+    expert = 3 * moe.num_dims * moe.ffn_hidden_dims
+    assert moe.num_params() - moe.num_params(active=True) == 3 * expert * moe.num_layers
+    dense = tiny
+    # 6N with N = every matmul weight (the tied head counts once, as the head)
+    assert dense.flops_per_token(seq_len=0) == 6 * dense.num_params() - 6 * (2 * dense.num_layers + 1) * dense.num_dims
+    assert dense.flops_per_token(seq_len=8) > dense.flops_per_token(seq_len=4)
+
+
+# ---- forward ------------------------------------------------------------------------
+def test_shapes_and_loss(tiny):
+    model = Transformer(tiny)
+    x = tokens(tiny)
+    logits, loss, ce_loss = model(x)
+    assert logits.shape == (2, tiny.context_len, tiny.vocab_size)
+    assert loss is None and ce_loss is None
+    logits, loss, ce_loss = model(x, tokens(tiny))
+    assert loss.shape == () and torch.equal(loss, ce_loss)
+    # an untrained model predicts roughly uniformly: loss near ln(vocab)
+    assert abs(loss.item() - torch.log(torch.tensor(float(tiny.vocab_size))).item()) < 0.5
+
+
+def test_ignore_index_excludes_positions(tiny):
+    model = Transformer(tiny)
+    x, y = tokens(tiny), tokens(tiny)
+    masked = y.clone()
+    masked[:, : tiny.context_len // 2] = -100
+    _, _, ce_half = model(x, masked)
+    logits, _, _ = model(x)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, tiny.context_len // 2:].reshape(-1, tiny.vocab_size), y[:, tiny.context_len // 2:].reshape(-1))
+    torch.testing.assert_close(ce_half, expected)
+
+
+def test_bad_inputs_raise(tiny):
+    model = Transformer(tiny)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.full((1, 4), tiny.vocab_size))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.full((1, 4), -1))
+    with pytest.raises(ValueError, match="context_len"):
+        model(tokens(tiny, 1, tiny.context_len + 1))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        model(torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_gqa_sdpa_equals_explicit_attention(tiny, num_kv_heads):
+    config = dataclasses.replace(tiny, num_kv_heads=num_kv_heads)
+    model = Transformer(config).eval()
+    x = tokens(config)
+    fast, _, _ = model(x)
+    for block in model.layers:
+        block.self_attn.use_flash = False
+    explicit, _, _ = model(x)
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=0)
+
+
+def test_attention_is_causal(tiny):
+    model = Transformer(tiny).eval()
+    x = tokens(tiny, 1)
+    changed = x.clone()
+    changed[0, -1] = (x[0, -1] + 1) % tiny.vocab_size
+    a, _, _ = model(x)
+    b, _, _ = model(changed)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_gqa_shares_kv_heads(tiny):
+    """With one KV head, every query head attends over the same keys: k_proj has one head."""
+    config = dataclasses.replace(tiny, num_kv_heads=1)
+    model = Transformer(config)
+    attn = model.layers[0].self_attn
+    assert attn.k_proj.weight.shape == (config.head_dim, config.num_dims)
+    assert attn.v_proj.weight.shape == (config.head_dim, config.num_dims)
+
+
+def test_tied_weights_are_one_tensor(tiny):
+    model = Transformer(tiny)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    untied = Transformer(dataclasses.replace(tiny, tie_embeddings=False))
+    assert untied.lm_head.weight.data_ptr() != untied.embed_tokens.weight.data_ptr()
+
+
+def test_init_scales_residual_projections(tiny):
+    config = dataclasses.replace(tiny, num_dims=256, num_heads=4, num_kv_heads=2, ffn_hidden_dims=512, num_layers=8)
+    model = Transformer(config)
+    residual = model.layers[0].self_attn.o_proj.weight.std().item()
+    other = model.layers[0].self_attn.q_proj.weight.std().item()
+    assert abs(other - 0.02) < 0.002
+    assert abs(residual - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny):
+    x, y = tokens(tiny), tokens(tiny)
+    plain = Transformer(tiny)
+    checkpointed = Transformer(dataclasses.replace(tiny, gradient_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    plain(x, y)[1].backward()
+    checkpointed(x, y)[1].backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_tiny_model_overfits_one_batch(tiny):
+    model = Transformer(tiny)
+    x, y = tokens(tiny, 4), tokens(tiny, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    start = model(x, y)[1].item()
+    for _ in range(300):
+        _, loss, _ = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * start
+
+
+# ---- KV cache and generation ----------------------------------------------------------
+@pytest.mark.parametrize("use_flash", [True, False])
+def test_kv_cache_reproduces_uncached_forward(tiny, use_flash):
+    config = dataclasses.replace(tiny, use_flash=use_flash)
+    model = Transformer(config).eval()
+    x = tokens(config)
+    full, _, _ = model(x)
+    model.setup_kv_cache(batch_size=2)
+    prefill, _, _ = model(x[:, :5])  # a prompt, then a 3-token chunk, then one token at a time
+    chunk, _, _ = model(x[:, 5:8], start_pos=5)
+    steps = [model(x[:, i:i + 1], start_pos=i)[0] for i in range(8, config.context_len)]
+    cached = torch.cat([prefill, chunk, *steps], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    model.reset_kv_cache()
+    assert all(block.self_attn.kv_cache is None for block in model.layers)
+
+
+def test_kv_cache_buffers_are_not_saved(tiny):
+    model = Transformer(tiny)
+    keys = set(model.state_dict())
+    model.setup_kv_cache(batch_size=1)
+    assert set(model.state_dict()) == keys
+
+
+def test_cached_generation_equals_uncached(tiny):
+    model = Transformer(tiny)
+    prompt = tokens(tiny, 2, 4)
+    # 30 new tokens run past context_len=16: the window slides and both paths must agree
+    cached = model.generate(prompt, 30, temperature=0, use_cache=True)
+    uncached = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert cached.shape == (2, 34)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :4], prompt)
+    assert model.training  # generate restores the mode it found
+
+
+def test_generate_stream_equals_generate(tiny):
+    model = Transformer(tiny)
+    prompt = tokens(tiny, 2, 3)
+    generated = model.generate(prompt, 10, temperature=0.8, top_k=20, top_p=0.9,
+                               generator=torch.Generator().manual_seed(1))
+    streamed = list(model.generate_stream(prompt, 10, temperature=0.8, top_k=20, top_p=0.9,
+                                          generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(generated[:, 3:], torch.stack(streamed, dim=1))
+
+
+def test_generate_stops_at_eos(tiny):
+    model = Transformer(tiny)
+    prompt = tokens(tiny, 1, 3)
+    greedy = model.generate(prompt, 12, temperature=0)
+    eos = int(greedy[0, 5])  # the third generated token
+    stopped = model.generate(prompt, 12, temperature=0, eos_token_id=eos)
+    first = (stopped[0, 3:] == eos).nonzero()[0].item()
+    assert stopped.size(1) == 3 + first + 1
+
+
+def test_generate_rejects_bad_settings(tiny):
+    model = Transformer(tiny)
+    prompt = tokens(tiny, 1, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, 2, top_p=0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 2, top_k=0)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -1.0]])
+    generator = torch.Generator().manual_seed(0)
+    top1 = {sample(logits, 1.0, top_k=1, generator=generator).item() for _ in range(50)}
+    assert top1 == {0}
+    nucleus = {sample(logits, 1.0, top_p=0.8, generator=generator).item() for _ in range(200)}
+    assert nucleus == {0, 1}  # p = 0.66, 0.24, ... : the first two reach 0.8
+    assert sample(logits, 0.0).item() == 0
+
+
+# ---- mixture of experts --------------------------------------------------------------
+@pytest.fixture
+def moe_config(tiny) -> ModelConfig:
+    return dataclasses.replace(tiny, use_moe=True, moe_num_experts=4, moe_active_experts=2)
+
+
+def test_moe_routes_each_token_to_top_k(moe_config):
+    model = Transformer(moe_config)
+    x = tokens(moe_config)
+    model(x)
+    load = model.expert_load()
+    assert load.shape == (moe_config.num_layers, moe_config.moe_num_experts)
+    assert torch.equal(load.sum(dim=1), torch.full((moe_config.num_layers,), float(x.numel() * 2)))
+
+
+def test_moe_matches_dense_reference(moe_config):
+    """The routed computation equals Σ_topk gate·expert(x) computed densely."""
+    moe = MoE(moe_config)
+    x = torch.randn(2, 5, moe_config.num_dims)
+    out, _ = moe(x)
+    probs = torch.softmax(moe.gate(x), dim=-1)
+    gates, chosen = probs.topk(2, dim=-1)
+    gates = gates / gates.sum(-1, keepdim=True)
+    expected = torch.zeros_like(x)
+    for e, expert in enumerate(moe.experts):
+        weight = (gates * (chosen == e)).sum(-1, keepdim=True)
+        expected += weight * expert(x)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_moe_aux_loss_is_positive_and_has_gradients(moe_config):
+    model = Transformer(moe_config)
+    x, y = tokens(moe_config), tokens(moe_config)
+    _, loss, ce_loss = model(x, y)
+    assert loss.item() > ce_loss.item()
+    loss.backward()
+    assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_lossfree_bias_changes_selection_not_gates(moe_config):
+    config = dataclasses.replace(moe_config, use_lossfreebalance=True, moe_active_experts=1)
+    moe = MoE(config)
+    names = [name for name, _ in moe.named_parameters()]
+    assert not any("expert_bias" in name for name in names)
+    assert "expert_bias" in moe.state_dict()
+    x = torch.randn(1, 8, config.num_dims)
+    base, _ = moe(x)
+    assert moe.last_load[3] < 8
+    moe.expert_bias[3] = 10.0  # force every token to expert 3
+    biased, _ = moe(x)
+    assert moe.last_load[3] == 8
+    # with one active expert the renormalised gate is 1 whatever the bias: output = expert 3
+    torch.testing.assert_close(biased, moe.experts[3](x), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(base, biased)
+
+
+def test_lossfree_update_moves_bias_toward_balance(moe_config):
+    config = dataclasses.replace(moe_config, use_lossfreebalance=True)
+    model = Transformer(config).train()
+    with torch.no_grad():
+        model.layers[0].mlp.gate.weight.zero_()
+        model.layers[0].mlp.gate.weight[0] += 1.0  # make expert 0 popular
+    x = tokens(config)
+    model(x)
+    load = model.layers[0].mlp.pending_load.clone()
+    model.update_moe_bias(rate=0.01)
+    bias = model.layers[0].mlp.expert_bias
+    assert torch.equal(bias, 0.01 * torch.sign(load.mean() - load))
+    assert model.layers[0].mlp.pending_load.sum() == 0
+    _, loss, ce_loss = model(x, x)
+    assert torch.equal(loss, ce_loss)  # no auxiliary loss with loss-free balancing
