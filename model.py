@@ -151,6 +151,8 @@ PRESETS: dict[str, dict] = {
     # Sizes below assume the default 8192-token BPE vocabulary.
     "1M": dict(vocab_size=8192, num_dims=96, num_heads=3, num_kv_heads=1, num_layers=2,
                ffn_hidden_dims=256, context_len=256),
+    "2M": dict(vocab_size=8192, num_dims=128, num_heads=4, num_kv_heads=2, num_layers=4,
+               ffn_hidden_dims=352, context_len=256),
     "5M": dict(vocab_size=8192, num_dims=256, num_heads=4, num_kv_heads=2, num_layers=4,
                ffn_hidden_dims=688, context_len=256),
     "15M": dict(vocab_size=8192, num_dims=384, num_heads=6, num_kv_heads=2, num_layers=8,

@@ -1,13 +1,15 @@
 """Sprat's entry point: `python train.py SUBCOMMAND ...`.
 
-For now one subcommand, `train`, runs the placeholder main job: a small fixed-shape model
-trained on the built-in corpus (or `--data`) for a time budget. The wizard, the planner
-and the other subcommands land with their issues.
+Subcommands so far: `train` (a model for a time budget or for epochs) and `resume` (a
+run from its latest or a named checkpoint). The wizard, the planner and the other
+subcommands land with their issues. This file wires the pieces together and prints; it
+holds no training or model math.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -16,16 +18,15 @@ from pathlib import Path
 import psutil
 import torch
 
+import checkpoint
 from budget import parse_duration
-from data import BUILTIN, DataConfig, DataError, prepare
-from export import save_hf
+from config_editor import ConfigError, apply_overrides
+from data import BUILTIN, DataConfig, DataError, load_tokenizer_dir, prepare
 from model import ModelConfig, Transformer
-from trainer import ThreadedDataLoader, evaluate, train_until
+from trainer import Trainer, TrainerConfig, TrainResult
 
-def batches_forever(loader: ThreadedDataLoader):
-    """Batches across epochs, for a loop that stops on time rather than on data."""
-    while True:
-        yield from loader
+DEFAULT_PRESET = "2M"  # the main job's model until the time-budget planner sizes it
+FINISH_RESERVE_S = 6.0  # the budget kept for the last evaluation, the save and the sample
 
 
 def since_launch() -> float:
@@ -33,58 +34,169 @@ def since_launch() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    seconds = parse_duration(args.budget)
-    torch.manual_seed(args.seed)
-    data_config = DataConfig(source=args.data, subset_size=args.documents, seed=args.seed, cache_dir=args.cache_dir)
+def print_event(event: dict) -> None:
+    """Plain-text rendering of trainer events (the live rich display comes with the wizard)."""
+    kind = event["type"]
+    if kind == "start":
+        print(f"training: {event['params'] / 1e6:.2f}M parameters on {event['device']} ({event['dtype']}), "
+              f"{event['total_steps']} optimizer steps, effective batch {event['effective_batch']}", flush=True)
+    elif kind == "step" and (event["step"] % 10 == 0 or event["step"] == event["total_steps"]):
+        print(f"step {event['step']:5d}/{event['total_steps']}  loss {event['loss']:.3f}  lr {event['lr']:.2e}  "
+              f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s']:.0f}s", flush=True)
+    elif kind == "eval":
+        print(f"eval  step {event['step']:5d}  val loss {event['val_loss']:.3f}  "
+              f"perplexity {event['perplexity']:.1f}{'  (best)' if event['improved'] else ''}", flush=True)
+    elif kind == "checkpoint":
+        print(f"saved checkpoint {event['name']} ({event['seconds']:.1f} s)", flush=True)
+    elif kind in ("fallback", "stopped", "early_stop", "resumed", "nonfinite"):
+        details = {k: v for k, v in event.items() if k not in ("type", "time")}
+        print(f"{kind}: {details}", flush=True)
+    elif kind == "interrupt":
+        print(f"\n{event['signal']} received: finishing the current step and saving (press again to quit now)",
+              flush=True)
+
+
+def build_run(data_config: DataConfig, model_config: ModelConfig, trainer_config: TrainerConfig,
+              tokenizer=None, fallback_to_builtin: bool = True):
     print(f"preparing data from {data_config.source} ...", flush=True)
-    prepared = prepare(data_config, args.seq_len, fallback_to_builtin=True)
+    prepared = prepare(data_config, trainer_config.max_seq_len, tokenizer=tokenizer,
+                       fallback_to_builtin=fallback_to_builtin)
     report = prepared.report
     for note in report.notes:
         print(f"note: {note}")
     print(f"{report.source}: {report.documents_kept} documents, {report.train_tokens:,} training and "
-          f"{report.val_tokens:,} validation tokens ({'cached' if report.cached else f'{report.seconds:.1f} s'})")
-    config = ModelConfig(vocab_size=len(prepared.tokenizer), num_dims=128, num_heads=4, num_kv_heads=2,
-                         num_layers=4, ffn_hidden_dims=352, context_len=args.seq_len)
-    model = Transformer(config)
-    remaining = seconds - since_launch() - 6.0  # keep ~6 s for the last step, evaluation, saving, sampling
-    if remaining < 1.0:
-        raise ValueError(f"a budget of {args.budget} leaves no time to train after start-up and data preparation "
-                         f"({since_launch():.0f} s); give at least {since_launch() + 10:.0f}s")
-    print(f"model {config.num_params() / 1e6:.2f}M parameters; training for {remaining:.0f} s "
-          f"on {torch.get_num_threads()} CPU threads", flush=True)
+          f"{report.val_tokens:,} validation tokens ({'from cache' if report.cached else f'{report.seconds:.1f} s'})",
+          flush=True)
+    if model_config.vocab_size != len(prepared.tokenizer):
+        model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": len(prepared.tokenizer)})
+    if model_config.context_len < trainer_config.max_seq_len:
+        model_config = ModelConfig.from_dict({**model_config.to_dict(), "context_len": trainer_config.max_seq_len})
+    return prepared, model_config
 
-    def report_step(step: int, loss: float, elapsed: float) -> None:
-        if step % 25 == 0:
-            print(f"step {step:5d}  loss {loss:.3f}  {elapsed:6.1f}s", flush=True)
 
-    loader = ThreadedDataLoader(dataset=prepared.train, batch_size=args.batch_size, seed=args.seed)
-    steps = train_until(model, batches_forever(loader), remaining, on_step=report_step)
-    loader.close()
-    val_loss = evaluate(model, prepared.val, args.batch_size, max_batches=4)
-    out = Path(args.out) / time.strftime("run-%Y%m%d-%H%M%S")
-    save_hf(model, out, prepared.tokenizer)
-    prompt = torch.tensor([prepared.tokenizer("def ", add_special_tokens=False)["input_ids"]])
-    sample = model.generate(prompt, 60, temperature=0.8, top_k=40)
-    print(f"{steps} steps; validation loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}); saved to {out}")
-    print("sample:\n" + prepared.tokenizer.decode(sample[0].tolist()))
+def run_info(model_config: ModelConfig, trainer_config: TrainerConfig, data_config: DataConfig) -> dict:
+    return {"model": model_config.to_dict(), "trainer": trainer_config.to_dict(), "data": data_config.to_dict(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
+
+
+def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path) -> int:
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint} saved.\n"
+              f"resume with: python train.py resume {run_dir}")
+        return 130
+    best = f"{result.best_val_loss:.3f} (perplexity {math.exp(result.best_val_loss):.1f})" \
+        if result.best_val_loss is not None else "n/a"
+    print(f"{result.status}: {result.global_step} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.0f} s; "
+          f"best validation loss {best}; run directory {run_dir}")
+    if result.status == "nonfinite":
+        return 1
+    tokenizer = prepared.tokenizer
+    prompt = tokenizer("def ", add_special_tokens=False)["input_ids"]
+    sample = trainer.model.generate(torch.tensor([prompt], device=trainer.device), 60, temperature=0.8, top_k=40)
+    print("sample:\n" + tokenizer.decode(sample[0].tolist()))
     print(f"finished in {since_launch():.1f} s")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    budget = parse_duration(args.budget) if args.budget else None
+    configs = {"model": ModelConfig.from_name(args.preset),
+               "trainer": TrainerConfig(max_seq_len=args.seq_len, batch_size=args.batch_size),
+               "data": DataConfig(source=args.data, cache_dir=args.cache_dir)}
+    if args.config:
+        configs = load_config_file(args.config, configs)
+    configs = apply_overrides(configs, args.overrides)
+    model_config, trainer_config, data_config = configs["model"], configs["trainer"], configs["data"]
+    torch.manual_seed(trainer_config.seed)
+    prepared, model_config = build_run(data_config, model_config, trainer_config)
+    if budget is not None:
+        remaining = budget - since_launch() - FINISH_RESERVE_S
+        if remaining < 1.0:
+            raise ConfigError(f"a budget of {args.budget} leaves no time to train after start-up and data "
+                              f"preparation ({since_launch():.0f} s); give at least "
+                              f"{since_launch() + FINISH_RESERVE_S + 5:.0f}s")
+        # Until the planner sizes the run from measured throughput, the step count is unknown:
+        # train at a constant learning rate until the deadline.
+        # A short final evaluation keeps the finish inside the reserve.
+        budget_settings = {"time_limit_s": remaining, "num_epochs": max(trainer_config.num_epochs, 1000),
+                           "lr_schedule": "constant", "warmup_ratio": 0.0, "eval_steps": 4}
+        explicit = {o.partition("=")[0].strip().removeprefix("trainer.") for o in args.overrides}
+        trainer_config = TrainerConfig.from_dict({**trainer_config.to_dict(),
+                                                  **{k: v for k, v in budget_settings.items() if k not in explicit}})
+    run_dir = Path(args.out or trainer_config.path_to_checkpoints) / time.strftime("run-%Y%m%d-%H%M%S")
+    model = Transformer(model_config)
+    trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, callback=print_event,
+                      tokenizer=prepared.tokenizer, run_info=run_info(model_config, trainer_config, data_config))
+    return finish(trainer, trainer.fit(), prepared, run_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no run.json)")
+    info = json.loads((run_dir / "run.json").read_text())
+    configs = {"model": ModelConfig.from_dict(info["model"]), "trainer": TrainerConfig.from_dict(info["trainer"]),
+               "data": DataConfig.from_dict(info["data"])}
+    configs = apply_overrides(configs, args.overrides)
+    if args.checkpoint:
+        path = run_dir / args.checkpoint
+        problem = checkpoint.verify(path) if path.is_dir() else f"{args.checkpoint}: no such checkpoint in {run_dir}"
+        if problem:
+            raise ConfigError(problem)
+    else:
+        path = checkpoint.latest(run_dir, on_skip=print)
+        if path is None:
+            raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+    tokenizer = load_tokenizer_dir(run_dir)
+    prepared, model_config = build_run(configs["data"], configs["model"], configs["trainer"], tokenizer=tokenizer,
+                                       fallback_to_builtin=False)
+    trainer = Trainer(Transformer(model_config), configs["trainer"], prepared.train, prepared.val, run_dir=run_dir,
+                      callback=print_event)
+    trainer.load_checkpoint(path)
+    print(f"resuming {run_dir} from {path.name} (step {trainer.global_step})", flush=True)
+    return finish(trainer, trainer.fit(), prepared, run_dir)
+
+
+def load_config_file(path: str, configs: dict) -> dict:
+    """Sections `model`, `trainer`, `data` of a JSON file (such as a run's run.json)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    classes = {"model": ModelConfig, "trainer": TrainerConfig, "data": DataConfig}
+    unknown = sorted(set(values) - set(classes) - {"created", "torch"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; expected model, trainer, data")
+    updated = dict(configs)
+    for section, cls in classes.items():
+        if section in values:
+            updated[section] = cls.from_dict({**configs[section].to_dict(), **values[section]})
+    return updated
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description="Sprat: train small language models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a model for a time budget")
-    train.add_argument("--budget", default="2m", help="time to train: 90s, 20m, 2h, or hours (0.001)")
+    train = commands.add_parser("train", help="train a model (for a time budget, or for its epochs)",
+                                description="Train a model. Any config field can be set as SECTION.FIELD=VALUE, "
+                                            "e.g. model.num_layers=6 trainer.learning_rate=3e-4 data.subset_size=100.")
+    train.add_argument("--budget", default=None, help="time for the whole run: 90s, 20m, 2h, or hours (0.001)")
     train.add_argument("--data", default=BUILTIN, help="'builtin', a local file or folder, or a hub dataset name")
-    train.add_argument("--out", default="checkpoints", help="directory for run folders")
+    train.add_argument("--config", default=None, help="JSON file with model / trainer / data sections")
+    train.add_argument("--preset", default=DEFAULT_PRESET, help=f"model preset (default {DEFAULT_PRESET})")
+    train.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     train.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data and trained tokenizers")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--seq-len", type=int, default=128)
-    train.add_argument("--documents", type=int, default=None, help="use only the first N documents")
-    train.add_argument("--seed", type=int, default=1998)
+    train.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     train.set_defaults(func=cmd_train)
+    resume = commands.add_parser("resume", help="resume a run from its latest (or a named) checkpoint")
+    resume.add_argument("run_dir")
+    resume.add_argument("--checkpoint", default=None, help="checkpoint name, e.g. step_200 or epoch_1")
+    resume.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
+    resume.set_defaults(func=cmd_resume)
     return parser
 
 
@@ -93,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, DataError, FileNotFoundError) as error:
+    except (ValueError, DataError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

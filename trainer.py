@@ -1,19 +1,130 @@
-"""Training: the threaded data loader, and for now a minimal time-limited loop that the
-main job uses; the full `Trainer` (accumulation, precision, evaluation, OOM fallback,
-checkpoints, exact resume) replaces the loop with the trainer issue."""
+"""Training: `TrainerConfig`, the `ThreadedDataLoader` and the `Trainer`.
+
+The trainer accumulates gradients, picks the precision for the device, clips, schedules
+the learning rate, evaluates, stops early or on a deadline, survives out-of-memory
+(smaller micro-batches, then the CPU) without losing a sample, and saves checkpoints it
+can resume from exactly. It never draws anything: it emits events (dicts) through a
+callback and appends them to `metrics.jsonl` in the run directory.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import queue
+import random
+import signal
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
+import psutil
 import torch
 
+import checkpoint
 from model import Transformer
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainerConfig:
+    """How to train. Field names follow LightLM's TrainerConfig, plus what a real trainer needs."""
+
+    num_epochs: int = field(default=1, metadata=_help("passes over the training data"))
+    batch_size: int = field(default=8, metadata=_help("sequences per micro-batch"))
+    accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    max_seq_len: int = field(default=256, metadata=_help("tokens per training sequence"))
+    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    min_lr: float = field(default=1e-4, metadata=_help("learning rate at the end of the decay"))
+    lr_schedule: str = field(default="cosine", metadata=_help("decay after warm-up", choices=("cosine", "linear", "constant")))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on matrices (not norms, biases, embeddings)"))
+    warmup_ratio: float = field(default=0.01, metadata=_help("share of optimizer steps spent warming up linearly"))
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0 = off)"))
+    optimizer: str = field(default="adamw", metadata=_help("adamw, or adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit")))
+    seed: int = field(default=1998, metadata=_help("random seed (data order, initialisation)"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda", choices=("auto", "cpu", "cuda")))
+    use_dtype: str = field(default="auto", metadata=_help("compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
+                                                          choices=("auto", "float32", "bfloat16", "float16")))
+    use_compile: bool = field(default=False, metadata=_help("torch.compile the model (off by default on CPU)"))
+    use_flash: bool = field(default=True, metadata=_help("attention through scaled_dot_product_attention"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save memory"))
+    clean_cuda_cache: bool = field(default=False, metadata=_help("empty the CUDA cache after each evaluation"))
+    use_ddp: bool = field(default=False, metadata=_help("DistributedDataParallel under torchrun"))
+    use_moe: bool = field(default=False, metadata=_help("the model is a mixture of experts (mirrors ModelConfig.use_moe)"))
+    use_lossfreebalance: bool = field(default=False, metadata=_help("update the loss-free balancing bias after each step (mirrors ModelConfig)"))
+    path_to_checkpoints: str = field(default="checkpoints", metadata=_help("root folder of run directories"))
+    log_interval: int = field(default=10, metadata=_help("optimizer steps between memory readings and log flushes"))
+    eval_interval: int = field(default=0, metadata=_help("optimizer steps between evaluations (0 = only at epoch end)"))
+    eval_steps: int = field(default=20, metadata=_help("validation batches per evaluation"))
+    use_epoch_checkpoints: bool = field(default=True, metadata=_help("save a checkpoint at the end of every epoch"))
+    save_every_n_steps: int = field(default=0, metadata=_help("also save every N optimizer steps (0 = off)"))
+    keep_last_n: int = field(default=3, metadata=_help("checkpoints to keep (the best is always kept; 0 = keep all)"))
+    early_stopping_patience: int = field(default=0, metadata=_help("stop after N evaluations without improvement (0 = off)"))
+    max_steps: int = field(default=0, metadata=_help("stop after N optimizer steps (0 = no limit)"))
+    time_limit_s: float = field(default=0.0, metadata=_help("stop after this many seconds: finish the step, evaluate, save (0 = none)"))
+    max_nonfinite_steps: int = field(default=5, metadata=_help("stop after this many non-finite losses in a row"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        positive = ("num_epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "eval_steps",
+                    "max_nonfinite_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainerConfig.{name}={value!r}: must be a positive integer")
+        for name in ("eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainerConfig.{name}={value!r}: must be an integer >= 0")
+        for name in ("learning_rate",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
+                raise ValueError(f"TrainerConfig.{name}={value!r}: must be a number in (0, 10)")
+        for name in ("min_lr", "weight_decay", "grad_clip", "time_limit_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise ValueError(f"TrainerConfig.{name}={value!r}: must be a finite number >= 0")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"TrainerConfig.min_lr={self.min_lr}: must not exceed learning_rate={self.learning_rate}")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainerConfig.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainerConfig.betas={self.betas!r}: must be two numbers in [0, 1)")
+        for name in ("lr_schedule", "optimizer", "device", "use_dtype"):
+            choices = fields[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["betas"] = list(self.betas)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainerConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 class _Failure:
@@ -183,27 +294,542 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
     return total / max(count, 1)
 
 
-def train_until(model: Transformer, batches, seconds: float, learning_rate: float = 3e-3,
-                warmup_steps: int = 20, on_step: Optional[Callable[[int, float, float], None]] = None) -> int:
-    """AdamW on `batches` until `seconds` have passed; calls on_step(step, loss, elapsed).
-    Returns the number of steps taken."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
-    model.train()
-    start = time.perf_counter()
-    step = 0
-    for x, y in batches:
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator failing."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        "can't allocate memory" in message or "out of memory" in message.lower() or isinstance(error, MemoryError))
+
+
+def learning_rate_at(step: int, total_steps: int, config: TrainerConfig) -> float:
+    """Linear warm-up over warmup_ratio of the steps, then cosine/linear decay to min_lr."""
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
+    if config.lr_schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return config.min_lr + (config.learning_rate - config.min_lr) * shape
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only; weight decay on matrices, none on norms, biases and the
+    (tied) embedding."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = [g for g in parameter_groups(model, config.weight_decay) if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ValueError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from error
+        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, betas=config.betas)
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=fused or None,
+                             foreach=None if fused else True)
+
+
+def resolve_device(config: TrainerConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainerConfig.device='cuda' but no CUDA device is available; use auto or cpu")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: TrainerConfig, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (its bf16 matmuls are slower here); bf16 autocast on CUDA where
+    supported, else fp16 with a GradScaler; `use_dtype` forces a choice."""
+    if config.use_dtype != "auto":
+        return getattr(torch, config.use_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def memory_stats(device: torch.device) -> dict:
+    stats = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        stats.update(cuda_allocated_mb=torch.cuda.memory_allocated(device) / 2**20,
+                     cuda_reserved_mb=torch.cuda.memory_reserved(device) / 2**20,
+                     cuda_peak_mb=torch.cuda.max_memory_allocated(device) / 2**20)
+    return stats
+
+
+def rng_state() -> dict:
+    state = {"python": _jsonable(random.getstate()),
+             "numpy": _jsonable(np.random.get_state()),
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional[int] = None,
+             device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> float:
+    """Mean cross-entropy over (the first `max_batches` batches of) a dataset, in order,
+    weighted by the number of target tokens."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, tokens, batches = 0.0, 0, 0
+    for start in range(0, len(dataset), batch_size):
+        if max_batches is not None and batches >= max_batches:
             break
-        for group in optimizer.param_groups:  # linear warm-up, then cosine decay over the time budget
-            progress = min(elapsed / seconds, 1.0)
-            group["lr"] = learning_rate * min((step + 1) / warmup_steps, 0.5 * (1 + math.cos(math.pi * progress)))
-        _, loss, _ = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if on_step is not None:
-            on_step(step, loss.item(), time.perf_counter() - start)
-    return step
+        x, y = dataset.batch(np.arange(start, min(start + batch_size, len(dataset))))
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, _, ce_loss = model(x, y)
+        count = int((y != -100).sum())
+        total += ce_loss.float().item() * count
+        tokens += count
+        batches += 1
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    status: str  # finished | deadline | max_steps | early_stop | interrupted | nonfinite
+    global_step: int
+    epoch: int
+    last_loss: Optional[float]
+    best_val_loss: Optional[float]
+    last_checkpoint: Optional[str]
+    elapsed_s: float
+    tokens_seen: int
+
+
+class Trainer:
+    """Trains `model` on `train_data` (a `data.PackedBlocks` / `data.MaskedSamples`).
+
+    `run_dir` receives `run.json` (`run_info`), the tokenizer, `metrics.jsonl` and the
+    checkpoints. `callback(event)` sees every event. `fault_hook(step, micro_batch_size)`
+    runs before each micro-batch's forward pass; tests make it raise out-of-memory.
+    """
+
+    def __init__(self, model: Transformer, config: TrainerConfig, train_data, val_data=None,
+                 run_dir: Optional[str | Path] = None, callback: Optional[Callable[[dict], None]] = None,
+                 tokenizer=None, run_info: Optional[dict] = None,
+                 fault_hook: Optional[Callable[[int, int], None]] = None, rank: int = 0, world_size: int = 1):
+        if config.use_moe and not model.config.use_moe:
+            raise ValueError("TrainerConfig.use_moe is on but the model has no mixture-of-experts layers")
+        self.model = model
+        self.config = config
+        self.train_data, self.val_data = train_data, val_data
+        self.callback = callback
+        self.fault_hook = fault_hook
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        self.micro_splits = 1  # each loader batch is cut into this many micro-batches (grows on OOM)
+        model.config.gradient_checkpointing = config.gradient_checkpointing
+        for module in model.modules():
+            if hasattr(module, "use_flash"):
+                module.use_flash = config.use_flash
+        if self.device.type == "cuda":
+            model.check_inputs = False  # the data pipeline guarantees ids < vocab; no per-step sync
+        self.model.to(self.device)
+        self.loader = ThreadedDataLoader(dataset=train_data, batch_size=config.batch_size, seed=config.seed,
+                                         rank=rank, world_size=world_size)
+        self.optimizer = build_optimizer(model, config, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        self.steps_per_epoch = math.ceil(len(self.loader) / config.accumulation_steps)
+        total = self.steps_per_epoch * config.num_epochs
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.step_model = torch.compile(model) if config.use_compile else model
+        self.global_step = 0
+        self.tokens_seen = 0
+        self.best_val_loss: Optional[float] = None
+        self.best_checkpoint: Optional[str] = None
+        self.evals_without_improvement = 0
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.last_checkpoint: Optional[str] = None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._metrics = None
+        self._stop_reason: Optional[str] = None
+        self._interrupts = 0
+        self._best_step: Optional[int] = None
+        self._last_eval_step: Optional[int] = None
+        self._start_step = 0
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if run_info is not None:
+                (self.run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+            if tokenizer is not None and not (self.run_dir / "tokenizer.json").exists():
+                tokenizer.save_pretrained(str(self.run_dir))
+        self._tensorboard = None
+
+    # ---- events --------------------------------------------------------------------------
+    def emit(self, kind: str, **values) -> None:
+        event = {"type": kind, "time": time.time(), **values}
+        if self.run_dir is not None:
+            if self._metrics is None:
+                self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+            self._metrics.write(json.dumps(event) + "\n")
+            if kind != "step" or values.get("step", 0) % self.config.log_interval == 0:
+                self._metrics.flush()
+            self._log_tensorboard(kind, values)
+        if self.callback is not None:
+            self.callback(event)
+
+    def _log_tensorboard(self, kind: str, values: dict) -> None:
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+                return
+            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self._tensorboard is False:
+            return
+        step = values.get("step", self.global_step)
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+            if isinstance(values.get(key), (int, float)):
+                self._tensorboard.add_scalar(f"{kind}/{key}", values[key], step)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"epoch": self.loader.epoch, "global_step": self.global_step, "tokens_seen": self.tokens_seen,
+                "loader": self.loader.state_dict(), "scheduler": {"step": self.global_step, "total_steps": self.total_steps},
+                "micro_splits": self.micro_splits, "device": self.device.type,
+                "best_val_loss": self.best_val_loss, "best_checkpoint": self.best_checkpoint,
+                "evals_without_improvement": self.evals_without_improvement,
+                "nonfinite_steps": self.nonfinite_steps, "rng": rng_state(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def save_checkpoint(self, name: str) -> Optional[Path]:
+        if self.run_dir is None:
+            return None
+        if self._best_step == self.global_step:  # this checkpoint holds the best evaluated state
+            self.best_checkpoint = name
+        state = self.state()
+        started = time.perf_counter()
+        path = checkpoint.save(self.run_dir / name, self.model.state_dict(), self.optimizer.state_dict(), state)
+        self.last_checkpoint = name
+        removed = checkpoint.prune(self.run_dir, self.config.keep_last_n,
+                                   protect=(self.best_checkpoint,) if self.best_checkpoint else ())
+        self.emit("checkpoint", name=name, step=self.global_step, seconds=time.perf_counter() - started,
+                  removed=removed)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restore model, optimizer, schedule position, counters, RNG and loader position."""
+        model_state, optimizer_state, state = checkpoint.load(path)
+        self.model.load_state_dict(model_state)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.global_step = state["global_step"]
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.loader.load_state_dict(state["loader"])
+        self.micro_splits = state.get("micro_splits", 1)
+        self.best_val_loss = state.get("best_val_loss")
+        self.best_checkpoint = state.get("best_checkpoint")
+        self.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.emit("resumed", checkpoint=Path(path).name, step=self.global_step, epoch=self.loader.epoch)
+        return state
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.fault_hook is not None:
+            self.fault_hook(self.global_step, x.size(0))
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            _, loss, ce_loss = self.step_model(x, y)
+        self.scaler.scale(loss * scale).backward()
+        return ce_loss.detach().float() * scale
+
+    def _run_group(self, group: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward over one optimizer step's batches, each cut into
+        `micro_splits` micro-batches, the loss weighted so the update equals one over
+        the whole group. Returns the group's mean loss (a tensor, no sync)."""
+        rows = sum(x.size(0) for x, _ in group)
+        total = None
+        for x, y in group:
+            for xs, ys in zip(x.tensor_split(self.micro_splits), y.tensor_split(self.micro_splits)):
+                if xs.size(0):
+                    loss = self._forward_backward(xs, ys, xs.size(0) / rows)
+                    total = loss if total is None else total + loss
+        return total
+
+    def _step_with_fallback(self, group: list) -> torch.Tensor:
+        """`_run_group`, retried on out-of-memory with halved micro-batches, then on the CPU.
+        The same data is retried from the group's start, so nothing is skipped or doubled."""
+        while True:
+            try:
+                return self._run_group(group)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled
+                if not is_out_of_memory(error):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                self._free_memory()
+                micro = math.ceil(self.config.batch_size / self.micro_splits)
+                if micro > 1:
+                    self.micro_splits = min(self.config.batch_size, self.micro_splits * 2)
+                    new_micro = math.ceil(self.config.batch_size / self.micro_splits)
+                    self.emit("fallback", action="halve_micro_batch", step=self.global_step,
+                              micro_batch_size=new_micro,
+                              accumulation=self.micro_splits * self.config.accumulation_steps,
+                              effective_batch=self.config.batch_size * self.config.accumulation_steps,
+                              error=str(error)[:200])
+                elif self.device.type != "cpu":
+                    self._move_to_cpu()
+                    self.emit("fallback", action="move_to_cpu", step=self.global_step, error=str(error)[:200])
+                else:
+                    raise
+
+    def _free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _move_to_cpu(self) -> None:
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.model.to(self.device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(self.device)
+        for group in self.optimizer.param_groups:
+            if group.get("fused"):
+                group["fused"], group["foreach"] = False, True
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.micro_splits = 1
+        self._free_memory()
+
+    def _optimizer_step(self, lr: float) -> torch.Tensor:
+        """Set the learning rate, unscale and clip; returns the gradient norm (the step
+        itself is taken once the caller knows it is finite)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return grad_norm
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train until the epochs, max_steps, the deadline, early stopping or Ctrl-C end it."""
+        config = self.config
+        started = time.perf_counter()
+        self._start_step = self.global_step
+        deadline = started + config.time_limit_s if config.time_limit_s else None
+        previous_handlers = self._install_signal_handlers()
+        self.model.train()
+        if self.loader.position >= len(self.loader):  # resumed from the end of an epoch
+            self.loader.epoch, self.loader.position = self.loader.epoch + 1, 0
+        self.emit("start", total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                  step=self.global_step, epoch=self.loader.epoch,
+                  effective_batch=config.batch_size * config.accumulation_steps * self.loader.world_size,
+                  device=self.device.type, dtype=str(self.dtype).removeprefix("torch."),
+                  params=sum(p.numel() for p in self.model.parameters()),
+                  trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+        self._last_loss: Optional[float] = None
+        self._window = [time.perf_counter(), 0]  # start time and tokens of the throughput window
+        try:
+            while self._stop_reason is None and self.loader.epoch < config.num_epochs:
+                if self.global_step >= self.total_steps:
+                    break
+                epoch = self.loader.epoch
+                batches = iter(self.loader)
+                try:
+                    while self._stop_reason is None and self.loader.position < len(self.loader):
+                        if self.global_step >= self.total_steps:
+                            break
+                        size = min(config.accumulation_steps, len(self.loader) - self.loader.position)
+                        self._train_step(epoch, [next(batches) for _ in range(size)], started, deadline)
+                finally:
+                    batches.close()
+                if self._stop_reason != "nonfinite" and self.loader.position >= len(self.loader):
+                    self.loader.epoch, self.loader.position = epoch + 1, 0
+                    self.emit("epoch_end", epoch=epoch, step=self.global_step)
+                    if self._last_eval_step != self.global_step:
+                        self._evaluate()
+                    if config.use_epoch_checkpoints:
+                        self.save_checkpoint(f"epoch_{epoch + 1}")
+            status = self._stop_reason or "finished"
+            if status in ("deadline", "max_steps", "finished") and self._last_eval_step != self.global_step:
+                self._evaluate()
+            if status != "nonfinite" and read_step(self.run_dir, self.last_checkpoint) != self.global_step:
+                self.save_checkpoint(f"step_{self.global_step}")
+            result = TrainResult(status, self.global_step, self.loader.epoch, self._last_loss, self.best_val_loss,
+                                 self.last_checkpoint, time.perf_counter() - started, self.tokens_seen)
+            self.emit("finished", **dataclasses.asdict(result))
+            return result
+        finally:
+            self.loader.close()
+            self._restore_signal_handlers(previous_handlers)
+            if self._metrics is not None:
+                self._metrics.flush()
+
+    def _train_step(self, epoch: int, group: list, started: float, deadline: Optional[float]) -> None:
+        config = self.config
+        lr = learning_rate_at(self.global_step, self.total_steps, config)
+        loss = self._step_with_fallback(group)
+        grad_norm = self._optimizer_step(lr)
+        loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device).float()]).tolist()  # one sync per step
+        # With fp16 the GradScaler expects (and skips) steps with inf gradients; otherwise they are failures.
+        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not self.scaler.is_enabled()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
+            self.emit("nonfinite", step=self.global_step, loss=loss_value, grad_norm=norm_value,
+                      in_a_row=self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
+                self._stop_reason = "nonfinite"
+                self.emit("stopped", reason=f"{self.nonfinite_in_a_row} non-finite losses in a row; the last good "
+                          f"state is saved. Lower the learning rate or check the data.")
+                self.save_checkpoint(f"step_{self.global_step}")
+            return
+        self.nonfinite_in_a_row = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_moe_bias()
+        self.global_step += 1
+        tokens = sum(int(x.numel()) for x, _ in group) * self.loader.world_size
+        self.tokens_seen += tokens
+        self._window[1] += tokens
+        self._last_loss = loss_value
+        self._emit_step(epoch, loss_value, lr, norm_value, started)
+        if self.global_step % config.log_interval == 0:
+            self._window = [time.perf_counter(), 0]
+        self._after_step(deadline)
+
+    def _emit_step(self, epoch: int, loss: float, lr: float, grad_norm: float, started: float) -> None:
+        elapsed = time.perf_counter() - self._window[0]
+        tokens_per_s = self._window[1] / elapsed if elapsed > 0 else 0.0
+        done = time.perf_counter() - started
+        steps_this_run = max(1, self.global_step - self._start_step)
+        eta = done / steps_this_run * max(0, self.total_steps - self.global_step)
+        if self.config.time_limit_s:
+            eta = min(eta, max(0.0, self.config.time_limit_s - done))
+        values = dict(epoch=epoch, step=self.global_step, total_steps=self.total_steps, loss=loss, lr=lr,
+                      grad_norm=grad_norm, tokens_per_s=tokens_per_s, tokens_seen=self.tokens_seen, eta_s=eta)
+        if self.global_step % self.config.log_interval == 0:
+            values["memory"] = memory_stats(self.device)
+        load = self.model.expert_load()
+        if load is not None:
+            values["expert_load"] = load.tolist()
+        self.emit("step", **values)
+
+    def _after_step(self, deadline: Optional[float]) -> None:
+        config = self.config
+        if config.eval_interval and self.global_step % config.eval_interval == 0:
+            self._evaluate()
+            if config.early_stopping_patience and self.evals_without_improvement >= config.early_stopping_patience:
+                self._stop_reason = "early_stop"
+                self.emit("early_stop", step=self.global_step, best_val_loss=self.best_val_loss,
+                          patience=config.early_stopping_patience)
+                self.save_checkpoint(f"step_{self.global_step}")
+                return
+        if config.save_every_n_steps and self.global_step % config.save_every_n_steps == 0:
+            self.save_checkpoint(f"step_{self.global_step}")
+        if config.max_steps and self.global_step >= config.max_steps:
+            self._stop_reason = "max_steps"
+        elif deadline is not None and time.perf_counter() >= deadline:
+            self._stop_reason = "deadline"
+        elif self._interrupts:
+            self._stop_reason = "interrupted"
+
+    def _evaluate(self) -> Optional[float]:
+        if self.val_data is None or len(self.val_data) == 0:
+            return None
+        started = time.perf_counter()
+        val_loss = evaluate(self.model, self.val_data, self.config.batch_size, self.config.eval_steps,
+                            self.device, self.dtype)
+        self._last_eval_step = self.global_step
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+            self._best_step = self.global_step  # a checkpoint saved at this step becomes the best one
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        if self.config.clean_cuda_cache and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.emit("eval", step=self.global_step, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50)),
+                  best_val_loss=self.best_val_loss, improved=improved, seconds=time.perf_counter() - started)
+        return val_loss
+
+    # ---- Ctrl-C and SIGTERM --------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._interrupts += 1
+            if self._interrupts > 1:  # a second Ctrl-C: stop now, unsaved
+                raise KeyboardInterrupt
+            self.emit("interrupt", signal=signal.Signals(signum).name, step=self.global_step)
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def read_step(run_dir: Optional[Path], name: Optional[str]) -> Optional[int]:
+    if run_dir is None or name is None:
+        return None
+    try:
+        return checkpoint.read_state(run_dir / name)["global_step"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None

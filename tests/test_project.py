@@ -1,12 +1,18 @@
 """The README's promises: two set-up commands, the one CI runs, and a working main job."""
 
+import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import checkpoint
+import train
 from data import load_tokenizer_dir
-from export import load_hf
+from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,23 +34,64 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     assert matches == [commands[1]]
 
 
-def test_main_job_trains_saves_and_samples(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "train", "--budget", "20s", "--documents", "30",
-                             "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-                             "--seq-len", "32", "--batch-size", "4"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run_train(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_main_job_trains_saves_samples_and_resumes(tmp_path):
+    common = ["--cache-dir", str(tmp_path / "cache")]
+    result = run_train("train", "--budget", "20s", "--out", str(tmp_path / "runs"), "--seq-len", "32",
+                       "--batch-size", "4", "data.subset_size=30", *common)
     assert result.returncode == 0, result.stderr
-    assert "sample:" in result.stdout
+    assert "sample:" in result.stdout and "deadline:" in result.stdout
     (run,) = (tmp_path / "runs").iterdir()
-    model = load_hf(run)
-    assert (run / "tokenizer.json").exists()
+    assert {"run.json", "tokenizer.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    latest = checkpoint.latest(run)
+    model_state, _, state = checkpoint.load(latest)
+    info = json.loads((run / "run.json").read_text())
+    model = Transformer(ModelConfig.from_dict(info["model"]))
+    model.load_state_dict(model_state)
     assert model.config.vocab_size == len(load_tokenizer_dir(run))
+    assert info["data"]["subset_size"] == 30
+
+    resumed = run_train("resume", str(run), "trainer.time_limit_s=2", *[])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from {latest.name} (step {state['global_step']})" in resumed.stdout
+    assert checkpoint.read_state(checkpoint.latest(run))["global_step"] > state["global_step"]
 
 
-def test_bad_budget_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "train", "--budget", "soon", "--out", str(tmp_path),
-                             "--cache-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "cannot read 'soon' as a duration" in result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["train", "--budget", "soon"], "cannot read 'soon' as a duration"),
+    (["train", "trainer.learning_rate=-1"], "TrainerConfig.learning_rate=-1.0"),
+    (["train", "model.num_kv_heads=3"], "must divide num_heads"),
+    (["train", "trainer.nope=1"], "TrainerConfig has no field 'nope'"),
+    (["train", "learning_rate"], "SECTION.FIELD=VALUE"),
+    (["train", "--data", "./missing.jsonl"], "no such file"),
+    (["train", "--config", "missing.json"], "does not exist"),
+    (["resume", "."], "not a run directory"),
+])
+def test_bad_arguments_are_clear_errors(tmp_path, capsys, args, message):
+    extra = ["--cache-dir", str(tmp_path), "--out", str(tmp_path)] if args[0] == "train" else []
+    assert train.main(args + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_the_run_resumes(tmp_path):
+    process = subprocess.Popen([sys.executable, "train.py", "train", "--out", str(tmp_path / "runs"), "--cache-dir",
+                                str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "4",
+                                "data.subset_size=30", "trainer.num_epochs=1000"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step "):  # training is under way
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "resume with: python train.py resume" in out
+    (run,) = (tmp_path / "runs").iterdir()
+    saved = checkpoint.read_state(checkpoint.latest(run))["global_step"]
+    resumed = run_train("resume", str(run), "trainer.max_steps=" + str(saved + 3))
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == saved + 3

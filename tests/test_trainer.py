@@ -1,0 +1,340 @@
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from data import PackedBlocks
+from model import ModelConfig, Transformer
+from trainer import Trainer, TrainerConfig, learning_rate_at, parameter_groups
+
+
+def blocks(count: int, seq_len: int = 16, seed: int = 0, vocab: int = 64) -> PackedBlocks:
+    stream = np.random.default_rng(seed).integers(0, vocab, count * seq_len + 1).astype(np.int32)
+    return PackedBlocks.from_stream(stream, seq_len)
+
+
+def make(tmp_path=None, model_seed: int = 0, data=None, val=None, callback=None, fault_hook=None, **overrides):
+    torch.manual_seed(model_seed)
+    model = Transformer(ModelConfig.from_name("tiny"))
+    config = TrainerConfig(**{"batch_size": 4, "max_seq_len": 16, "learning_rate": 3e-3, "min_lr": 3e-4,
+                              "warmup_ratio": 0.1, **overrides})
+    return Trainer(model, config, data if data is not None else blocks(32), val if val is not None else blocks(4, seed=1),
+                   run_dir=tmp_path, callback=callback, fault_hook=fault_hook)
+
+
+def step_losses(events) -> list[float]:
+    return [e["loss"] for e in events if e["type"] == "step"]
+
+
+def oom(*args):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+# ---- config -------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, field", [
+    (dict(batch_size=0), "batch_size"), (dict(accumulation_steps=-1), "accumulation_steps"),
+    (dict(learning_rate=-1e-3), "learning_rate"), (dict(min_lr=1.0, learning_rate=1e-3), "min_lr"),
+    (dict(lr_schedule="step"), "lr_schedule"), (dict(optimizer="sgd"), "optimizer"),
+    (dict(device="tpu"), "device"), (dict(use_dtype="int8"), "use_dtype"), (dict(warmup_ratio=1.5), "warmup_ratio"),
+    (dict(betas=(0.9,)), "betas"), (dict(time_limit_s=-1), "time_limit_s"), (dict(max_steps=-2), "max_steps"),
+])
+def test_config_validation(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        TrainerConfig(**overrides)
+
+
+def test_config_json_round_trip(tmp_path):
+    config = TrainerConfig(num_epochs=3, betas=(0.8, 0.99), lr_schedule="linear", time_limit_s=12.5)
+    config.to_json(tmp_path / "trainer.json")
+    assert TrainerConfig.from_json(tmp_path / "trainer.json") == config
+    with pytest.raises(ValueError, match="nope"):
+        TrainerConfig.from_dict({"nope": 1})
+
+
+def test_schedule_values():
+    config = TrainerConfig(learning_rate=1e-3, min_lr=1e-4, warmup_ratio=0.1)
+    assert learning_rate_at(0, 100, config) == pytest.approx(1e-4)  # first of 10 warm-up steps
+    assert learning_rate_at(9, 100, config) == pytest.approx(1e-3)  # warm-up end: the peak
+    assert learning_rate_at(99, 100, config) == pytest.approx(1e-4)  # the last step: min_lr
+    middle = learning_rate_at(54, 100, config)
+    assert 1e-4 < middle < 1e-3 and middle == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+    linear = dataclasses.replace(config, lr_schedule="linear")
+    assert learning_rate_at(99, 100, linear) == pytest.approx(1e-4)
+    assert learning_rate_at(50, 100, dataclasses.replace(config, lr_schedule="constant")) == 1e-3
+
+
+def test_weight_decay_groups_skip_norms_and_embeddings(tiny):
+    model = Transformer(tiny)
+    decay, no_decay = parameter_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.embed_tokens.weight) not in decayed
+    assert id(model.layers[0].self_attn.q_proj.weight) in decayed
+    assert id(model.norm.weight) in {id(p) for p in no_decay["params"]}
+    model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    assert id(model.layers[0].mlp.up_proj.weight) not in {id(p) for g in parameter_groups(model, 0.1) for p in g["params"]}
+
+
+# ---- the loop -------------------------------------------------------------------------
+def test_overfits_a_tiny_dataset():
+    events = []
+    trainer = make(data=blocks(4), val=blocks(4), callback=events.append, num_epochs=150, learning_rate=1e-2,
+                   min_lr=1e-3, use_epoch_checkpoints=False)
+    result = trainer.fit()
+    losses = step_losses(events)
+    assert result.status == "finished" and result.global_step == 150
+    assert losses[-1] < 0.15 * losses[0]
+
+
+def test_accumulation_equals_a_larger_batch():
+    one = make(batch_size=8, accumulation_steps=1, max_steps=1, warmup_ratio=0.0, data=blocks(8))
+    two = make(batch_size=4, accumulation_steps=2, max_steps=1, warmup_ratio=0.0, data=blocks(8))
+    assert one.total_steps == two.total_steps == 1
+    gradients = {}
+    for trainer in (one, two):
+        step = trainer.optimizer.step
+
+        def capture(*args, trainer=trainer, step=step, **kwargs):
+            gradients[id(trainer)] = [p.grad.clone() for p in trainer.model.parameters()]
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = capture
+        trainer.fit()
+    names = [name for name, _ in one.model.named_parameters()]
+    for name, a, b in zip(names, gradients[id(one)], gradients[id(two)]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5, msg=name)  # the same gradient
+    for name, a, b in zip(names, one.model.parameters(), two.model.parameters()):
+        # Adam's first step divides by |g|, which amplifies rounding where g is tiny
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
+def test_partial_accumulation_group_at_epoch_end():
+    events = []
+    trainer = make(data=blocks(20), batch_size=4, accumulation_steps=2, callback=events.append)  # 5 batches
+    assert trainer.steps_per_epoch == 3
+    result = trainer.fit()
+    assert result.global_step == 3 and result.tokens_seen == 20 * 16
+
+
+def test_events_metrics_file_and_checkpoints(tmp_path):
+    events = []
+    trainer = make(tmp_path, callback=events.append, num_epochs=2, eval_interval=2, save_every_n_steps=3,
+                   keep_last_n=2)
+    result = trainer.fit()
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "finished"
+    assert {"step", "eval", "checkpoint", "epoch_end"} <= set(kinds)
+    step = next(e for e in events if e["type"] == "step")
+    assert {"epoch", "step", "loss", "lr", "tokens_per_s", "grad_norm", "eta_s"} <= set(step)
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["type"] for e in written] == kinds
+    assert result.global_step == 16 and result.last_checkpoint == "epoch_2"
+    names = sorted(p.name for p in checkpoint.candidates(tmp_path))
+    assert "epoch_2" in names and len(names) <= 3  # keep_last_n=2, plus the best if older
+    state = checkpoint.read_state(tmp_path / "epoch_2")
+    assert state["global_step"] == 16 and state["loader"]["epoch"] == 2
+
+
+def test_best_checkpoint_is_never_pruned(tmp_path):
+    trainer = make(tmp_path, num_epochs=3, keep_last_n=1, learning_rate=5e-2, min_lr=5e-2, warmup_ratio=0.0,
+                   grad_clip=0.0)
+    trainer.fit()
+    best = trainer.best_checkpoint
+    assert best is not None and (tmp_path / best).exists()
+    remaining = [p.name for p in checkpoint.candidates(tmp_path)]
+    assert remaining[-1] == "epoch_3" and len(remaining) <= 2
+
+
+def test_early_stopping(tmp_path):
+    events = []
+    trainer = make(tmp_path, callback=events.append, num_epochs=50, learning_rate=9.0, min_lr=9.0, warmup_ratio=0.0,
+                   grad_clip=0.0, eval_interval=1, early_stopping_patience=2)
+    result = trainer.fit()
+    assert result.status == "early_stop"
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["improved"] for e in evals[-2:]] == [False, False]
+
+
+def test_deadline_stops_within_one_step(tmp_path):
+    events = []
+    slow = lambda step, size: __import__("time").sleep(0.05)  # noqa: E731
+    trainer = make(tmp_path, callback=events.append, num_epochs=1000, time_limit_s=0.5, fault_hook=slow)
+    result = trainer.fit()
+    step_seconds = 0.05 * 1  # one micro-batch per step
+    assert result.status == "deadline"
+    assert result.elapsed_s < 0.5 + 10 * step_seconds + 1.0  # the step in flight, an evaluation and a save
+    assert checkpoint.read_state(tmp_path / result.last_checkpoint)["global_step"] == result.global_step
+    assert any(e["type"] == "eval" and e["step"] == result.global_step for e in events)
+
+
+# ---- out of memory ---------------------------------------------------------------------
+def test_injected_oom_halves_the_micro_batch_without_losing_samples():
+    reference_events, events = [], []
+    make(callback=reference_events.append, batch_size=8, num_epochs=2, data=blocks(32)).fit()
+    failures = {"left": 2}
+
+    def hook(step, micro_batch_size):
+        if step == 3 and micro_batch_size > 2 and failures["left"]:
+            failures["left"] -= 1
+            oom()
+
+    trainer = make(callback=events.append, fault_hook=hook, batch_size=8, num_epochs=2, data=blocks(32))
+    result = trainer.fit()
+    fallbacks = [e for e in events if e["type"] == "fallback"]
+    assert [f["micro_batch_size"] for f in fallbacks] == [4, 2]
+    assert all(f["effective_batch"] == 8 for f in fallbacks)
+    assert result.tokens_seen == 2 * 32 * 16  # every sample once per epoch, none twice
+    np.testing.assert_allclose(step_losses(events), step_losses(reference_events), rtol=1e-4)
+
+
+def test_oom_at_micro_batch_one_falls_back_to_cpu():
+    events = []
+    trainer = make(callback=events.append, batch_size=4, max_steps=3)
+
+    def hook(step, micro_batch_size):
+        if trainer.device.type == "cuda":  # pretend the accelerator is full whatever we do
+            oom()
+
+    trainer.fault_hook = hook
+    trainer.device = torch.device("cuda")  # constructed only; the model is really on the CPU
+    result = trainer.fit()
+    actions = [e["action"] for e in events if e["type"] == "fallback"]
+    assert actions == ["halve_micro_batch", "halve_micro_batch", "move_to_cpu"]
+    assert trainer.device.type == "cpu" and result.global_step == 3
+
+
+def test_oom_on_cpu_at_micro_batch_one_is_raised():
+    trainer = make(batch_size=1, max_steps=2, fault_hook=oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        trainer.fit()
+
+
+def test_other_errors_are_not_swallowed():
+    def broken(step, size):
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        make(max_steps=2, fault_hook=broken).fit()
+
+
+# ---- non-finite losses ---------------------------------------------------------------------
+def poison(trainer: Trainer, steps: set[int], times: int = 1_000_000) -> None:
+    """NaN outputs at the given steps, `times` times at most."""
+    left = {"times": times}
+
+    def hook(module, inputs, output):
+        if trainer.global_step in steps and left["times"] > 0 and module.training:
+            left["times"] -= 1
+            return output * float("nan")
+        return output
+
+    trainer.model.norm.register_forward_hook(hook)
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path):
+    events = []
+    trainer = make(callback=events.append, max_steps=4)
+    poison(trainer, {2}, times=1)
+    result = trainer.fit()
+    skipped = [e for e in events if e["type"] == "nonfinite"]
+    assert len(skipped) == 1 and trainer.nonfinite_steps == 1
+    assert result.global_step == 4 and all(math.isfinite(p.sum().item()) for p in trainer.model.parameters())
+
+
+def test_repeated_nonfinite_losses_stop_and_save(tmp_path):
+    events = []
+    trainer = make(tmp_path, callback=events.append, max_steps=50, max_nonfinite_steps=3)
+    poison(trainer, set(range(2, 100)))
+    result = trainer.fit()
+    assert result.status == "nonfinite" and result.global_step == 2
+    assert any(e["type"] == "stopped" and "non-finite" in e["reason"] for e in events)
+    model_state, _, state = checkpoint.load(checkpoint.latest(tmp_path))
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in model_state.values())
+
+
+# ---- checkpoints and resume ------------------------------------------------------------------
+def test_resume_mid_epoch_reproduces_the_loss_curve(tmp_path):
+    reference = []
+    make(callback=reference.append, num_epochs=2, accumulation_steps=2).fit()
+
+    first_events = []
+    first = make(tmp_path, callback=first_events.append, num_epochs=2, accumulation_steps=2)
+
+    def interrupt_at_step_3(event):
+        first_events.append(event)
+        if event["type"] == "step" and event["step"] == 3:
+            first._interrupts = 1  # what Ctrl-C does
+
+    first.callback = interrupt_at_step_3
+    assert first.fit().status == "interrupted"
+    resumed_events = []
+    second = make(tmp_path, model_seed=123, callback=resumed_events.append, num_epochs=2, accumulation_steps=2)
+    second.load_checkpoint(checkpoint.latest(tmp_path))
+    result = second.fit()
+    assert result.status == "finished"
+    assert step_losses(first_events) + step_losses(resumed_events) == step_losses(reference)
+
+
+def test_resume_from_epoch_checkpoint_continues_next_epoch(tmp_path):
+    reference = []
+    make(callback=reference.append, num_epochs=3).fit()
+    make(tmp_path, num_epochs=3, max_steps=8).fit()  # stops at the end of epoch 1 (8 steps)
+    assert checkpoint.latest(tmp_path).name == "epoch_1"
+    events = []
+    trainer = make(tmp_path, callback=events.append, num_epochs=3)
+    trainer.load_checkpoint(tmp_path / "epoch_1")
+    trainer.fit()
+    # max_steps shortened the first run's schedule, so compare where the schedules agree: data order
+    assert [e["epoch"] for e in events if e["type"] == "step"] == [1] * 8 + [2] * 8
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    trainer = make(tmp_path, max_steps=2)
+    trainer.fit()
+    good = checkpoint.latest(tmp_path)
+
+    def crash(temporary):
+        raise KeyboardInterrupt("killed during the write")
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "step_99", trainer.model.state_dict(), trainer.optimizer.state_dict(),
+                        {"global_step": 99}, before_rename=crash)
+    assert not (tmp_path / "step_99").exists()
+    assert checkpoint.latest(tmp_path) == good
+    # a half-written directory under a final name (no manifest) is skipped with a message
+    (tmp_path / "step_100").mkdir()
+    (tmp_path / "step_100" / "trainer_state.json").write_text('{"global_step": 100}')
+    messages = []
+    assert checkpoint.latest(tmp_path, on_skip=messages.append) == good
+    assert "step_100" in messages[0] and "manifest" in messages[0]
+
+
+def test_corrupted_checkpoint_is_detected(tmp_path):
+    trainer = make(tmp_path, max_steps=2, save_every_n_steps=1, keep_last_n=0)
+    trainer.fit()
+    newest = checkpoint.latest(tmp_path)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "checksum" in checkpoint.verify(newest)
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.load(newest)
+    messages = []
+    assert checkpoint.latest(tmp_path, on_skip=messages.append).name == "step_1"
+    assert newest.name in messages[0]
+
+
+def test_checkpoint_round_trip_keeps_tied_weights(tmp_path, tiny):
+    model = Transformer(tiny)
+    checkpoint.save(tmp_path / "step_1", model.state_dict(), None, {"global_step": 1})
+    state, optimizer_state, _ = checkpoint.load(tmp_path / "step_1")
+    assert optimizer_state is None
+    fresh = Transformer(tiny)
+    fresh.load_state_dict(state)
+    assert fresh.lm_head.weight is fresh.embed_tokens.weight
+    assert torch.equal(fresh.embed_tokens.weight, model.embed_tokens.weight)
