@@ -263,6 +263,12 @@ class ThreadedDataLoader:
         """Stop the worker thread and wait for it (well under a second)."""
         self._stop.set()
         thread, self._thread = self._thread, None
+        if self._queue is not None:  # unblock a worker waiting on a full queue
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
         self._queue = None
