@@ -702,7 +702,9 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
         texts = (json.dumps(item) if isinstance(item, dict) else item for item in items)
         tokenizer = train_bpe(texts, config.vocab_size, config.bpe_sample_bytes)
         bpe_file.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.backend_tokenizer.save(str(bpe_file))
+        partial = bpe_file.with_name(f".{bpe_file.name}.{os.getpid()}")
+        tokenizer.backend_tokenizer.save(str(partial))
+        os.replace(partial, bpe_file)  # atomic: concurrent runs never read half a file
         report.notes.append(f"trained a {len(tokenizer)}-token byte-level BPE on the data")
     if instruction:
         train, val = build_instruction(items, tokenizer, config, seq_len, report)

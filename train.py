@@ -80,6 +80,12 @@ def run_info(model_config: ModelConfig, trainer_config: TrainerConfig, data_conf
 
 
 def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path) -> int:
+    if trainer.config.use_ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if not trainer.is_main:
+            return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
         print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint} saved.\n"
               f"resume with: python train.py resume {run_dir}")
@@ -107,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         configs = load_config_file(args.config, configs)
     configs = apply_overrides(configs, args.overrides)
     model_config, trainer_config, data_config = configs["model"], configs["trainer"], configs["data"]
+    if trainer_config.use_ddp:
+        start_distributed()
     torch.manual_seed(trainer_config.seed)
     prepared, model_config = build_run(data_config, model_config, trainer_config)
     if budget is not None:
@@ -123,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         explicit = {o.partition("=")[0].strip().removeprefix("trainer.") for o in args.overrides}
         trainer_config = TrainerConfig.from_dict({**trainer_config.to_dict(),
                                                   **{k: v for k, v in budget_settings.items() if k not in explicit}})
-    run_dir = Path(args.out or trainer_config.path_to_checkpoints) / time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(args.out or trainer_config.path_to_checkpoints) / (args.name or time.strftime("run-%Y%m%d-%H%M%S"))
     model = Transformer(model_config)
     trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, callback=print_event,
                       tokenizer=prepared.tokenizer, run_info=run_info(model_config, trainer_config, data_config))
@@ -138,6 +146,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     configs = {"model": ModelConfig.from_dict(info["model"]), "trainer": TrainerConfig.from_dict(info["trainer"]),
                "data": DataConfig.from_dict(info["data"])}
     configs = apply_overrides(configs, args.overrides)
+    if configs["trainer"].use_ddp:
+        start_distributed()
     if args.checkpoint:
         path = run_dir / args.checkpoint
         problem = checkpoint.verify(path) if path.is_dir() else f"{args.checkpoint}: no such checkpoint in {run_dir}"
@@ -155,6 +165,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
     trainer.load_checkpoint(path)
     print(f"resuming {run_dir} from {path.name} (step {trainer.global_step})", flush=True)
     return finish(trainer, trainer.fit(), prepared, run_dir)
+
+
+def start_distributed() -> None:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs)."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError("trainer.use_ddp=yes needs several processes: launch with "
+                          "torchrun --nproc_per_node=N train.py train trainer.use_ddp=yes ...")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def load_config_file(path: str, configs: dict) -> dict:
@@ -187,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="JSON file with model / trainer / data sections")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"model preset (default {DEFAULT_PRESET})")
     train.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
+    train.add_argument("--name", default=None, help="run directory name (default run-DATE-TIME)")
     train.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data and trained tokenizers")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--seq-len", type=int, default=128)
@@ -202,7 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may sit between options (`train X=1 --budget 2m Y=2`): collect the stragglers.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ValueError, DataError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as error:

@@ -9,6 +9,7 @@ callback and appends them to `metrics.jsonl` in the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -461,12 +462,24 @@ class Trainer:
                  fault_hook: Optional[Callable[[int, int], None]] = None, rank: int = 0, world_size: int = 1):
         if config.use_moe and not model.config.use_moe:
             raise ValueError("TrainerConfig.use_moe is on but the model has no mixture-of-experts layers")
+        if config.use_ddp:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise ValueError("TrainerConfig.use_ddp needs torch.distributed: launch with "
+                                 "torchrun --nproc_per_node=N train.py train trainer.use_ddp=yes ...")
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
         self.model = model
         self.config = config
         self.train_data, self.val_data = train_data, val_data
         self.callback = callback
         self.fault_hook = fault_hook
         self.device = resolve_device(config)
+        if config.use_ddp and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config, self.device)
         self.micro_splits = 1  # each loader batch is cut into this many micro-batches (grows on OOM)
         model.config.gradient_checkpointing = config.gradient_checkpointing
@@ -477,13 +490,20 @@ class Trainer:
             model.check_inputs = False  # the data pipeline guarantees ids < vocab; no per-step sync
         self.model.to(self.device)
         self.loader = ThreadedDataLoader(dataset=train_data, batch_size=config.batch_size, seed=config.seed,
-                                         rank=rank, world_size=world_size)
+                                         rank=rank, world_size=world_size,
+                                         pin_memory=self.device.type == "cuda")
         self.optimizer = build_optimizer(model, config, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(self.loader) / config.accumulation_steps)
         total = self.steps_per_epoch * config.num_epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        self.step_model = torch.compile(model) if config.use_compile else model
+        self.step_model = model
+        if config.use_ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.use_compile:
+            self.step_model = torch.compile(self.step_model)
         self.global_step = 0
         self.tokens_seen = 0
         self.best_val_loss: Optional[float] = None
@@ -499,7 +519,7 @@ class Trainer:
         self._best_step: Optional[int] = None
         self._last_eval_step: Optional[int] = None
         self._start_step = 0
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if run_info is not None:
                 (self.run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -509,6 +529,8 @@ class Trainer:
 
     # ---- events --------------------------------------------------------------------------
     def emit(self, kind: str, **values) -> None:
+        if not self.is_main:  # with DDP, rank 0 speaks for all
+            return
         event = {"type": kind, "time": time.time(), **values}
         if self.run_dir is not None:
             if self._metrics is None:
@@ -546,7 +568,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
 
     def save_checkpoint(self, name: str) -> Optional[Path]:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.is_main:
+            self.last_checkpoint = name
             return None
         if self._best_step == self.global_step:  # this checkpoint holds the best evaluated state
             self.best_checkpoint = name
@@ -596,13 +619,22 @@ class Trainer:
         `micro_splits` micro-batches, the loss weighted so the update equals one over
         the whole group. Returns the group's mean loss (a tensor, no sync)."""
         rows = sum(x.size(0) for x, _ in group)
+        micro_batches = [(xs, ys) for x, y in group
+                         for xs, ys in zip(x.tensor_split(self.micro_splits), y.tensor_split(self.micro_splits))
+                         if xs.size(0)]
         total = None
-        for x, y in group:
-            for xs, ys in zip(x.tensor_split(self.micro_splits), y.tensor_split(self.micro_splits)):
-                if xs.size(0):
-                    loss = self._forward_backward(xs, ys, xs.size(0) / rows)
-                    total = loss if total is None else total + loss
+        for index, (xs, ys) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # With DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or not self.config.use_ddp else self._ddp_module().no_sync()
+            with sync:
+                loss = self._forward_backward(xs, ys, xs.size(0) / rows)
+            total = loss if total is None else total + loss
         return total
+
+    def _ddp_module(self):
+        module = self.step_model
+        return getattr(module, "_orig_mod", module)  # under torch.compile
 
     def _step_with_fallback(self, group: list) -> torch.Tensor:
         """`_run_group`, retried on out-of-memory with halved micro-batches, then on the CPU.
@@ -611,8 +643,8 @@ class Trainer:
             try:
                 return self._run_group(group)
             except Exception as error:  # noqa: BLE001 - only out-of-memory is handled
-                if not is_out_of_memory(error):
-                    raise
+                if not is_out_of_memory(error) or self.config.use_ddp:
+                    raise  # under DDP a rank retrying alone would hang the others
                 self.optimizer.zero_grad(set_to_none=True)
                 self._free_memory()
                 micro = math.ceil(self.config.batch_size / self.micro_splits)
@@ -725,7 +757,13 @@ class Trainer:
         lr = learning_rate_at(self.global_step, self.total_steps, config)
         loss = self._step_with_fallback(group)
         grad_norm = self._optimizer_step(lr)
-        loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device).float()]).tolist()  # one sync per step
+        stats = torch.stack([loss, grad_norm.to(loss.device).float()])
+        if self.config.use_ddp:  # the mean loss over ranks (the gradient norm is already shared)
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+            stats = stats / self.world_size
+        loss_value, norm_value = stats.tolist()  # one sync per step
         # With fp16 the GradScaler expects (and skips) steps with inf gradients; otherwise they are failures.
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -789,6 +827,13 @@ class Trainer:
             self._stop_reason = "deadline"
         elif self._interrupts:
             self._stop_reason = "interrupted"
+        if config.use_ddp:  # every rank stops at the same step, for the first reason any rank has
+            import torch.distributed as dist
+
+            reasons = ["", "max_steps", "deadline", "interrupted"]
+            code = torch.tensor([reasons.index(self._stop_reason or "")], device=self.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            self._stop_reason = reasons[int(code)] or None
 
     def _evaluate(self) -> Optional[float]:
         if self.val_data is None or len(self.val_data) == 0:

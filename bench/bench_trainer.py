@@ -4,6 +4,7 @@
    model shape and the same batches, alternating rounds, medians. Target: overhead <= 5%
    on CPU for the tiny and ~5M configurations.
 2. Checkpoint save and load time (model + optimizer state) for a ~30M model.
+3. fp32 vs bf16 autocast training steps on this device (why CPU defaults to fp32).
 
     python -m bench.bench_trainer
 """
@@ -70,6 +71,28 @@ def overhead(preset: str, steps: int, rounds: int, batch_size: int, seq_len: int
     return steps / median(bare_times), steps / median(trainer_times)
 
 
+def precision_speed(preset: str, steps: int, rounds: int, batch_size: int, seq_len: int) -> dict[str, float]:
+    """Training steps/s with fp32 and with bf16 autocast, alternating."""
+    config = ModelConfig.from_name(preset, context_len=max(seq_len, ModelConfig.from_name(preset).context_len))
+    x = torch.randint(0, config.vocab_size, (batch_size, seq_len))
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for round_index in range(rounds + 1):
+        for name in times:
+            torch.manual_seed(0)
+            model = Transformer(config)
+            optimizer = build_optimizer(model, TrainerConfig(), torch.device("cpu"))
+            start = time.perf_counter()
+            for _ in range(steps):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bfloat16"):
+                    _, loss, _ = model(x, x)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: steps / median(values) for name, values in times.items()}
+
+
 def checkpoint_speed(preset: str) -> tuple[float, float, float]:
     model = Transformer(ModelConfig.from_name(preset))
     optimizer = build_optimizer(model, TrainerConfig(), torch.device("cpu"))
@@ -103,6 +126,9 @@ def main() -> None:
         bare, managed = overhead(preset, args.steps, args.rounds, batch_size, seq_len)
         print(f"{preset:>5} (batch {batch_size} x {seq_len}): bare loop {bare:7.2f} steps/s, Trainer.fit "
               f"{managed:7.2f} steps/s, overhead {bare / managed - 1:+.1%}", flush=True)
+    rates = precision_speed("5M", 3, 2, 4, 128)
+    print(f"   5M (batch 4 x 128) on CPU: fp32 {rates['float32']:.2f} steps/s, bf16 autocast "
+          f"{rates['bfloat16']:.2f} steps/s ({rates['bfloat16'] / rates['float32']:.2f}x)", flush=True)
     saved, loaded, size = checkpoint_speed(args.checkpoint_preset)
     print(f"checkpoint of {args.checkpoint_preset} ({size:.0f} MB with AdamW state): save {saved:.2f} s "
           f"(incl. SHA-256 and fsync), load {loaded:.2f} s (incl. verification)")

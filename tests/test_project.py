@@ -1,12 +1,14 @@
 """The README's promises: two set-up commands, the one CI runs, and a working main job."""
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import checkpoint
@@ -95,3 +97,31 @@ def test_ctrl_c_saves_and_the_run_resumes(tmp_path):
     resumed = run_train("resume", str(run), "trainer.max_steps=" + str(saved + 3))
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == saved + 3
+
+
+def step_losses_of(run: Path) -> list[float]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in events if e["type"] == "step"]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_whole_batch(tmp_path):
+    """torchrun with gloo: 2 ranks x batch 4 see the same 8 blocks per step as 1 process x batch 8."""
+    common = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "--seq-len", "32",
+              "--preset", "tiny", "data.subset_size=40", "trainer.max_steps=4", "trainer.seed=3"]
+    single = run_train("train", "--batch-size", "8", "--name", "single", *common)
+    assert single.returncode == 0, single.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "train.py", "train",
+                          "--batch-size", "4", "--name", "ddp", "trainer.use_ddp=yes", *common],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single_losses = step_losses_of(tmp_path / "runs" / "single")
+    assert len(single_losses) == 4
+    np.testing.assert_allclose(step_losses_of(tmp_path / "runs" / "ddp"), single_losses, rtol=1e-5)
+
+
+def test_ddp_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert train.main(["train", "trainer.use_ddp=yes", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "torchrun --nproc_per_node" in capsys.readouterr().err

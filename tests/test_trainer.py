@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,57 @@ def test_checkpoint_round_trip_keeps_tied_weights(tmp_path, tiny):
     fresh.load_state_dict(state)
     assert fresh.lm_head.weight is fresh.embed_tokens.weight
     assert torch.equal(fresh.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_adamw8bit_trains_on_cpu():
+    pytest.importorskip("bitsandbytes")
+    events = []
+    trainer = make(callback=events.append, optimizer="adamw8bit", max_steps=30, data=blocks(4), val=blocks(4),
+                   num_epochs=100, learning_rate=1e-2, min_lr=1e-3)
+    assert type(trainer.optimizer).__name__ == "AdamW8bit"
+    trainer.fit()
+    losses = step_losses(events)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_precision_choice():
+    from trainer import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype(TrainerConfig(), cpu) == torch.float32
+    assert resolve_dtype(TrainerConfig(use_dtype="bfloat16"), cpu) == torch.bfloat16
+
+
+def test_bf16_autocast_on_cpu_trains():
+    events = []
+    trainer = make(callback=events.append, use_dtype="bfloat16", max_steps=20, data=blocks(4), val=blocks(4),
+                   num_epochs=100, learning_rate=1e-2, min_lr=1e-3)
+    assert trainer.dtype == torch.bfloat16
+    trainer.fit()
+    losses = step_losses(events)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert trainer.model.embed_tokens.weight.dtype == torch.float32  # autocast: master weights stay fp32
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real SIGKILL between writing the files and the rename."""
+    import subprocess
+    import sys
+    import textwrap
+
+    trainer = make(tmp_path, max_steps=2)
+    trainer.fit()
+    good = checkpoint.latest(tmp_path)
+    script = textwrap.dedent(f"""
+        import os, signal, torch, checkpoint
+        from model import ModelConfig, Transformer
+        model = Transformer(ModelConfig.from_name("tiny"))
+        checkpoint.save({str(tmp_path / "step_50")!r}, model.state_dict(), None, {{"global_step": 50}},
+                        before_rename=lambda path: os.kill(os.getpid(), signal.SIGKILL))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=str(Path(checkpoint.__file__).parent), timeout=120)
+    assert result.returncode == -9
+    assert any(p.name.startswith(".step_50.tmp") for p in tmp_path.iterdir())  # the orphaned partial write
+    assert checkpoint.latest(tmp_path) == good
+    model_state, _, state = checkpoint.load(good)
+    assert state["global_step"] == 2
