@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from config_io import ConfigIO, described
+
 BUILTIN = "builtin"
 BUILTIN_NAME = "python-stdlib"
 TEXT_EXTENSIONS = {".txt", ".md"}
@@ -46,36 +48,32 @@ class DataError(ValueError):
     """A problem with the user's data or data settings, explained for the user."""
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
-class DataConfig:
+class DataConfig(ConfigIO):
     """Where the training text comes from and how it becomes token blocks."""
 
-    source: str = field(default=BUILTIN, metadata=_help(
-        "'builtin' (offline Python stdlib corpus), a local file or folder, or a Hugging Face hub dataset name"))
-    hub_config: Optional[str] = field(default=None, metadata=_help("hub dataset configuration, e.g. wikitext-2-raw-v1"))
-    split: str = field(default="train", metadata=_help("hub dataset split"))
-    text_field: Optional[str] = field(default=None, metadata=_help("record field holding the text; auto-detected when empty"))
-    format: str = field(default="auto", metadata=_help("text (pretraining), instruction (chat / Alpaca, loss on responses), or auto",
-                                                       choices=("auto", "text", "instruction")))
-    txt_unit: str = field(default="file", metadata=_help("a .txt/.md document is a whole file or each blank-line paragraph",
-                                                         choices=("file", "paragraph")))
-    subset_size: Optional[int] = field(default=None, metadata=_help("use only the first N documents (LightLM's subset mode)"))
-    token_budget: Optional[int] = field(default=None, metadata=_help("stop reading documents after about this many tokens"))
-    dedupe: bool = field(default=True, metadata=_help("drop exact duplicate documents (counted in the report)"))
-    val_fraction: float = field(default=0.05, metadata=_help("share of documents held out for validation"))
-    seed: int = field(default=1998, metadata=_help("seed of the train/validation split"))
-    tokenizer: str = field(default="bpe", metadata=_help("'bpe' trains a byte-level BPE on the data; else a hub id or local directory"))
-    vocab_size: int = field(default=8192, metadata=_help("vocabulary of the trained BPE"))
-    bpe_sample_bytes: int = field(default=8_000_000, metadata=_help("train the BPE on at most this much text"))
-    overlong: str = field(default="truncate", metadata=_help("instruction samples longer than the sequence: truncate or drop",
-                                                             choices=("truncate", "drop")))
-    num_proc: int = field(default=0, metadata=_help("tokenizer processes (0 = one, in-process)"))
-    cache_dir: str = field(default=".cache/sprat", metadata=_help("where tokenized arrays and trained tokenizers are cached"))
-    hub_timeout_s: float = field(default=3.0, metadata=_help("seconds to wait for the hub before calling it unreachable"))
+    source: str = described(BUILTIN, 
+        "'builtin' (offline Python stdlib corpus), a local file or folder, or a Hugging Face hub dataset name")
+    hub_config: Optional[str] = described(None, "hub dataset configuration, e.g. wikitext-2-raw-v1")
+    split: str = described("train", "hub dataset split")
+    text_field: Optional[str] = described(None, "record field holding the text; auto-detected when empty")
+    format: str = described("auto", "text (pretraining), instruction (chat / Alpaca, loss on responses), or auto",
+                                                       choices=("auto", "text", "instruction"))
+    txt_unit: str = described("file", "a .txt/.md document is a whole file or each blank-line paragraph",
+                                                         choices=("file", "paragraph"))
+    subset_size: Optional[int] = described(None, "use only the first N documents (LightLM's subset mode)")
+    token_budget: Optional[int] = described(None, "stop reading documents after about this many tokens")
+    dedupe: bool = described(True, "drop exact duplicate documents (counted in the report)")
+    val_fraction: float = described(0.05, "share of documents held out for validation")
+    seed: int = described(1998, "seed of the train/validation split")
+    tokenizer: str = described("bpe", "'bpe' trains a byte-level BPE on the data; else a hub id or local directory")
+    vocab_size: int = described(8192, "vocabulary of the trained BPE")
+    bpe_sample_bytes: int = described(8_000_000, "train the BPE on at most this much text")
+    overlong: str = described("truncate", "instruction samples longer than the sequence: truncate or drop",
+                                                             choices=("truncate", "drop"))
+    num_proc: int = described(0, "tokenizer processes (0 = one, in-process)")
+    cache_dir: str = described(".cache/sprat", "where tokenized arrays and trained tokenizers are cached")
+    hub_timeout_s: float = described(3.0, "seconds to wait for the hub before calling it unreachable")
 
     def __post_init__(self) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -98,24 +96,6 @@ class DataConfig:
             raise ValueError("DataConfig.source='': name 'builtin', a local file or folder, or a hub dataset")
         if not self.hub_timeout_s > 0:
             raise ValueError(f"DataConfig.hub_timeout_s={self.hub_timeout_s!r}: must be positive")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DataConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DataConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass
@@ -348,7 +328,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, max_bytes: int = 8_0
     `PreTrainedTokenizerFast` with end-of-text, pad and ChatML special tokens and a
     ChatML chat template. Any UTF-8 text round-trips exactly through encode/decode."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -8,11 +8,8 @@ the key names `peft` expects.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -20,38 +17,36 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
+from config_io import ConfigIO, described
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigIO):
     """Shape and options of a `Transformer`. Field names follow LightLM's ModelConfig."""
 
-    vocab_size: int = field(default=8192, metadata=_help("tokens in the vocabulary"))
-    num_dims: int = field(default=256, metadata=_help("model width (embedding size)"))
-    num_heads: int = field(default=4, metadata=_help("query heads"))
-    num_kv_heads: int = field(default=2, metadata=_help("key/value heads (grouped-query attention)"))
-    num_layers: int = field(default=4, metadata=_help("transformer blocks"))
-    ffn_hidden_dims: int = field(default=688, metadata=_help("hidden width of the SwiGLU feed-forward (per expert with MoE)"))
-    context_len: int = field(default=256, metadata=_help("longest sequence the model accepts"))
-    rmsnorm_eps: float = field(default=1e-5, metadata=_help("epsilon inside RMSNorm"))
-    rope_theta: float = field(default=10000.0, metadata=_help("RoPE base frequency"))
-    rope_scaling: Optional[dict] = field(default=None, metadata=_help(
+    vocab_size: int = described(8192, "tokens in the vocabulary")
+    num_dims: int = described(256, "model width (embedding size)")
+    num_heads: int = described(4, "query heads")
+    num_kv_heads: int = described(2, "key/value heads (grouped-query attention)")
+    num_layers: int = described(4, "transformer blocks")
+    ffn_hidden_dims: int = described(688, "hidden width of the SwiGLU feed-forward (per expert with MoE)")
+    context_len: int = described(256, "longest sequence the model accepts")
+    rmsnorm_eps: float = described(1e-5, "epsilon inside RMSNorm")
+    rope_theta: float = described(10000.0, "RoPE base frequency")
+    rope_scaling: Optional[dict] = described(None, 
         "Llama 3 RoPE frequency scaling: {'rope_type': 'llama3', 'factor', 'low_freq_factor', "
-        "'high_freq_factor', 'original_max_position_embeddings'}; empty for none"))
-    use_cache: bool = field(default=True, metadata=_help("use the KV cache when generating"))
-    use_flash: bool = field(default=True, metadata=_help("attention through scaled_dot_product_attention (flash / memory-efficient kernels on CUDA) instead of explicit matmul-softmax"))
-    use_moe: bool = field(default=False, metadata=_help("mixture-of-experts feed-forward"))
-    moe_num_experts: int = field(default=4, metadata=_help("experts per MoE layer"))
-    moe_active_experts: int = field(default=2, metadata=_help("experts each token is routed to (top-k)"))
-    moe_eps: float = field(default=1e-6, metadata=_help("epsilon when renormalising the top-k gates"))
-    moe_aux_loss_coef: float = field(default=0.01, metadata=_help("weight of the Switch-Transformer load-balancing loss (not used with loss-free balancing)"))
-    use_lossfreebalance: bool = field(default=False, metadata=_help("DeepSeek-V3 auxiliary-loss-free balancing: a per-expert selection bias instead of the aux loss"))
-    moe_bias_update_rate: float = field(default=1e-3, metadata=_help("step size of the loss-free balancing bias update"))
-    tie_embeddings: bool = field(default=True, metadata=_help("share the token embedding with the output head"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute each block's activations in backward to save memory"))
+        "'high_freq_factor', 'original_max_position_embeddings'}; empty for none")
+    use_cache: bool = described(True, "use the KV cache when generating")
+    use_flash: bool = described(True, "attention through scaled_dot_product_attention (flash / memory-efficient kernels on CUDA) instead of explicit matmul-softmax")
+    use_moe: bool = described(False, "mixture-of-experts feed-forward")
+    moe_num_experts: int = described(4, "experts per MoE layer")
+    moe_active_experts: int = described(2, "experts each token is routed to (top-k)")
+    moe_eps: float = described(1e-6, "epsilon when renormalising the top-k gates")
+    moe_aux_loss_coef: float = described(0.01, "weight of the Switch-Transformer load-balancing loss (not used with loss-free balancing)")
+    use_lossfreebalance: bool = described(False, "DeepSeek-V3 auxiliary-loss-free balancing: a per-expert selection bias instead of the aux loss")
+    moe_bias_update_rate: float = described(1e-3, "step size of the loss-free balancing bias update")
+    tie_embeddings: bool = described(True, "share the token embedding with the output head")
+    gradient_checkpointing: bool = described(False, "recompute each block's activations in backward to save memory")
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "num_dims", "num_heads", "num_kv_heads", "num_layers",
@@ -98,24 +93,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     # ---- size and cost ------------------------------------------------------------
     def _layer_params(self, experts: int, norms: bool = True) -> int:

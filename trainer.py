@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -28,51 +28,48 @@ import psutil
 import torch
 
 import checkpoint
+from config_io import ConfigIO, described
 from model import Transformer
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
-class TrainerConfig:
+class TrainerConfig(ConfigIO):
     """How to train. Field names follow LightLM's TrainerConfig, plus what a real trainer needs."""
 
-    num_epochs: int = field(default=1, metadata=_help("passes over the training data"))
-    batch_size: int = field(default=8, metadata=_help("sequences per micro-batch"))
-    accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    max_seq_len: int = field(default=256, metadata=_help("tokens per training sequence"))
-    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
-    min_lr: float = field(default=1e-4, metadata=_help("learning rate at the end of the decay"))
-    lr_schedule: str = field(default="cosine", metadata=_help("decay after warm-up", choices=("cosine", "linear", "constant")))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on matrices (not norms, biases, embeddings)"))
-    warmup_ratio: float = field(default=0.01, metadata=_help("share of optimizer steps spent warming up linearly"))
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas"))
-    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0 = off)"))
-    optimizer: str = field(default="adamw", metadata=_help("adamw, or adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit")))
-    seed: int = field(default=1998, metadata=_help("random seed (data order, initialisation)"))
-    device: str = field(default="auto", metadata=_help("auto, cpu or cuda", choices=("auto", "cpu", "cuda")))
-    use_dtype: str = field(default="auto", metadata=_help("compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
-                                                          choices=("auto", "float32", "bfloat16", "float16")))
-    use_compile: bool = field(default=False, metadata=_help("torch.compile the model (off by default on CPU)"))
-    use_flash: bool = field(default=True, metadata=_help("attention through scaled_dot_product_attention"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save memory"))
-    clean_cuda_cache: bool = field(default=False, metadata=_help("empty the CUDA cache after each evaluation"))
-    use_ddp: bool = field(default=False, metadata=_help("DistributedDataParallel under torchrun"))
-    use_moe: bool = field(default=False, metadata=_help("the model is a mixture of experts (mirrors ModelConfig.use_moe)"))
-    use_lossfreebalance: bool = field(default=False, metadata=_help("update the loss-free balancing bias after each step (mirrors ModelConfig)"))
-    path_to_checkpoints: str = field(default="checkpoints", metadata=_help("root folder of run directories"))
-    log_interval: int = field(default=10, metadata=_help("optimizer steps between memory readings and log flushes"))
-    eval_interval: int = field(default=0, metadata=_help("optimizer steps between evaluations (0 = only at epoch end)"))
-    eval_steps: int = field(default=20, metadata=_help("validation batches per evaluation"))
-    use_epoch_checkpoints: bool = field(default=True, metadata=_help("save a checkpoint at the end of every epoch"))
-    save_every_n_steps: int = field(default=0, metadata=_help("also save every N optimizer steps (0 = off)"))
-    keep_last_n: int = field(default=3, metadata=_help("checkpoints to keep (the best is always kept; 0 = keep all)"))
-    early_stopping_patience: int = field(default=0, metadata=_help("stop after N evaluations without improvement (0 = off)"))
-    max_steps: int = field(default=0, metadata=_help("stop after N optimizer steps (0 = no limit)"))
-    time_limit_s: float = field(default=0.0, metadata=_help("stop after this many seconds: finish the step, evaluate, save (0 = none)"))
-    max_nonfinite_steps: int = field(default=5, metadata=_help("stop after this many non-finite losses in a row"))
+    num_epochs: int = described(1, "passes over the training data")
+    batch_size: int = described(8, "sequences per micro-batch")
+    accumulation_steps: int = described(1, "micro-batches per optimizer step")
+    max_seq_len: int = described(256, "tokens per training sequence")
+    learning_rate: float = described(1e-3, "peak learning rate")
+    min_lr: float = described(1e-4, "learning rate at the end of the decay")
+    lr_schedule: str = described("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
+    weight_decay: float = described(0.1, "AdamW weight decay on matrices (not norms, biases, embeddings)")
+    warmup_ratio: float = described(0.01, "share of optimizer steps spent warming up linearly")
+    betas: tuple[float, float] = described((0.9, 0.95), "AdamW betas")
+    grad_clip: float = described(1.0, "clip the gradient norm to this (0 = off)")
+    optimizer: str = described("adamw", "adamw, or adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
+    seed: int = described(1998, "random seed (data order, initialisation)")
+    device: str = described("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    use_dtype: str = described("auto", "compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
+                                                          choices=("auto", "float32", "bfloat16", "float16"))
+    use_compile: bool = described(False, "torch.compile the model (off by default on CPU)")
+    use_flash: bool = described(True, "attention through scaled_dot_product_attention")
+    gradient_checkpointing: bool = described(False, "recompute activations in backward to save memory")
+    clean_cuda_cache: bool = described(False, "empty the CUDA cache after each evaluation")
+    use_ddp: bool = described(False, "DistributedDataParallel under torchrun")
+    use_moe: bool = described(False, "the model is a mixture of experts (mirrors ModelConfig.use_moe)")
+    use_lossfreebalance: bool = described(False, "update the loss-free balancing bias after each step (mirrors ModelConfig)")
+    path_to_checkpoints: str = described("checkpoints", "root folder of run directories")
+    log_interval: int = described(10, "optimizer steps between memory readings and log flushes")
+    eval_interval: int = described(0, "optimizer steps between evaluations (0 = only at epoch end)")
+    eval_steps: int = described(20, "validation batches per evaluation")
+    use_epoch_checkpoints: bool = described(True, "save a checkpoint at the end of every epoch")
+    save_every_n_steps: int = described(0, "also save every N optimizer steps (0 = off)")
+    keep_last_n: int = described(3, "checkpoints to keep (the best is always kept; 0 = keep all)")
+    early_stopping_patience: int = described(0, "stop after N evaluations without improvement (0 = off)")
+    max_steps: int = described(0, "stop after N optimizer steps (0 = no limit)")
+    time_limit_s: float = described(0.0, "stop after this many seconds: finish the step, evaluate, save (0 = none)")
+    max_nonfinite_steps: int = described(5, "stop after this many non-finite losses in a row")
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -106,26 +103,6 @@ class TrainerConfig:
             choices = fields[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["betas"] = list(self.betas)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainerConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TrainerConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 class _Failure:
@@ -282,25 +259,6 @@ class ThreadedDataLoader:
 
     def __del__(self) -> None:
         self.close()
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional[int] = None) -> float:
-    """Mean cross-entropy over (the first `max_batches` batches of) a dataset, in order."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        if max_batches is not None and count >= max_batches:
-            break
-        x, y = dataset.batch(np.arange(start, min(start + batch_size, len(dataset))))
-        _, _, ce_loss = model(x, y)
-        total += ce_loss.item()
-        count += 1
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 
 
 # ---- helpers --------------------------------------------------------------------------------

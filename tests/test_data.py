@@ -1,11 +1,10 @@
 import json
-import os
 
 import numpy as np
 import pytest
 
 import data
-from data import (DataConfig, DataError, MaskedSamples, PackedBlocks, QualityReport, build_pretraining,
+from data import (DataConfig, DataError, MaskedSamples, QualityReport, build_pretraining,
                   builtin_documents, encode_chat, prepare, read_source, to_messages, train_bpe)
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n" * 3,
