@@ -393,3 +393,23 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert checkpoint.latest(tmp_path) == good
     model_state, _, state = checkpoint.load(good)
     assert state["global_step"] == 2
+
+
+def test_moe_lossfree_bias_is_updated_and_load_reported():
+    events = []
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny", use_moe=True, moe_num_experts=4, moe_active_experts=1,
+                                   use_lossfreebalance=True, moe_bias_update_rate=0.01)
+    trainer = Trainer(Transformer(config), TrainerConfig(batch_size=4, max_seq_len=16, max_steps=5, use_moe=True,
+                                                         use_lossfreebalance=True), blocks(32),
+                      callback=events.append)
+    trainer.fit()
+    bias = trainer.model.layers[0].mlp.expert_bias
+    assert bias.abs().sum() > 0 and bias.abs().max() <= 5 * 0.01 + 1e-9
+    loads = [e["expert_load"] for e in events if e["type"] == "step"]
+    assert len(loads) == 5 and sum(loads[0][0]) == 4 * 16  # one expert per token
+
+
+def test_moe_flag_without_moe_model_is_an_error(tiny):
+    with pytest.raises(ValueError, match="use_moe"):
+        Trainer(Transformer(tiny), TrainerConfig(use_moe=True), blocks(8))
