@@ -66,9 +66,11 @@ def parse_value(cls: type, name: str, text: str) -> Any:
         return raw
     origin = typing.get_origin(kind)
     if origin is tuple:
-        parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
+        parts = [p.strip().strip("'\"") for p in raw.strip("()[] ").split(",") if p.strip()]
         item_types = typing.get_args(kind)
-        if len(parts) != len(item_types):
+        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[X, ...]: any number of items
+            item_types = (item_types[0],) * len(parts)
+        if not parts or len(parts) != len(item_types):
             raise ConfigError(f"{where}={raw!r}: expected {len(item_types)} comma-separated values")
         try:
             return tuple(t(p) for t, p in zip(item_types, parts))

@@ -187,3 +187,46 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+# ---- LoRA adapters in PEFT's format --------------------------------------------------------
+def save_adapter(model: Transformer, out_dir: str | Path, config, base_model: Optional[str] = None) -> Path:
+    """Only the LoRA weights (`adapter_model.safetensors`) and `adapter_config.json`, in
+    PEFT's format, so `peft.PeftModel.from_pretrained` applies them to the model that
+    `save_hf` exports."""
+    from lora import adapter_state_dict, peft_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(peft_config(config, base_model), indent=2) + "\n")
+    return out_dir
+
+
+def load_adapter(model: Transformer, path: str | Path, quantize_base: bool = False):
+    """Apply the adapter at `path` (PEFT format) to `model`: LoRA layers are added where the
+    model has none, then the adapter's weights are copied in. Returns its LoRAConfig."""
+    import dataclasses
+
+    from lora import apply_lora, config_from_peft, load_adapter_state_dict, lora_layers
+
+    path = Path(path)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path} is not a LoRA adapter directory (no {name})")
+    config = config_from_peft(json.loads((path / "adapter_config.json").read_text()))
+    config = dataclasses.replace(config, quantize_base=quantize_base)
+    if not lora_layers(model):
+        apply_lora(model, config)
+    load_adapter_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    return config
+
+
+def merge_and_save(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
+    """A full checkpoint with the adapters folded into the (dequantized) base weights, in
+    the Hugging Face layout."""
+    from lora import merged_state_dict
+
+    merged = Transformer(model.config)
+    merged.load_state_dict(merged_state_dict(model))
+    return save_hf(merged, out_dir, tokenizer)
