@@ -21,7 +21,9 @@ import torch
 import checkpoint
 from budget import parse_duration
 from config_editor import ConfigError, apply_overrides
-from data import BUILTIN, DataConfig, DataError, load_tokenizer_dir, prepare
+from data import BUILTIN, DataConfig, DataError, load_pretrained_tokenizer, load_tokenizer_dir, prepare
+from export import load_hf, merge_and_save, save_adapter
+from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
 from trainer import Trainer, TrainerConfig, TrainResult
 
@@ -79,7 +81,7 @@ def run_info(model_config: ModelConfig, trainer_config: TrainerConfig, data_conf
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
 
 
-def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path) -> int:
+def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path, prompt_text: str = "def ") -> int:
     if trainer.config.use_ddp:
         import torch.distributed as dist
 
@@ -97,7 +99,7 @@ def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path) -> in
     if result.status == "nonfinite":
         return 1
     tokenizer = prepared.tokenizer
-    prompt = tokenizer("def ", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     sample = trainer.model.generate(torch.tensor([prompt], device=trainer.device), 60, temperature=0.8, top_k=40)
     print("sample:\n" + tokenizer.decode(sample[0].tolist()))
     print(f"finished in {since_launch():.1f} s")
@@ -138,6 +140,77 @@ def cmd_train(args: argparse.Namespace) -> int:
     return finish(trainer, trainer.fit(), prepared, run_dir)
 
 
+def load_base(base: str) -> tuple[Transformer, object]:
+    """A base model and its tokenizer: a Sprat run directory (its latest checkpoint) or a
+    Llama-architecture directory saved by `transformers`."""
+    path = Path(base)
+    if (path / "run.json").exists():
+        info = json.loads((path / "run.json").read_text())
+        if info.get("finetune"):
+            raise ConfigError(f"{path} is a fine-tuning run; fine-tune its merged model (finetune --merge) instead")
+        latest = checkpoint.latest(path, on_skip=print)
+        if latest is None:
+            raise ConfigError(f"{path} has no complete checkpoint")
+        model = Transformer(ModelConfig.from_dict(info["model"]))
+        model.load_state_dict(checkpoint.load(latest)[0])
+        return model, load_tokenizer_dir(path)
+    if (path / "config.json").exists():
+        return load_hf(path), load_pretrained_tokenizer(str(path))
+    raise ConfigError(f"{base}: not a Sprat run directory (run.json) nor a Hugging Face model directory (config.json)")
+
+
+def build_finetune(info: dict) -> tuple[Transformer, object, LoRAConfig]:
+    model, tokenizer = load_base(info["finetune"]["base"])
+    lora_config = LoRAConfig.from_dict(info["finetune"]["lora"])
+    apply_lora(model, lora_config)
+    return model, tokenizer, lora_config
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    model, tokenizer = load_base(args.base)
+    configs = {"trainer": TrainerConfig(max_seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=2e-4,
+                                        min_lr=2e-5, warmup_ratio=0.03, num_epochs=args.epochs),
+               "data": DataConfig(source=args.data, cache_dir=args.cache_dir, format="instruction"),
+               "lora": LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, quantize_base=args.qlora)}
+    configs = apply_overrides(configs, args.overrides)
+    trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
+    if trainer_config.max_seq_len > model.config.context_len:
+        raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
+                          f"({model.config.context_len})")
+    print(f"preparing data from {data_config.source} ...", flush=True)
+    prepared = prepare(data_config, trainer_config.max_seq_len, tokenizer=tokenizer)
+    report = prepared.report
+    print(f"{report.source}: {report.documents_kept} samples ({report.train_documents} train, {report.val_documents} "
+          f"validation), {report.train_tokens:,} response tokens; truncated {report.truncated_samples}, "
+          f"dropped {report.dropped_samples}", flush=True)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base model only {model.config.vocab_size}")
+    apply_lora(model, lora_config)
+    counts = parameter_report(model)
+    print(f"LoRA rank {lora_config.rank}{' on a 4-bit NF4 base (QLoRA)' if lora_config.quantize_base else ''}: "
+          f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['share']:.2%})", flush=True)
+    run_dir = Path(args.out or trainer_config.path_to_checkpoints) / (args.name or time.strftime("finetune-%Y%m%d-%H%M%S"))
+    info = {**run_info(model.config, trainer_config, data_config),
+            "finetune": {"base": str(Path(args.base).resolve()), "lora": lora_config.to_dict()}}
+    trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, callback=print_event,
+                      tokenizer=tokenizer, run_info=info)
+    result = trainer.fit()
+    return finish_finetune(trainer, result, prepared, run_dir, lora_config, args.base, args.merge)
+
+
+def finish_finetune(trainer: Trainer, result: TrainResult, prepared, run_dir: Path, lora_config: LoRAConfig,
+                    base: str, merge: bool) -> int:
+    if trainer.is_main and result.status != "interrupted":
+        adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
+        print(f"adapter saved to {adapter} (PEFT format)")
+        if merge:
+            merged = merge_and_save(trainer.model, run_dir / "merged", prepared.tokenizer)
+            print(f"merged model saved to {merged} (Hugging Face layout)")
+    prompt = prepared.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                                     add_generation_prompt=True)
+    return finish(trainer, result, prepared, run_dir, prompt_text=prompt)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "run.json").exists():
@@ -146,6 +219,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     configs = {"model": ModelConfig.from_dict(info["model"]), "trainer": TrainerConfig.from_dict(info["trainer"]),
                "data": DataConfig.from_dict(info["data"])}
     configs = apply_overrides(configs, args.overrides)
+    if "model." in " ".join(args.overrides) and info.get("finetune"):
+        raise ConfigError("a fine-tuning run's model is its base; model.* cannot be changed on resume")
     if configs["trainer"].use_ddp:
         start_distributed()
     if args.checkpoint:
@@ -158,13 +233,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if path is None:
             raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
     tokenizer = load_tokenizer_dir(run_dir)
-    prepared, model_config = build_run(configs["data"], configs["model"], configs["trainer"], tokenizer=tokenizer,
-                                       fallback_to_builtin=False)
-    trainer = Trainer(Transformer(model_config), configs["trainer"], prepared.train, prepared.val, run_dir=run_dir,
-                      callback=print_event)
+    if info.get("finetune"):
+        model, tokenizer, lora_config = build_finetune(info)
+        prepared = prepare(configs["data"], configs["trainer"].max_seq_len, tokenizer=tokenizer)
+    else:
+        prepared, model_config = build_run(configs["data"], configs["model"], configs["trainer"], tokenizer=tokenizer,
+                                           fallback_to_builtin=False)
+        model = Transformer(model_config)
+    trainer = Trainer(model, configs["trainer"], prepared.train, prepared.val, run_dir=run_dir, callback=print_event)
     trainer.load_checkpoint(path)
     print(f"resuming {run_dir} from {path.name} (step {trainer.global_step})", flush=True)
-    return finish(trainer, trainer.fit(), prepared, run_dir)
+    result = trainer.fit()
+    if info.get("finetune"):
+        return finish_finetune(trainer, result, prepared, run_dir, lora_config, info["finetune"]["base"], False)
+    return finish(trainer, result, prepared, run_dir)
 
 
 def start_distributed() -> None:
@@ -216,6 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", type=int, default=128)
     train.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     train.set_defaults(func=cmd_train)
+    finetune = commands.add_parser("finetune", help="fine-tune a model with LoRA or QLoRA on instruction data",
+                                   description="Fine-tune BASE (a Sprat run directory or a Hugging Face Llama "
+                                               "directory) on instruction/chat records (Alpaca, prompt/response or "
+                                               "messages); the loss is on the responses only. LoRA fields are "
+                                               "settable as lora.FIELD=VALUE.")
+    finetune.add_argument("base")
+    finetune.add_argument("--data", required=True, help="a local .json/.jsonl/.csv/.parquet file or folder, or a hub dataset")
+    finetune.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha defaults to 2 x rank)")
+    finetune.add_argument("--qlora", action="store_true", help="quantize the frozen base to 4-bit NF4 (QLoRA)")
+    finetune.add_argument("--merge", action="store_true", help="also write the model with the adapter folded in")
+    finetune.add_argument("--epochs", type=int, default=3)
+    finetune.add_argument("--batch-size", type=int, default=8)
+    finetune.add_argument("--seq-len", type=int, default=128)
+    finetune.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
+    finetune.add_argument("--name", default=None, help="run directory name (default finetune-DATE-TIME)")
+    finetune.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data")
+    finetune.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
+    finetune.set_defaults(func=cmd_finetune)
     resume = commands.add_parser("resume", help="resume a run from its latest (or a named) checkpoint")
     resume.add_argument("run_dir")
     resume.add_argument("--checkpoint", default=None, help="checkpoint name, e.g. step_200 or epoch_1")

@@ -532,8 +532,9 @@ class Trainer:
         if self._best_step == self.global_step:  # this checkpoint holds the best evaluated state
             self.best_checkpoint = name
         state = self.state()
+        state["adapter_only"] = self.adapter_only
         started = time.perf_counter()
-        path = checkpoint.save(self.run_dir / name, self.model.state_dict(), self.optimizer.state_dict(), state)
+        path = checkpoint.save(self.run_dir / name, self.model_state(), self.optimizer.state_dict(), state)
         self.last_checkpoint = name
         removed = checkpoint.prune(self.run_dir, self.config.keep_last_n,
                                    protect=(self.best_checkpoint,) if self.best_checkpoint else ())
@@ -541,10 +542,31 @@ class Trainer:
                   removed=removed)
         return path
 
+    @property
+    def adapter_only(self) -> bool:
+        """Fine-tuning with LoRA: checkpoints hold the trainable weights only; the frozen
+        base is rebuilt from where it came from."""
+        from lora import lora_layers
+
+        return bool(lora_layers(self.model))
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        if self.adapter_only:
+            return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        return self.model.state_dict()
+
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore model, optimizer, schedule position, counters, RNG and loader position."""
         model_state, optimizer_state, state = checkpoint.load(path)
-        self.model.load_state_dict(model_state)
+        if state.get("adapter_only"):
+            result = self.model.load_state_dict(model_state, strict=False)
+            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            if result.unexpected_keys or trainable - set(model_state):
+                raise checkpoint.CheckpointError(
+                    f"{Path(path).name} holds adapter weights that do not fit this model "
+                    f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(trainable - set(model_state))[:3]})")
+        else:
+            self.model.load_state_dict(model_state)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.global_step = state["global_step"]
