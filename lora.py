@@ -230,8 +230,8 @@ class Linear4bit(nn.Module):
 
             packed, state = self._bitsandbytes_state(x.dtype)
             return bnb.matmul_4bit(x, packed.t(), state, bias=None if self.bias is None else self.bias.to(x.dtype))
-        weight = self.dequantized_weight(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        out = _DequantizingLinear.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def _bitsandbytes_state(self, dtype: torch.dtype):
         """bitsandbytes' QuantState over our buffers: the layouts are the same, so the
@@ -253,6 +253,21 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, backend={self.backend}")
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """x Wᵀ with W dequantized from NF4 in forward and again in backward, so autograd never
+    holds the full-precision weight between them (that would undo the 4-bit saving)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.layer.dequantized_weight(grad_out.dtype)
+        return grad_out @ weight, None
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------
