@@ -1,10 +1,46 @@
-"""Time budgets: parsing durations (planning from measured throughput lands with the budget issue)."""
+"""Time budgets: from "I have 20 minutes" to a model and trainer configuration that finish
+on time, planned from throughput measured on this machine.
+
+1. Probe: time a few training steps (forward + backward + AdamW, after a warm-up) of a
+   few candidate shapes on the device, and cache the timings per machine, device, torch
+   version and thread count.
+2. Cost model: seconds per token = α + β · training FLOPs per token, fitted to the probes.
+3. Choose: for every shape of a ladder, predict the tokens it can see in the time left
+   after the fixed costs (start-up and data preparation already spent, the final
+   evaluation, the checkpoint, the sample), predict its loss with Chinchilla's
+   parametric fit L(N, D) = E + A/N^α + B/D^β (https://arxiv.org/abs/2203.15556), and
+   take the lowest — tokens ≈ 20 × parameters for large budgets, smaller models for small
+   ones. Tokens beyond 4 passes over the data count as nothing new
+   (https://arxiv.org/abs/2305.16264).
+
+The trainer's deadline (`time_limit_s`) guarantees the stop; the learning-rate schedule
+runs on the clock so it completes whatever the real throughput turns out to be.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import platform
 import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from model import ModelConfig, Transformer
+from trainer import TrainerConfig, build_optimizer
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+# Chinchilla's fitted constants (Hoffmann et al. 2022, approach 3).
+LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
+MAX_USEFUL_EPOCHS = 4
+PROBE_WIDTHS = (64, 128, 256)
+PROBE_BATCH = 2  # sequences per probe step: enough to be representative, cheap enough to be quick
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -26,3 +62,259 @@ def parse_duration(text: str | float | int) -> float:
     if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"duration {text!r} must be positive and finite")
     return seconds
+
+
+# ---- shapes ------------------------------------------------------------------------------------
+def shape(width: int, vocab_size: int, context_len: int) -> ModelConfig:
+    """The ladder's model of a given width: head dim 32 below 256 wide, else 64; depth
+    grows with width; SwiGLU hidden ≈ 8/3 · width; half as many KV heads as heads."""
+    head_dim = 32 if width < 256 else 64
+    heads = max(2, width // head_dim)
+    layers = {64: 2, 96: 2, 128: 4, 192: 4, 256: 4, 384: 6, 512: 8, 640: 10, 768: 12}.get(width, max(2, width // 64))
+    ffn = int(round(8 * width / 3 / 32)) * 32
+    return ModelConfig(vocab_size=vocab_size, num_dims=width, num_heads=heads, num_kv_heads=max(1, heads // 2),
+                       num_layers=layers, ffn_hidden_dims=ffn, context_len=context_len)
+
+
+LADDER = (64, 96, 128, 192, 256, 384, 512, 640, 768)
+
+
+def non_embedding_params(config: ModelConfig) -> int:
+    return config.num_params(active=True) - config.vocab_size * config.num_dims * (1 if config.tie_embeddings else 2)
+
+
+def predicted_loss(params: float, tokens: float) -> float:
+    """Chinchilla's parametric loss; used to rank shapes, not to predict our numbers."""
+    return LOSS_E + LOSS_A / max(params, 1.0) ** LOSS_ALPHA + LOSS_B / max(tokens, 1.0) ** LOSS_BETA
+
+
+# ---- hardware and probes -------------------------------------------------------------------------
+@dataclass
+class HardwareProfile:
+    """What the plan depends on about this machine."""
+
+    device: str
+    device_name: str
+    threads: int
+    torch_version: str
+    memory_bytes: int
+    machine: str = field(default_factory=platform.node)
+
+    @classmethod
+    def detect(cls, device: Optional[str] = None) -> "HardwareProfile":
+        import psutil
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            name = torch.cuda.get_device_name(0)
+            memory = torch.cuda.get_device_properties(0).total_memory
+        else:
+            name = _cpu_name()
+            memory = psutil.virtual_memory().available
+        return cls(device, name, torch.get_num_threads(), torch.__version__, memory)
+
+    def key(self) -> str:
+        return f"{self.machine}|{self.device}|{self.device_name}|{self.threads}|{self.torch_version}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+@dataclass
+class Probe:
+    width: int
+    flops_per_token: float
+    seconds_per_token: float
+
+
+def measure(config: ModelConfig, batch_size: int, seq_len: int, device: str, seconds: float) -> float:
+    """Seconds per token of full training steps of `config`, after one warm-up step: as
+    many steps as fit in `seconds`, at least one."""
+    torch.manual_seed(0)
+    model = Transformer(config).to(device)
+    optimizer = build_optimizer(model, TrainerConfig(), torch.device(device))
+    x = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+
+    def step() -> None:
+        _, loss, _ = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    steps, start = 0, time.perf_counter()
+    while steps < 1 or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (steps * batch_size * seq_len)
+
+
+def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: int, seconds_each: float,
+          cache_dir: Optional[str | Path] = None) -> tuple[list[Probe], bool]:
+    """Probes for the ladder's small, middle and large shapes, from the cache when this
+    machine, device, torch version, vocabulary and sequence length were measured before.
+    Returns (probes, came_from_cache)."""
+    key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}"
+    cache = Path(cache_dir) / "probes.json" if cache_dir else None
+    stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    if key in stored:
+        return [Probe(**p) for p in stored[key]], True
+    probes = []
+    for width in PROBE_WIDTHS:
+        config = shape(width, vocab_size, seq_len)
+        probes.append(Probe(width, config.flops_per_token(seq_len),
+                            measure(config, min(batch_size, PROBE_BATCH), seq_len, hardware.device, seconds_each)))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        stored[key] = [asdict(p) for p in probes]
+        partial = cache.with_name(f".probes.{os.getpid()}")
+        partial.write_text(json.dumps(stored, indent=1))
+        os.replace(partial, cache)
+    return probes, False
+
+
+@dataclass
+class CostModel:
+    """seconds per token = overhead + seconds_per_flop · FLOPs per token."""
+
+    overhead: float
+    seconds_per_flop: float
+
+    @classmethod
+    def fit(cls, probes: list[Probe]) -> "CostModel":
+        flops = np.array([p.flops_per_token for p in probes])
+        seconds = np.array([p.seconds_per_token for p in probes])
+        design = np.stack([np.ones_like(flops), flops], axis=1)
+        (overhead, per_flop), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+        if per_flop <= 0:  # degenerate timings: fall back to a line through the origin
+            overhead, per_flop = 0.0, float(seconds.sum() / flops.sum())
+        return cls(max(float(overhead), 0.0), float(per_flop))
+
+    def seconds_per_token(self, flops_per_token: float) -> float:
+        return self.overhead + self.seconds_per_flop * flops_per_token
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    model: ModelConfig
+    trainer: TrainerConfig
+    budget_s: float
+    train_seconds: float
+    tokens_per_second: float
+    tokens: int
+    steps: int
+    epochs: float
+    params: int
+    memory_bytes: int
+    finish_s: float
+    probe_seconds: float
+    probes_cached: bool
+    reasoning: str
+
+    def summary(self) -> dict:
+        values = asdict(self)
+        values["model"], values["trainer"] = self.model.to_dict(), self.trainer.to_dict()
+        return values
+
+
+def sequence_length(budget_s: float) -> int:
+    return 128 if budget_s < 600 else 256 if budget_s < 3600 else 512
+
+
+def batch_tokens(budget_s: float) -> int:
+    """Tokens per optimizer step: small for short budgets (more steps), larger later."""
+    return 2048 if budget_s < 300 else 4096 if budget_s < 1800 else 8192
+
+
+def training_memory(config: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """Bytes of a training step: fp32 weights, gradients and two AdamW moments (16 B per
+    parameter), plus activations (~ 34·B·T·C·L bytes, and the B·T·V logits three times)."""
+    params = config.num_params()
+    activations = 34 * batch_size * seq_len * config.num_dims * config.num_layers
+    logits = 3 * 4 * batch_size * seq_len * config.vocab_size
+    return 16 * params + activations + logits
+
+
+def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_tokens: int) -> float:
+    """The final evaluation (forward only, ~1/3 of a training step per token), the
+    checkpoint (weights and AdamW state at ~200 MB/s with checksums), a 60-token sample,
+    and interpreter exit."""
+    evaluation = eval_tokens * cost.seconds_per_token(config.flops_per_token(seq_len)) / 3
+    save = 12 * config.num_params() / 200e6
+    sample = 60 * (0.005 + 2 * config.num_params() / 3e9)
+    return evaluation + save + sample + 1.0
+
+
+def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
+         spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
+         probes: Optional[list[Probe]] = None) -> Plan:
+    """The configuration expected to reach the lowest loss in `budget_seconds` of wall
+    time, of which `spent_seconds` (start-up, data preparation) are already gone.
+    `probes` skips measuring (tests pass synthetic ones)."""
+    if not budget_seconds > 0:
+        raise ValueError(f"budget {budget_seconds} s: must be positive")
+    seq_len = sequence_length(budget_seconds)
+    batch_size = max(1, batch_tokens(budget_seconds) // seq_len)
+    probe_started = time.perf_counter()
+    cached = probes is not None
+    if probes is None:
+        seconds_each = min(0.8, max(0.1, 0.005 * budget_seconds))  # ~5 s of probing at most
+        probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir)
+    probe_seconds = 0.0 if cached else time.perf_counter() - probe_started
+    cost = CostModel.fit(probes)
+    eval_batches = 4
+    eval_tokens = eval_batches * batch_size * seq_len
+    left = budget_seconds - spent_seconds - probe_seconds
+    memory_limit = 0.6 * hardware.memory_bytes
+    best = None
+    for width in LADDER:
+        config = shape(width, vocab_size, seq_len)
+        memory = training_memory(config, batch_size, seq_len)
+        if memory > memory_limit:
+            continue
+        train_seconds = left - finish_seconds(config, cost, seq_len, eval_tokens) - 1.0  # 1 s: model and loader set-up
+        seconds_per_token = cost.seconds_per_token(config.flops_per_token(seq_len))
+        step_seconds = seconds_per_token * batch_size * seq_len
+        if train_seconds < 3 * step_seconds:
+            continue
+        tokens = train_seconds / seconds_per_token
+        useful = min(tokens, MAX_USEFUL_EPOCHS * dataset_tokens)
+        loss = predicted_loss(non_embedding_params(config), useful)
+        if best is None or loss < best[0]:
+            best = (loss, config, train_seconds, tokens, memory, step_seconds)
+    if best is None:
+        smallest = shape(LADDER[0], vocab_size, seq_len)
+        need = spent_seconds + probe_seconds + finish_seconds(smallest, cost, seq_len, eval_tokens) + 1.0 + \
+            3 * cost.seconds_per_token(smallest.flops_per_token(seq_len)) * batch_size * seq_len
+        raise ValueError(f"a budget of {budget_seconds:.0f} s is too short: start-up and data preparation took "
+                         f"{spent_seconds:.0f} s and the smallest model needs about {need - spent_seconds:.0f} s more; "
+                         f"give at least {math.ceil(need * 1.1)} s")
+    _, config, train_seconds, tokens, memory, step_seconds = best
+    steps = max(1, int(tokens // (batch_size * seq_len)))
+    params = non_embedding_params(config)
+    learning_rate = 3e-3 if params < 2e6 else 2e-3 if params < 10e6 else 1e-3 if params < 50e6 else 6e-4
+    trainer = TrainerConfig(num_epochs=max(1, math.ceil(tokens / max(dataset_tokens, 1)) + 1), batch_size=batch_size,
+                            max_seq_len=seq_len, learning_rate=learning_rate, min_lr=learning_rate / 10,
+                            warmup_ratio=min(0.05, 20 / steps) if steps > 20 else 0.0, lr_schedule="cosine",
+                            schedule_by="time", time_limit_s=train_seconds, eval_steps=eval_batches,
+                            use_epoch_checkpoints=False, log_interval=max(1, steps // 50))
+    epochs = tokens / max(dataset_tokens, 1)
+    reasoning = (f"measured {1 / cost.seconds_per_token(config.flops_per_token(seq_len)):,.0f} tokens/s for this "
+                 f"shape; {train_seconds:.0f} s of training → {tokens / 1e6:.2f}M tokens = "
+                 f"{tokens / max(params, 1):.1f} tokens per non-embedding parameter ({epochs:.1f} epochs), the lowest "
+                 f"predicted loss among {len(LADDER)} shapes that fit in memory")
+    finish = budget_seconds - (left - train_seconds - finish_seconds(config, cost, seq_len, eval_tokens) - 1.0)
+    return Plan(config, trainer, budget_seconds, train_seconds, tokens / train_seconds, int(tokens), steps, epochs,
+                config.num_params(), memory, finish, probe_seconds, cached, reasoning)

@@ -9,6 +9,7 @@ holds no training or model math.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -19,7 +20,7 @@ import psutil
 import torch
 
 import checkpoint
-from budget import parse_duration
+from budget import HardwareProfile, parse_duration, plan, sequence_length
 from config_editor import ConfigError, apply_overrides
 from data import BUILTIN, DataConfig, DataError, load_pretrained_tokenizer, load_tokenizer_dir, prepare
 from export import load_hf, merge_and_save, save_adapter
@@ -27,8 +28,8 @@ from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
 from trainer import Trainer, TrainerConfig, TrainResult
 
-DEFAULT_PRESET = "2M"  # the main job's model until the time-budget planner sizes it
-FINISH_RESERVE_S = 6.0  # the budget kept for the last evaluation, the save and the sample
+DEFAULT_PRESET = "2M"  # the model of `train` without --budget or --preset
+FINISH_RESERVE_S = 6.0  # kept from a fixed model's budget for the last evaluation, the save and the sample
 
 
 def since_launch() -> float:
@@ -108,8 +109,10 @@ def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path, promp
 
 def cmd_train(args: argparse.Namespace) -> int:
     budget = parse_duration(args.budget) if args.budget else None
-    configs = {"model": ModelConfig.from_name(args.preset),
-               "trainer": TrainerConfig(max_seq_len=args.seq_len, batch_size=args.batch_size),
+    planned = budget is not None and args.preset is None
+    seq_len = args.seq_len or (sequence_length(budget) if planned else 128)
+    configs = {"model": ModelConfig.from_name(args.preset or DEFAULT_PRESET),
+               "trainer": TrainerConfig(max_seq_len=seq_len, batch_size=args.batch_size or 16),
                "data": DataConfig(source=args.data, cache_dir=args.cache_dir)}
     if args.config:
         configs = load_config_file(args.config, configs)
@@ -119,25 +122,59 @@ def cmd_train(args: argparse.Namespace) -> int:
         start_distributed()
     torch.manual_seed(trainer_config.seed)
     prepared, model_config = build_run(data_config, model_config, trainer_config)
-    if budget is not None:
-        remaining = budget - since_launch() - FINISH_RESERVE_S
+    reserve = FINISH_RESERVE_S
+    if planned:
+        hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
+        the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
+                        spent_seconds=since_launch(), cache_dir=data_config.cache_dir)
+        print_plan(the_plan)
+        planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": data_config}
+        if args.batch_size:
+            planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=args.batch_size)
+        configs = apply_overrides(planned_configs, args.overrides)  # what the user set explicitly wins
+        model_config, trainer_config = configs["model"], configs["trainer"]
+        reserve = budget - the_plan.train_seconds - since_launch()  # the plan's finishing costs
+    elif budget is not None:  # a fixed model under the budget's deadline
+        remaining = budget - since_launch() - reserve
         if remaining < 1.0:
             raise ConfigError(f"a budget of {args.budget} leaves no time to train after start-up and data "
-                              f"preparation ({since_launch():.0f} s); give at least "
-                              f"{since_launch() + FINISH_RESERVE_S + 5:.0f}s")
-        # Until the planner sizes the run from measured throughput, the step count is unknown:
-        # train at a constant learning rate until the deadline.
-        # A short final evaluation keeps the finish inside the reserve.
-        budget_settings = {"time_limit_s": remaining, "num_epochs": max(trainer_config.num_epochs, 1000),
-                           "lr_schedule": "constant", "warmup_ratio": 0.0, "eval_steps": 4}
-        explicit = {o.partition("=")[0].strip().removeprefix("trainer.") for o in args.overrides}
-        trainer_config = TrainerConfig.from_dict({**trainer_config.to_dict(),
-                                                  **{k: v for k, v in budget_settings.items() if k not in explicit}})
+                              f"preparation ({since_launch():.0f} s); give at least {since_launch() + reserve + 5:.0f}s")
+        trainer_config = dataclasses.replace(trainer_config, time_limit_s=remaining, schedule_by="time",
+                                             num_epochs=max(trainer_config.num_epochs, 1000), eval_steps=4,
+                                             use_epoch_checkpoints=False)
     run_dir = Path(args.out or trainer_config.path_to_checkpoints) / (args.name or time.strftime("run-%Y%m%d-%H%M%S"))
     model = Transformer(model_config)
     trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, callback=print_event,
                       tokenizer=prepared.tokenizer, run_info=run_info(model_config, trainer_config, data_config))
+    if budget is not None:  # the deadline counts from now: everything before it is already spent
+        trainer.config = dataclasses.replace(trainer.config, time_limit_s=max(1.0, budget - since_launch() - reserve))
     return finish(trainer, trainer.fit(), prepared, run_dir)
+
+
+def print_plan(the_plan) -> None:
+    m, t = the_plan.model, the_plan.trainer
+    print(f"plan for {the_plan.budget_s:.0f} s: {m.num_layers} layers x {m.num_dims} wide ({m.num_heads}/"
+          f"{m.num_kv_heads} heads, FFN {m.ffn_hidden_dims}), {the_plan.params / 1e6:.2f}M parameters; batch "
+          f"{t.batch_size} x {t.max_seq_len}, lr {t.learning_rate:g}; {the_plan.train_seconds:.0f} s of training at "
+          f"{the_plan.tokens_per_second:,.0f} tokens/s = {the_plan.tokens / 1e6:.2f}M tokens "
+          f"(~{the_plan.steps} steps, {the_plan.epochs:.2f} epochs); probes "
+          f"{'cached' if the_plan.probes_cached else f'{the_plan.probe_seconds:.1f} s'}", flush=True)
+    print(f"why: {the_plan.reasoning}", flush=True)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    budget = parse_duration(args.budget)
+    data_config = apply_overrides({"data": DataConfig(source=args.data, cache_dir=args.cache_dir)}, args.overrides)["data"]
+    quiet = args.json
+    prepared = prepare(data_config, sequence_length(budget), fallback_to_builtin=True)
+    hardware = HardwareProfile.detect()
+    the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
+                    spent_seconds=since_launch(), cache_dir=data_config.cache_dir)
+    if quiet:
+        print(json.dumps(the_plan.summary(), indent=2))
+    else:
+        print_plan(the_plan)
+    return 0
 
 
 def load_base(base: str) -> tuple[Transformer, object]:
@@ -290,12 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--budget", default=None, help="time for the whole run: 90s, 20m, 2h, or hours (0.001)")
     train.add_argument("--data", default=BUILTIN, help="'builtin', a local file or folder, or a hub dataset name")
     train.add_argument("--config", default=None, help="JSON file with model / trainer / data sections")
-    train.add_argument("--preset", default=DEFAULT_PRESET, help=f"model preset (default {DEFAULT_PRESET})")
+    train.add_argument("--preset", default=None, help=f"model preset; with --budget it skips planning "
+                                                      f"(default: planned with --budget, else {DEFAULT_PRESET})")
     train.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     train.add_argument("--name", default=None, help="run directory name (default run-DATE-TIME)")
     train.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data and trained tokenizers")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default 16, or planned)")
+    train.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128, or planned)")
     train.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     train.set_defaults(func=cmd_train)
     finetune = commands.add_parser("finetune", help="fine-tune a model with LoRA or QLoRA on instruction data",
@@ -316,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data")
     finetune.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     finetune.set_defaults(func=cmd_finetune)
+    plan_parser = commands.add_parser("plan", help="print the configuration planned for a time budget",
+                                      description="Measure this machine and print the model and trainer "
+                                                  "configuration planned for the budget, without training.")
+    plan_parser.add_argument("--budget", required=True, help="90s, 20m, 2h, or hours (0.001)")
+    plan_parser.add_argument("--data", default=BUILTIN)
+    plan_parser.add_argument("--cache-dir", default=".cache/sprat")
+    plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_parser.add_argument("overrides", nargs="*", metavar="data.FIELD=VALUE")
+    plan_parser.set_defaults(func=cmd_plan)
     resume = commands.add_parser("resume", help="resume a run from its latest (or a named) checkpoint")
     resume.add_argument("run_dir")
     resume.add_argument("--checkpoint", default=None, help="checkpoint name, e.g. step_200 or epoch_1")

@@ -43,6 +43,8 @@ class TrainerConfig(ConfigIO):
     learning_rate: float = described(1e-3, "peak learning rate")
     min_lr: float = described(1e-4, "learning rate at the end of the decay")
     lr_schedule: str = described("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
+    schedule_by: str = described("steps", "the schedule's clock: optimizer steps, or time (of time_limit_s; for budget runs)",
+                                 choices=("steps", "time"))
     weight_decay: float = described(0.1, "AdamW weight decay on matrices (not norms, biases, embeddings)")
     warmup_ratio: float = described(0.01, "share of optimizer steps spent warming up linearly")
     betas: tuple[float, float] = described((0.9, 0.95), "AdamW betas")
@@ -99,7 +101,9 @@ class TrainerConfig(ConfigIO):
             raise ValueError(f"TrainerConfig.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"TrainerConfig.betas={self.betas!r}: must be two numbers in [0, 1)")
-        for name in ("lr_schedule", "optimizer", "device", "use_dtype"):
+        if self.schedule_by == "time" and not self.time_limit_s:
+            raise ValueError("TrainerConfig.schedule_by='time' needs time_limit_s > 0")
+        for name in ("lr_schedule", "schedule_by", "optimizer", "device", "use_dtype"):
             choices = fields[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
@@ -276,9 +280,21 @@ def learning_rate_at(step: int, total_steps: int, config: TrainerConfig) -> floa
     warmup = math.ceil(config.warmup_ratio * total_steps)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
+    return _decay(min(1.0, (step - warmup) / max(1, total_steps - warmup - 1)), config)
+
+
+def learning_rate_at_time(elapsed: float, config: TrainerConfig) -> float:
+    """The same shape on the clock: warm-up over warmup_ratio of time_limit_s, then decay
+    to min_lr at the deadline, whatever the throughput turns out to be."""
+    progress = min(1.0, elapsed / config.time_limit_s)
+    if progress < config.warmup_ratio:
+        return config.learning_rate * max(progress / config.warmup_ratio, 1e-3)
+    return _decay((progress - config.warmup_ratio) / max(1e-9, 1 - config.warmup_ratio), config)
+
+
+def _decay(progress: float, config: TrainerConfig) -> float:
     if config.lr_schedule == "constant":
         return config.learning_rate
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
     if config.lr_schedule == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
@@ -464,6 +480,7 @@ class Trainer:
             self.step_model = torch.compile(self.step_model)
         self.global_step = 0
         self.tokens_seen = 0
+        self.elapsed_before = 0.0  # training seconds of earlier sessions of this run (resume)
         self.best_val_loss: Optional[float] = None
         self.best_checkpoint: Optional[str] = None
         self.evals_without_improvement = 0
@@ -477,6 +494,7 @@ class Trainer:
         self._best_step: Optional[int] = None
         self._last_eval_step: Optional[int] = None
         self._start_step = 0
+        self._fit_started: Optional[float] = None
         if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if run_info is not None:
@@ -517,7 +535,9 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
+        elapsed = self.elapsed_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
         return {"epoch": self.loader.epoch, "global_step": self.global_step, "tokens_seen": self.tokens_seen,
+                "elapsed_s": elapsed,
                 "loader": self.loader.state_dict(), "scheduler": {"step": self.global_step, "total_steps": self.total_steps},
                 "micro_splits": self.micro_splits, "device": self.device.type,
                 "best_val_loss": self.best_val_loss, "best_checkpoint": self.best_checkpoint,
@@ -571,6 +591,7 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         self.global_step = state["global_step"]
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
         self.loader.load_state_dict(state["loader"])
         self.micro_splits = state.get("micro_splits", 1)
         self.best_val_loss = state.get("best_val_loss")
@@ -682,8 +703,9 @@ class Trainer:
         """Train until the epochs, max_steps, the deadline, early stopping or Ctrl-C end it."""
         config = self.config
         started = time.perf_counter()
+        self._fit_started = started
         self._start_step = self.global_step
-        deadline = started + config.time_limit_s if config.time_limit_s else None
+        deadline = started + config.time_limit_s - self.elapsed_before if config.time_limit_s else None
         previous_handlers = self._install_signal_handlers()
         self.model.train()
         if self.loader.position >= len(self.loader):  # resumed from the end of an epoch
@@ -734,7 +756,10 @@ class Trainer:
 
     def _train_step(self, epoch: int, group: list, started: float, deadline: Optional[float]) -> None:
         config = self.config
-        lr = learning_rate_at(self.global_step, self.total_steps, config)
+        if config.schedule_by == "time":
+            lr = learning_rate_at_time(self.elapsed_before + time.perf_counter() - started, config)
+        else:
+            lr = learning_rate_at(self.global_step, self.total_steps, config)
         loss = self._step_with_fallback(group)
         grad_norm = self._optimizer_step(lr)
         stats = torch.stack([loss, grad_norm.to(loss.device).float()])

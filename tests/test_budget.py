@@ -1,6 +1,10 @@
+import dataclasses
+
 import pytest
 
-from budget import parse_duration
+from budget import CostModel, HardwareProfile, Probe, parse_duration, plan, shape, training_memory
+
+GIB = 2**30
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("2h", 7200), ("1h30m", 5400),
@@ -13,3 +17,81 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+def synthetic_probes(overhead: float = 2e-5, per_flop: float = 3e-11, vocab: int = 8192, seq_len: int = 128):
+    """Timings of a machine that needs `overhead + per_flop * flops` seconds per token."""
+    probes = []
+    for width in (64, 128, 256):
+        flops = shape(width, vocab, seq_len).flops_per_token(seq_len)
+        probes.append(Probe(width, flops, overhead + per_flop * flops))
+    return probes
+
+
+HARDWARE = HardwareProfile(device="cpu", device_name="test", threads=2, torch_version="x", memory_bytes=16 * GIB)
+
+
+def test_cost_model_recovers_synthetic_timings():
+    probes = synthetic_probes(3e-5, 4e-11)
+    cost = CostModel.fit(probes)
+    assert cost.overhead == pytest.approx(3e-5, rel=1e-6)
+    assert cost.seconds_per_flop == pytest.approx(4e-11, rel=1e-6)
+    for probe in probes:
+        assert cost.seconds_per_token(probe.flops_per_token) == pytest.approx(probe.seconds_per_token, rel=1e-9)
+
+
+def test_larger_budgets_never_plan_fewer_tokens_or_smaller_models():
+    tokens, params = [], []
+    for budget in (30, 60, 180, 600, 1800, 3600, 4 * 3600):
+        the_plan = plan(budget, HARDWARE, dataset_tokens=10**9, vocab_size=8192, spent_seconds=5,
+                        probes=synthetic_probes(seq_len=128))
+        tokens.append(the_plan.tokens)
+        params.append(the_plan.params)
+        assert the_plan.trainer.time_limit_s == pytest.approx(the_plan.train_seconds)
+        assert the_plan.finish_s <= budget
+    assert tokens == sorted(tokens) and params == sorted(params)
+    assert params[-1] > params[0]  # the planner does scale the model up with the budget
+
+
+def test_plans_respect_memory():
+    roomy = plan(4 * 3600, HARDWARE, 10**9, 8192, probes=synthetic_probes(per_flop=1e-13))
+    tight_hardware = dataclasses.replace(HARDWARE, memory_bytes=int(roomy.memory_bytes / 0.6) - 1)
+    tight = plan(4 * 3600, tight_hardware, 10**9, 8192, probes=synthetic_probes(per_flop=1e-13))
+    assert tight.params < roomy.params
+    assert tight.memory_bytes <= 0.6 * tight_hardware.memory_bytes
+    assert training_memory(tight.model, tight.trainer.batch_size, tight.trainer.max_seq_len) == tight.memory_bytes
+    with pytest.raises(ValueError, match="too short"):
+        plan(4 * 3600, dataclasses.replace(HARDWARE, memory_bytes=1000), 10**9, 8192, probes=synthetic_probes())
+
+
+def test_a_small_dataset_is_not_repeated_for_many_epochs():
+    big = plan(4 * 3600, HARDWARE, 10**10, 8192, probes=synthetic_probes(per_flop=1e-12))
+    small = plan(4 * 3600, HARDWARE, 200_000, 8192, probes=synthetic_probes(per_flop=1e-12))
+    assert small.params > big.params or small.params == big.params  # spend compute on size, not on repeats
+    assert small.epochs > 4  # the deadline still runs; beyond 4 epochs the plan counted nothing new
+    assert "epochs" in small.reasoning
+
+
+def test_too_short_a_budget_names_the_minimum():
+    with pytest.raises(ValueError, match=r"too short.*give at least \d+ s"):
+        plan(8, HARDWARE, 10**9, 8192, spent_seconds=6, probes=synthetic_probes())
+    with pytest.raises(ValueError, match="positive"):
+        plan(0, HARDWARE, 10**9, 8192, probes=synthetic_probes())
+
+
+@pytest.mark.slow
+def test_a_real_planned_run_finishes_inside_its_budget(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "train.py", "train", "--budget", "45s", "--out", str(tmp_path),
+                             "--cache-dir", str(tmp_path / "cache"), "data.subset_size=60"],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert "plan for 45 s" in result.stdout
+    assert wall <= 45 * 1.1

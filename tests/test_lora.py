@@ -295,3 +295,20 @@ def test_merge_and_save_folds_the_adapters(tmp_path, tiny, quantize_base):
     assert not lora_layers(merged)
     torch.testing.assert_close(merged(x)[0], expected, atol=1e-5, rtol=0)
     assert set(merged_state_dict(model)) == set(Transformer(config).state_dict())
+
+
+def test_linear4bit_backward_recomputes_the_weight():
+    """Gradients through the NF4 layer equal those through the dequantized weight, and the
+    fp32 weight is not among the tensors autograd keeps for backward."""
+    linear = torch.nn.Linear(128, 64)
+    layer = Linear4bit.from_linear(linear)
+    x = torch.randn(3, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    out.square().sum().backward()
+    reference_x = x.detach().clone().requires_grad_(True)
+    weight = layer.dequantized_weight()
+    torch.nn.functional.linear(reference_x, weight, layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad)
+    assert not any(t.shape == (64, 128) and t.dtype == torch.float32 for t in saved)
