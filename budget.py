@@ -259,18 +259,19 @@ def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_toke
 
 def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
          spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
-         probes: Optional[list[Probe]] = None) -> Plan:
+         probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None) -> Plan:
     """The configuration expected to reach the lowest loss in `budget_seconds` of wall
     time, of which `spent_seconds` (start-up, data preparation) are already gone.
-    `probes` skips measuring (tests pass synthetic ones)."""
+    `probes` skips measuring (tests pass synthetic ones); `seq_len` overrides the
+    sequence length chosen for the budget."""
     if not budget_seconds > 0:
         raise ValueError(f"budget {budget_seconds} s: must be positive")
-    seq_len = sequence_length(budget_seconds)
+    seq_len = seq_len or sequence_length(budget_seconds)
     batch_size = max(1, batch_tokens(budget_seconds) // seq_len)
     probe_started = time.perf_counter()
     cached = probes is not None
     if probes is None:
-        seconds_each = min(0.8, max(0.1, 0.005 * budget_seconds))  # ~5 s of probing at most
+        seconds_each = min(0.5, max(0.1, 0.005 * budget_seconds))  # ~5 s of probing at most
         probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir)
     probe_seconds = 0.0 if cached else time.perf_counter() - probe_started
     cost = CostModel.fit(probes)
@@ -305,7 +306,8 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     steps = max(1, int(tokens // (batch_size * seq_len)))
     params = non_embedding_params(config)
     learning_rate = 3e-3 if params < 2e6 else 2e-3 if params < 10e6 else 1e-3 if params < 50e6 else 6e-4
-    trainer = TrainerConfig(num_epochs=max(1, math.ceil(tokens / max(dataset_tokens, 1)) + 1), batch_size=batch_size,
+    # The deadline ends the run, not the epochs (the throughput may beat the prediction).
+    trainer = TrainerConfig(num_epochs=1000, batch_size=batch_size,
                             max_seq_len=seq_len, learning_rate=learning_rate, min_lr=learning_rate / 10,
                             warmup_ratio=min(0.05, 20 / steps) if steps > 20 else 0.0, lr_schedule="cosine",
                             schedule_by="time", time_limit_s=train_seconds, eval_steps=eval_batches,

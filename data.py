@@ -430,7 +430,9 @@ class PackedBlocks:
 
     @classmethod
     def from_stream(cls, stream: np.ndarray, seq_len: int) -> "PackedBlocks":
-        count = (len(stream) - 1) // seq_len
+        count = max(0, (len(stream) - 1) // seq_len)
+        if count == 0:  # shorter than one block
+            return cls(np.zeros((0, seq_len + 1), dtype=stream.dtype), seq_len)
         rows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)[::seq_len][:count]
         return cls(np.ascontiguousarray(rows), seq_len)
 
@@ -459,13 +461,15 @@ class MaskedSamples:
 
 @dataclass
 class PreparedData:
-    """Everything training needs from the data side."""
+    """Everything training needs from the data side. `config` is the one actually used
+    (the built-in corpus after a fallback)."""
 
     tokenizer: object
     train: PackedBlocks | MaskedSamples
     val: PackedBlocks | MaskedSamples
     report: QualityReport
     fingerprint: str
+    config: Optional[DataConfig] = None
 
 
 # ---- pretraining text --------------------------------------------------------------------------
@@ -560,6 +564,13 @@ def build_pretraining(documents: list[str], tokenizer, config: DataConfig, seq_l
     if sum(lengths) + len(lengths) < needed + 1:
         raise DataError(f"{config.source}: {sum(lengths):,} tokens is too small for sequences of {seq_len} tokens; "
                         f"need at least {needed + 1:,} (one training and one validation block)")
+    if len(token_lists) == 1:  # one document (e.g. a single .txt): hold out its end instead
+        ids = token_lists[0]
+        cut = len(ids) - max(seq_len + 2, round(config.val_fraction * len(ids)))
+        token_lists, lengths = [ids[:cut], ids[cut:]], [cut, len(ids) - cut]
+        report.notes.append("one document: validation is its last "
+                            f"{lengths[1]:,} tokens (a document-level split needs two or more documents; "
+                            "txt_unit=paragraph makes one per paragraph)")
     is_val = _split_documents(lengths, config, min_val_tokens=seq_len + 2)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     eot = tokenizer.eos_token_id
@@ -670,6 +681,7 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
         if (arrays / "report.json").exists():
             prepared = _load_arrays(arrays, tokenizer, fingerprint, started)
             prepared.report.notes += [fallback_note] if fallback_note else []
+            prepared.config = config
             return prepared
 
     items, report = read_source(config)
@@ -692,7 +704,7 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
     report.seconds = time.perf_counter() - started
     arrays = cache / "arrays" / f"{fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}"
     _save_arrays(arrays, train, val, report)
-    return PreparedData(tokenizer, train, val, report, fingerprint)
+    return PreparedData(tokenizer, train, val, report, fingerprint, config)
 
 
 def _save_arrays(directory: Path, train, val, report: QualityReport) -> None:

@@ -218,6 +218,10 @@ def load_adapter(model: Transformer, path: str | Path, quantize_base: bool = Fal
     config = dataclasses.replace(config, quantize_base=quantize_base)
     if not lora_layers(model):
         apply_lora(model, config)
+    for name, layer in lora_layers(model).items():
+        if abs(layer.scale - config.scale) > 1e-12 * config.scale:
+            raise ValueError(f"the adapter scales its update by {config.scale:g} (alpha {config.alpha:g}, rank "
+                             f"{config.rank}) but {name} uses {layer.scale:g}; load it onto a model without LoRA layers")
     load_adapter_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     return config
 

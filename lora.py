@@ -40,8 +40,8 @@ class LoRAConfig(ConfigIO):
                                                 "module name or its full dotted path)")
     use_rslora: bool = described(False, "rank-stabilised scaling alpha/sqrt(r) (https://arxiv.org/abs/2312.03732)")
     quantize_base: bool = described(False, "store the frozen base linears in 4-bit NF4 (QLoRA)")
-    quant_backend: str = described("native", "NF4 kernels: native (ours) or bitsandbytes",
-                                   choices=("native", "bitsandbytes"))
+    quant_backend: str = described("auto", "NF4 kernels: native (ours), bitsandbytes, or auto (bitsandbytes on CUDA "
+                                   "when installed, else native)", choices=("auto", "native", "bitsandbytes"))
     double_quant: bool = described(True, "quantize the NF4 absmax constants to 8 bits as well")
     blocksize: int = described(64, "weights per NF4 absmax block", choices=(32, 64, 128, 256, 512, 1024, 2048, 4096))
 
@@ -363,16 +363,27 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ValueError(f"LoRA target pattern(s) {', '.join(map(repr, unused))} match no linear layer; "
                          f"linear layers are named: {', '.join(leaves)}")
+    backend = resolve_backend(config.quant_backend)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = linears[name]
-        base = Linear4bit.from_linear(linear, config.blocksize, config.double_quant, config.quant_backend) \
+        base = Linear4bit.from_linear(linear, config.blocksize, config.double_quant, backend) \
             if config.quantize_base else linear
         layer = LoRALinear(base, config.rank, config.alpha, config.dropout, config.use_rslora)
         setattr(parent, child, layer.train(linear.training))  # an eval-mode model stays in eval mode
     mark_only_lora_as_trainable(model)
     return chosen
+
+
+def resolve_backend(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "bitsandbytes"
+    return "native"
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:

@@ -119,20 +119,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     configs = apply_overrides(configs, args.overrides)
     model_config, trainer_config, data_config = configs["model"], configs["trainer"], configs["data"]
     if trainer_config.use_ddp:
+        if planned:
+            raise ConfigError("--budget plans on one process; with DDP pass --preset NAME (the budget then "
+                              "sets the deadline) or a planned configuration from `plan --budget B --json`")
         start_distributed()
-    torch.manual_seed(trainer_config.seed)
     prepared, model_config = build_run(data_config, model_config, trainer_config)
+    data_config = prepared.config or data_config  # the built-in corpus after a hub fallback
     reserve = FINISH_RESERVE_S
     if planned:
         hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
         the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
-                        spent_seconds=since_launch(), cache_dir=data_config.cache_dir)
+                        spent_seconds=since_launch(), cache_dir=data_config.cache_dir,
+                        seq_len=trainer_config.max_seq_len)
         print_plan(the_plan)
         planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": data_config}
         if args.batch_size:
             planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=args.batch_size)
         configs = apply_overrides(planned_configs, args.overrides)  # what the user set explicitly wins
         model_config, trainer_config = configs["model"], configs["trainer"]
+        if model_config.context_len < trainer_config.max_seq_len:
+            model_config = dataclasses.replace(model_config, context_len=trainer_config.max_seq_len)
         reserve = budget - the_plan.train_seconds - since_launch()  # the plan's finishing costs
     elif budget is not None:  # a fixed model under the budget's deadline
         remaining = budget - since_launch() - reserve
@@ -143,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              num_epochs=max(trainer_config.num_epochs, 1000), eval_steps=4,
                                              use_epoch_checkpoints=False)
     run_dir = Path(args.out or trainer_config.path_to_checkpoints) / (args.name or time.strftime("run-%Y%m%d-%H%M%S"))
+    torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone, not on probing
     model = Transformer(model_config)
     trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, callback=print_event,
                       tokenizer=prepared.tokenizer, run_info=run_info(model_config, trainer_config, data_config))
@@ -256,8 +263,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     configs = {"model": ModelConfig.from_dict(info["model"]), "trainer": TrainerConfig.from_dict(info["trainer"]),
                "data": DataConfig.from_dict(info["data"])}
     configs = apply_overrides(configs, args.overrides)
-    if "model." in " ".join(args.overrides) and info.get("finetune"):
-        raise ConfigError("a fine-tuning run's model is its base; model.* cannot be changed on resume")
+    if any(o.strip().startswith("model.") for o in args.overrides):
+        raise ConfigError("the model of a run cannot change on resume (its checkpoints hold that shape); "
+                          "start a new run instead")
     if configs["trainer"].use_ddp:
         start_distributed()
     if args.checkpoint:
@@ -387,6 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as error:
+        print(f"error: out of memory outside the training step ({str(error).splitlines()[0]}); use a smaller "
+              f"model or batch (model.num_layers=..., trainer.batch_size=..., trainer.eval_steps=...)", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"error: {error.strerror or error} ({getattr(error, 'filename', '') or 'I/O'})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped without saving (interrupted twice, or outside training)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

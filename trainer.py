@@ -475,7 +475,9 @@ class Trainer:
         if config.use_ddp:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.step_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.step_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=model.config.use_moe)  # an expert may get no tokens on a rank
         if config.use_compile:
             self.step_model = torch.compile(self.step_model)
         self.global_step = 0
@@ -575,20 +577,40 @@ class Trainer:
             return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         return self.model.state_dict()
 
+    def _load_model_state(self, model_state: dict, state: dict, path) -> None:
+        if not state.get("adapter_only"):
+            self.model.load_state_dict(model_state)
+            return
+        result = self.model.load_state_dict(model_state, strict=False)
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if result.unexpected_keys or trainable - set(model_state):
+            raise checkpoint.CheckpointError(
+                f"{Path(path).name} holds adapter weights that do not fit this model "
+                f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(trainable - set(model_state))[:3]})")
+
+    def _set_aside_later_checkpoints(self, path: Path, step: int) -> None:
+        """Resuming from an older checkpoint abandons the later ones: hide them (renamed,
+        not deleted) so `latest` and pruning never mistake them for this run's future."""
+        if self.run_dir is None or not self.is_main:
+            return
+        for other in checkpoint.candidates(self.run_dir):
+            if other != path and checkpoint.read_state(other).get("global_step", -1) > step:
+                other.rename(other.with_name(f".abandoned-{other.name}-{int(time.time())}"))
+                self.emit("checkpoint_set_aside", name=other.name, reason=f"resumed from {path.name}")
+
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore model, optimizer, schedule position, counters, RNG and loader position."""
         model_state, optimizer_state, state = checkpoint.load(path)
-        if state.get("adapter_only"):
-            result = self.model.load_state_dict(model_state, strict=False)
-            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-            if result.unexpected_keys or trainable - set(model_state):
-                raise checkpoint.CheckpointError(
-                    f"{Path(path).name} holds adapter weights that do not fit this model "
-                    f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(trainable - set(model_state))[:3]})")
-        else:
-            self.model.load_state_dict(model_state)
+        try:
+            self._load_model_state(model_state, state, path)
+        except checkpoint.CheckpointError:
+            raise
+        except RuntimeError as error:  # shapes that do not match the model
+            raise checkpoint.CheckpointError(f"{Path(path).name} does not fit this model: {str(error)[:300]}") from None
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
+        self.last_checkpoint = Path(path).name
+        self._set_aside_later_checkpoints(Path(path), state["global_step"])
         self.global_step = state["global_step"]
         self.tokens_seen = state.get("tokens_seen", 0)
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -619,17 +641,21 @@ class Trainer:
         """Forward and backward over one optimizer step's batches, each cut into
         `micro_splits` micro-batches, the loss weighted so the update equals one over
         the whole group. Returns the group's mean loss (a tensor, no sync)."""
-        rows = sum(x.size(0) for x, _ in group)
         micro_batches = [(xs, ys) for x, y in group
                          for xs, ys in zip(x.tensor_split(self.micro_splits), y.tensor_split(self.micro_splits))
                          if xs.size(0)]
+        # Each micro-batch's loss is a mean over its target tokens; weighting by its share
+        # of the group's target tokens makes the sum the mean over the whole group, however
+        # the group is cut (prompt-masked data has unequal counts). Counted on the CPU.
+        counts = [int((ys != -100).sum()) for _, ys in micro_batches]
+        total_targets = max(1, sum(counts))
         total = None
         for index, (xs, ys) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # With DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
             sync = contextlib.nullcontext() if last or not self.config.use_ddp else self._ddp_module().no_sync()
             with sync:
-                loss = self._forward_backward(xs, ys, xs.size(0) / rows)
+                loss = self._forward_backward(xs, ys, counts[index] / total_targets)
             total = loss if total is None else total + loss
         return total
 
@@ -752,7 +778,8 @@ class Trainer:
             self.loader.close()
             self._restore_signal_handlers(previous_handlers)
             if self._metrics is not None:
-                self._metrics.flush()
+                self._metrics.close()
+                self._metrics = None
 
     def _train_step(self, epoch: int, group: list, started: float, deadline: Optional[float]) -> None:
         config = self.config
@@ -772,6 +799,7 @@ class Trainer:
         # With fp16 the GradScaler expects (and skips) steps with inf gradients; otherwise they are failures.
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale)
             self.nonfinite_steps += 1
             self.nonfinite_in_a_row += 1
             self.emit("nonfinite", step=self.global_step, loss=loss_value, grad_norm=norm_value,

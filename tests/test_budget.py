@@ -95,3 +95,8 @@ def test_a_real_planned_run_finishes_inside_its_budget(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "plan for 45 s" in result.stdout
     assert wall <= 45 * 1.1
+
+
+def test_an_explicit_sequence_length_is_planned_for():
+    the_plan = plan(600, HARDWARE, 10**9, 8192, probes=synthetic_probes(seq_len=64), seq_len=64)
+    assert the_plan.trainer.max_seq_len == 64 and the_plan.model.context_len == 64

@@ -240,3 +240,15 @@ def test_instruction_pipeline_masks_pads_and_counts(tmp_path, tokenizer):
     dropped = prepare(config(tmp_path, source=str(path), val_fraction=0.2, overlong="drop"), seq_len=24,
                       tokenizer=tokenizer)
     assert dropped.report.dropped_samples == 1 and dropped.report.truncated_samples == 0
+
+
+def test_a_single_document_is_split_by_position(tmp_path, tokenizer):
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(TEXTS) * 3)
+    prepared = prepare(config(tmp_path, source=str(book)), seq_len=16, tokenizer=tokenizer)
+    assert len(prepared.train) > 0 and len(prepared.val) > 0
+    assert any("one document" in note for note in prepared.report.notes)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(DataError, match="too small"):
+        prepare(config(tmp_path, source=str(short)), seq_len=16, tokenizer=tokenizer)

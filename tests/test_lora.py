@@ -1,5 +1,4 @@
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -27,6 +26,13 @@ def randomize_b(model: torch.nn.Module) -> None:
 def test_config_validation(overrides, field):
     with pytest.raises(ValueError, match=field):
         LoRAConfig(**overrides)
+
+
+def test_backend_auto_is_native_without_cuda():
+    from lora import resolve_backend
+
+    assert resolve_backend("bitsandbytes") == "bitsandbytes"
+    assert resolve_backend("auto") == ("bitsandbytes" if torch.cuda.is_available() else "native")
 
 
 def test_config_json_round_trip(tmp_path):
@@ -312,3 +318,13 @@ def test_linear4bit_backward_recomputes_the_weight():
     torch.nn.functional.linear(reference_x, weight, layer.bias).square().sum().backward()
     torch.testing.assert_close(x.grad, reference_x.grad)
     assert not any(t.shape == (64, 128) and t.dtype == torch.float32 for t in saved)
+
+
+def test_adapter_with_another_scale_is_an_error(tmp_path, tiny):
+    model = Transformer(tiny)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4, alpha=8))
+    other = Transformer(tiny)
+    apply_lora(other, LoRAConfig(rank=4, alpha=16))
+    with pytest.raises(ValueError, match="scales its update by 2"):
+        load_adapter(other, tmp_path / "adapter")

@@ -57,6 +57,7 @@ def test_main_job_trains_saves_samples_and_resumes(tmp_path):
     assert model.config.vocab_size == len(load_tokenizer_dir(run))
     assert info["data"]["subset_size"] == 30
 
+    assert train.main(["resume", str(run), "model.num_layers=6"]) == 2  # a run's shape is fixed
     resumed = run_train("resume", str(run), "trainer.time_limit_s=2", *[])
     assert resumed.returncode == 0, resumed.stderr
     assert f"from {latest.name} (step {state['global_step']})" in resumed.stdout

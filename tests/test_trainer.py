@@ -413,3 +413,50 @@ def test_moe_lossfree_bias_is_updated_and_load_reported():
 def test_moe_flag_without_moe_model_is_an_error(tiny):
     with pytest.raises(ValueError, match="use_moe"):
         Trainer(Transformer(tiny), TrainerConfig(use_moe=True), blocks(8))
+
+
+def test_accumulation_weights_micro_batches_by_target_tokens():
+    """With prompt-masked data, micro-batches hold unequal numbers of targets; the loss of
+    a split batch must still be the mean over all of its targets."""
+    from data import MaskedSamples
+
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, 64, (8, 16)).astype(np.int32)
+    targets = rng.integers(0, 64, (8, 16)).astype(np.int32)
+    for row, kept in enumerate([16, 1, 3, 16, 2, 9, 16, 5]):  # very different target counts
+        targets[row, :16 - kept] = -100
+    data = MaskedSamples(inputs, targets)
+    gradients = []
+    for batch_size, accumulation in ((8, 1), (2, 4)):
+        trainer = make(data=data, batch_size=batch_size, accumulation_steps=accumulation, max_steps=1,
+                       warmup_ratio=0.0)
+        step = trainer.optimizer.step
+
+        def capture(*args, trainer=trainer, step=step, **kwargs):
+            gradients.append([p.grad.clone() for p in trainer.model.parameters()])
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = capture
+        trainer.fit()
+    for a, b in zip(*gradients):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    make(tmp_path, max_steps=4, save_every_n_steps=1, keep_last_n=0).fit()
+    assert checkpoint.latest(tmp_path).name == "step_4"
+    events = []
+    trainer = make(tmp_path, callback=events.append, max_steps=4, save_every_n_steps=1, keep_last_n=0)
+    trainer.load_checkpoint(tmp_path / "step_2")
+    assert checkpoint.latest(tmp_path).name == "step_2"
+    assert sorted(e["name"] for e in events if e["type"] == "checkpoint_set_aside") == ["step_3", "step_4"]
+    assert any(p.name.startswith(".abandoned-step_4") for p in tmp_path.iterdir())
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    make(tmp_path, max_steps=1).fit()
+    torch.manual_seed(0)
+    other = Trainer(Transformer(ModelConfig.from_name("tiny", num_layers=3)), TrainerConfig(batch_size=4, max_seq_len=16),
+                    blocks(8))
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+        other.load_checkpoint(checkpoint.latest(tmp_path))
