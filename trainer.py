@@ -833,7 +833,12 @@ class Trainer:
         eta = done / steps_this_run * max(0, self.total_steps - self.global_step)
         if self.config.time_limit_s:
             eta = min(eta, max(0.0, self.config.time_limit_s - done))
-        values = dict(epoch=epoch, step=self.global_step, total_steps=self.total_steps, loss=loss, lr=lr,
+        total_steps = self.total_steps
+        if self.config.schedule_by == "time" and done > 0:  # the deadline ends the run: estimate its steps
+            rate = steps_this_run / done
+            total_steps = min(total_steps, self.global_step + round(rate * max(0.0, self.config.time_limit_s
+                                                                                  - self.elapsed_before - done)))
+        values = dict(epoch=epoch, step=self.global_step, total_steps=total_steps, loss=loss, lr=lr,
                       grad_norm=grad_norm, tokens_per_s=tokens_per_s, tokens_seen=self.tokens_seen, eta_s=eta)
         if self.global_step % self.config.log_interval == 0:
             values["memory"] = memory_stats(self.device)
