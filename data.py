@@ -76,9 +76,8 @@ class DataConfig(ConfigIO):
     hub_timeout_s: float = described(3.0, "seconds to wait for the hub before calling it unreachable")
 
     def __post_init__(self) -> None:
-        fields = {f.name: f for f in dataclasses.fields(self)}
         for name in ("format", "txt_unit", "overlong"):
-            choices = fields[name].metadata["choices"]
+            choices = self.choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
         for name in ("subset_size", "token_budget"):

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -76,7 +77,9 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 
+@functools.cache
 def nf4_levels() -> torch.Tensor:
+    """The NF4 levels as a CPU tensor, built once (callers move it, never modify it)."""
     return torch.tensor(NF4_LEVELS, dtype=torch.float32)
 
 
@@ -92,11 +95,12 @@ def derive_nf4_levels() -> torch.Tensor:
     return (levels / levels.abs().max()).float()
 
 
+@functools.cache
 def dynamic_map() -> torch.Tensor:
     """The 256 signed values of 8-bit dynamic-exponent quantization
     (https://arxiv.org/abs/1511.04561), used for the double-quantized absmax constants:
     for each decade 10^-6 … 10^0, 2^k evenly spaced fractions (k = 0 … 6), both signs,
-    plus 0 and 1."""
+    plus 0 and 1. Built once: every NF4 forward and backward reads it."""
     values = [0.0, 1.0]
     for k in range(7):
         edges = torch.linspace(0.1, 1, 2**k + 1, dtype=torch.float32)

@@ -71,9 +71,9 @@ def build_run(data_config: DataConfig, model_config: ModelConfig, trainer_config
           f"{report.val_tokens:,} validation tokens ({'from cache' if report.cached else f'{report.seconds:.1f} s'})",
           flush=True)
     if model_config.vocab_size != len(prepared.tokenizer):
-        model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": len(prepared.tokenizer)})
+        model_config = dataclasses.replace(model_config, vocab_size=len(prepared.tokenizer))
     if model_config.context_len < trainer_config.max_seq_len:
-        model_config = ModelConfig.from_dict({**model_config.to_dict(), "context_len": trainer_config.max_seq_len})
+        model_config = dataclasses.replace(model_config, context_len=trainer_config.max_seq_len)
     return prepared, model_config
 
 

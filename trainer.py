@@ -76,7 +76,6 @@ class TrainerConfig(ConfigIO):
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        fields = {f.name: f for f in dataclasses.fields(self)}
         positive = ("num_epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "eval_steps",
                     "max_nonfinite_steps")
         for name in positive:
@@ -104,7 +103,7 @@ class TrainerConfig(ConfigIO):
         if self.schedule_by == "time" and not self.time_limit_s:
             raise ValueError("TrainerConfig.schedule_by='time' needs time_limit_s > 0")
         for name in ("lr_schedule", "schedule_by", "optimizer", "device", "use_dtype"):
-            choices = fields[name].metadata["choices"]
+            choices = self.choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
 
@@ -842,7 +841,7 @@ class Trainer:
                       grad_norm=grad_norm, tokens_per_s=tokens_per_s, tokens_seen=self.tokens_seen, eta_s=eta)
         if self.global_step % self.config.log_interval == 0:
             values["memory"] = memory_stats(self.device)
-        load = self.model.expert_load()
+        load = self.model.expert_load() if self.model.config.use_moe else None
         if load is not None:
             values["expert_load"] = load.tolist()
         self.emit("step", **values)
