@@ -247,23 +247,28 @@ def training_memory(config: ModelConfig, batch_size: int, seq_len: int) -> int:
     return 16 * params + activations + logits
 
 
-def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_tokens: int) -> float:
-    """The final evaluation (forward only, ~1/3 of a training step per token), the
-    checkpoint (weights and AdamW state at ~200 MB/s with checksums), a 60-token sample,
-    and interpreter exit."""
+def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_tokens: int,
+                   whole_run: bool = True) -> float:
+    """The final evaluation (forward only, ~1/3 of a training step per token) and the
+    checkpoint (weights and AdamW state at ~200 MB/s with checksums); for a whole run
+    also a 60-token sample, building the model and loader (1 s) and interpreter exit (1 s)."""
     evaluation = eval_tokens * cost.seconds_per_token(config.flops_per_token(seq_len)) / 3
     save = 12 * config.num_params() / 200e6
+    if not whole_run:
+        return evaluation + save
     sample = 60 * (0.005 + 2 * config.num_params() / 3e9)
-    return evaluation + save + sample + 1.0
+    return evaluation + save + sample + 2.0
 
 
 def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
          spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
-         probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None) -> Plan:
+         probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None, whole_run: bool = True) -> Plan:
     """The configuration expected to reach the lowest loss in `budget_seconds` of wall
     time, of which `spent_seconds` (start-up, data preparation) are already gone.
     `probes` skips measuring (tests pass synthetic ones); `seq_len` overrides the
-    sequence length chosen for the budget."""
+    sequence length chosen for the budget. `whole_run=False` plans `budget_seconds` of
+    training alone, from the start of training to the saved checkpoint (the wizard: probing,
+    set-up and the sample come before and after the clock)."""
     if not budget_seconds > 0:
         raise ValueError(f"budget {budget_seconds} s: must be positive")
     seq_len = seq_len or sequence_length(budget_seconds)
@@ -277,7 +282,7 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     cost = CostModel.fit(probes)
     eval_batches = 4
     eval_tokens = eval_batches * batch_size * seq_len
-    left = budget_seconds - spent_seconds - probe_seconds
+    left = budget_seconds - spent_seconds - (probe_seconds if whole_run else 0.0)
     memory_limit = 0.6 * hardware.memory_bytes
     best = None
     for width in LADDER:
@@ -285,7 +290,7 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
         memory = training_memory(config, batch_size, seq_len)
         if memory > memory_limit:
             continue
-        train_seconds = left - finish_seconds(config, cost, seq_len, eval_tokens) - 1.0  # 1 s: model and loader set-up
+        train_seconds = left - finish_seconds(config, cost, seq_len, eval_tokens, whole_run)
         seconds_per_token = cost.seconds_per_token(config.flops_per_token(seq_len))
         step_seconds = seconds_per_token * batch_size * seq_len
         if train_seconds < 3 * step_seconds:
@@ -297,7 +302,8 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
             best = (loss, config, train_seconds, tokens, memory, step_seconds)
     if best is None:
         smallest = shape(LADDER[0], vocab_size, seq_len)
-        need = spent_seconds + probe_seconds + finish_seconds(smallest, cost, seq_len, eval_tokens) + 1.0 + \
+        need = spent_seconds + (probe_seconds if whole_run else 0.0) + \
+            finish_seconds(smallest, cost, seq_len, eval_tokens, whole_run) + \
             3 * cost.seconds_per_token(smallest.flops_per_token(seq_len)) * batch_size * seq_len
         raise ValueError(f"a budget of {budget_seconds:.0f} s is too short: start-up and data preparation took "
                          f"{spent_seconds:.0f} s and the smallest model needs about {need - spent_seconds:.0f} s more; "
@@ -317,6 +323,6 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
                  f"shape; {train_seconds:.0f} s of training → {tokens / 1e6:.2f}M tokens = "
                  f"{tokens / max(params, 1):.1f} tokens per non-embedding parameter ({epochs:.1f} epochs), the lowest "
                  f"predicted loss among {len(LADDER)} shapes that fit in memory")
-    finish = budget_seconds - (left - train_seconds - finish_seconds(config, cost, seq_len, eval_tokens) - 1.0)
+    finish = budget_seconds - (left - train_seconds - finish_seconds(config, cost, seq_len, eval_tokens, whole_run))
     return Plan(config, trainer, budget_seconds, train_seconds, tokens / train_seconds, int(tokens), steps, epochs,
                 config.num_params(), memory, finish, probe_seconds, cached, reasoning)

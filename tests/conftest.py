@@ -28,3 +28,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+WORDS = "the model reads tokens and learns to predict the next one from the ones before it".split()
+
+
+def write_corpus(path, documents: int = 60, seed: int = 0):
+    """A small JSON-lines corpus of random sentences over a 16-word vocabulary."""
+    import json
+
+    rng = random.Random(seed)
+    with open(path, "w") as file:
+        for _ in range(documents):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+            file.write(json.dumps({"text": text}) + "\n")
+    return path

@@ -1,0 +1,245 @@
+"""Drawing a training run on the terminal: the live progress display, the end-of-run
+summary, the loss curve in text, and a PNG of the curves (when matplotlib is installed).
+
+The trainer only emits events (dicts); `LiveDisplay` is a callback that renders them with
+rich. `train.py` and `wizard.py` choose it when stdout is a terminal and fall back to
+plain lines otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+
+@dataclass
+class History:
+    """The curves of one run, as the events reported them."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+
+    def record(self, event: dict) -> None:
+        if event["type"] == "step":
+            self.steps.append(event["step"])
+            self.losses.append(event["loss"])
+            self.learning_rates.append(event["lr"])
+        elif event["type"] == "eval":
+            self.val_steps.append(event["step"])
+            self.val_losses.append(event["val_loss"])
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit in ("B", "KB") else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+def _memory_text(memory: Optional[dict]) -> str:
+    if not memory:
+        return "-"
+    if "cuda_allocated_mb" in memory:
+        return f"GPU {memory['cuda_allocated_mb']:.0f} MB (peak {memory['cuda_peak_mb']:.0f} MB)"
+    return f"{memory.get('rss_mb', 0):.0f} MB RSS"
+
+
+class LiveDisplay:
+    """A trainer callback drawing a progress bar with ETA, loss, learning rate, tokens/s,
+    memory, the last validation loss / perplexity and (with MoE) the expert load.
+    Use as a context manager around `Trainer.fit()`."""
+
+    def __init__(self, console: Console, title: str = "training"):
+        self.console = console
+        self.history = History()
+        self.metrics: dict = {}
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                                 TextColumn("eta {task.fields[eta]}"), console=console)
+        self.task = self.progress.add_task(title, total=1, eta="-")
+        self.live = Live(Group(self.progress, self._metrics_table()), console=console, refresh_per_second=4,
+                         transient=False)
+
+    def __enter__(self) -> "LiveDisplay":
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._refresh()
+        self.live.stop()
+
+    def _metrics_table(self) -> Table:
+        grid = Table.grid(padding=(0, 3))
+        m = self.metrics
+        cells = [f"loss [bold]{m['loss']:.3f}[/bold]" if "loss" in m else "loss -",
+                 f"lr {m['lr']:.2e}" if "lr" in m else "lr -",
+                 f"{m['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in m else "- tok/s",
+                 f"memory {_memory_text(m.get('memory'))}"]
+        if "val_loss" in m:
+            cells.append(f"val loss [bold]{m['val_loss']:.3f}[/bold] (ppl {m['perplexity']:.1f})")
+        grid.add_row(*cells)
+        if m.get("expert_load"):
+            load = " ".join(f"{share:.0%}" for share in m["expert_load"])
+            grid.add_row(f"expert load {load}")
+        return grid
+
+    def _refresh(self) -> None:
+        self.live.update(Group(self.progress, self._metrics_table()))
+
+    def __call__(self, event: dict) -> None:
+        self.history.record(event)
+        kind = event["type"]
+        if kind == "start":
+            self.progress.update(self.task, total=max(1, event["total_steps"]), completed=event["step"])
+            self.console.print(f"{event['params'] / 1e6:.2f}M parameters ({event['trainable'] / 1e6:.2f}M trainable) "
+                               f"on {event['device']} ({event['dtype']}), effective batch {event['effective_batch']}")
+        elif kind == "step":
+            self.metrics.update({k: event[k] for k in ("loss", "lr", "tokens_per_s") if k in event})
+            if "memory" in event:
+                self.metrics["memory"] = event["memory"]
+            if "expert_load" in event:
+                self.metrics["expert_load"] = event["expert_load"]
+            self.progress.update(self.task, total=max(event["total_steps"], event["step"]), completed=event["step"],
+                                 eta=format_seconds(event["eta_s"]))
+        elif kind == "eval":
+            self.metrics.update(val_loss=event["val_loss"], perplexity=event["perplexity"])
+            self.console.print(f"eval at step {event['step']}: validation loss {event['val_loss']:.3f}, perplexity "
+                               f"{event['perplexity']:.1f}{'  [green](best)[/green]' if event['improved'] else ''}")
+        elif kind == "checkpoint":
+            self.console.print(f"[green]saved checkpoint {event['name']}[/green] ({event['seconds']:.1f} s)")
+        elif kind == "interrupt":
+            self.console.print(f"[yellow]{event['signal']}: finishing this step and saving "
+                               f"(press again to quit without saving)[/yellow]")
+        elif kind == "fallback":
+            self.console.print(f"[yellow]out of memory: {event['action'].replace('_', ' ')} "
+                               f"at step {event['step']}[/yellow]")
+        elif kind in ("stopped", "early_stop", "nonfinite", "resumed", "checkpoint_set_aside"):
+            details = ", ".join(f"{k} {v}" for k, v in event.items() if k not in ("type", "time"))
+            self.console.print(f"[yellow]{kind.replace('_', ' ')}: {details}[/yellow]")
+        elif kind == "finished":
+            self.progress.update(self.task, total=max(1, event["global_step"]), completed=event["global_step"],
+                                 eta="0s")
+        self._refresh()
+
+
+class PlainDisplay:
+    """The same events as plain lines, for logs and pipes."""
+
+    def __init__(self, every: int = 10, write: Optional[Callable[[str], None]] = None):
+        self.history = History()
+        self.every = every
+        self.write = write or (lambda text: print(text, flush=True))
+
+    def __enter__(self) -> "PlainDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __call__(self, event: dict) -> None:
+        self.history.record(event)
+        kind = event["type"]
+        if kind == "start":
+            self.write(f"training: {event['params'] / 1e6:.2f}M parameters on {event['device']} ({event['dtype']}), "
+                       f"{event['total_steps']} optimizer steps, effective batch {event['effective_batch']}")
+        elif kind == "step" and (event["step"] % self.every == 0 or event["step"] == event["total_steps"]):
+            self.write(f"step {event['step']:5d}/{event['total_steps']}  loss {event['loss']:.3f}  lr {event['lr']:.2e}  "
+                       f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s']:.0f}s")
+        elif kind == "eval":
+            self.write(f"eval  step {event['step']:5d}  val loss {event['val_loss']:.3f}  "
+                       f"perplexity {event['perplexity']:.1f}{'  (best)' if event['improved'] else ''}")
+        elif kind == "checkpoint":
+            self.write(f"saved checkpoint {event['name']} ({event['seconds']:.1f} s)")
+        elif kind in ("fallback", "stopped", "early_stop", "resumed", "nonfinite"):
+            details = {k: v for k, v in event.items() if k not in ("type", "time")}
+            self.write(f"{kind}: {details}")
+        elif kind == "interrupt":
+            self.write(f"\n{event['signal']} received: finishing the current step and saving (press again to quit now)")
+
+
+def text_curve(values: list[float], width: int = 60, height: int = 10) -> str:
+    """`values` drawn as a text plot `height` rows high: each of up to `width` columns is
+    the mean of its share of the values; the y axis is labelled with the range."""
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return ""
+    columns = min(width, len(finite))
+    means = []
+    for c in range(columns):
+        bucket = finite[c * len(finite) // columns:(c + 1) * len(finite) // columns] or [finite[-1]]
+        means.append(sum(bucket) / len(bucket))
+    low, high = min(means), max(means)
+    span = (high - low) or 1.0
+    rows = [[" "] * columns for _ in range(height)]
+    for c, value in enumerate(means):
+        row = round((high - value) / span * (height - 1))
+        rows[row][c] = "•"
+    label_width = max(len(f"{high:.2f}"), len(f"{low:.2f}"))
+    lines = []
+    for r, row in enumerate(rows):
+        label = f"{high:.2f}" if r == 0 else f"{low:.2f}" if r == height - 1 else ""
+        lines.append(f"{label:>{label_width}} │{''.join(row)}")
+    lines.append(" " * label_width + " └" + "─" * columns)
+    return "\n".join(lines)
+
+
+def save_plot(history: History, path: Path) -> Optional[Path]:
+    """The training (and validation) loss and the learning rate as a PNG; None when
+    matplotlib is not installed or there is nothing to draw."""
+    if len(history.steps) < 2:
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    figure = Figure(figsize=(9, 4), dpi=100)
+    loss_axes, lr_axes = figure.subplots(1, 2)
+    loss_axes.plot(history.steps, history.losses, label="training", linewidth=1)
+    if history.val_steps:
+        loss_axes.plot(history.val_steps, history.val_losses, "o-", label="validation")
+    loss_axes.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    loss_axes.legend()
+    lr_axes.plot(history.steps, history.learning_rates, linewidth=1)
+    lr_axes.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def result_table(result, run_dir: Path) -> Table:
+    table = Table(title="run summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", result.status)
+    table.add_row("optimizer steps", f"{result.global_step:,}")
+    table.add_row("tokens seen", f"{result.tokens_seen:,}")
+    table.add_row("training time", format_seconds(result.elapsed_s))
+    table.add_row("last training loss", f"{result.last_loss:.3f}" if result.last_loss is not None else "-")
+    if result.best_val_loss is not None:
+        table.add_row("best validation loss", f"{result.best_val_loss:.3f} (perplexity "
+                                               f"{math.exp(min(result.best_val_loss, 50)):.1f})")
+    table.add_row("checkpoint", str(run_dir / result.last_checkpoint) if result.last_checkpoint else "-")
+    return table

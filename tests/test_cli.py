@@ -1,0 +1,194 @@
+"""Every subcommand: good arguments do their job, bad ones exit 2 with a message that
+says what to fix. One tiny run (trained once per module) serves generate, eval and export."""
+
+import json
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import write_corpus
+from model import ModelConfig, Transformer
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny model trained for 6 steps: (run directory, cache directory)."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root / "corpus.jsonl")
+    code = train.main(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(root / "runs"), "--name", "r",
+                       "--cache-dir", str(root / "cache"), "--seq-len", "16", "--batch-size", "4",
+                       "data.vocab_size=300", "trainer.max_steps=6", "trainer.eval_steps=2"])
+    assert code == 0
+    return root / "runs" / "r", root / "cache"
+
+
+def test_no_command_without_a_terminal_prints_help_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert train.main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: train.py" in err and "no terminal" in err
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "resume", "generate", "eval", "export", "plan", "check",
+                                     "config"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: train.py {command}" in capsys.readouterr().out
+
+
+def test_generate_streams_a_repeatable_continuation(run, capsys):
+    run_dir, _ = run
+    args = ["generate", str(run_dir), "--prompt", "the model", "--max-new-tokens", "12", "--temperature", "0"]
+    assert train.main(args) == 0
+    first = capsys.readouterr().out
+    assert train.main(args) == 0
+    assert capsys.readouterr().out == first
+    assert first.startswith("the model") and len(first) > len("the model\n")
+
+
+def test_generate_matches_the_model_loaded_by_hand(run, capsys):
+    """Greedy text from the CLI equals greedy decoding of the checkpoint's weights."""
+    run_dir, _ = run
+    loaded = train.load_trained(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    model = Transformer(ModelConfig.from_dict(info["model"]))
+    model.load_state_dict(checkpoint.load(checkpoint.latest(run_dir))[0])
+    ids = loaded.tokenizer("the model", add_special_tokens=False)["input_ids"]
+    out = model.generate(torch.tensor([ids]), 8, temperature=0, eos_token_id=loaded.tokenizer.eos_token_id)
+    expected = loaded.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+    assert train.main(["generate", str(run_dir), "--prompt", "the model", "--max-new-tokens", "8",
+                       "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-p", "1.5"], "top_p=1.5"),
+    (["--temperature", "-1"], "temperature=-1"),
+    (["--checkpoint", "step_999"], "no such checkpoint"),
+])
+def test_generate_bad_arguments(run, capsys, extra, message):
+    run_dir, _ = run
+    assert train.main(["generate", str(run_dir), "--prompt", "x", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_model_commands_on_a_missing_or_wrong_directory(tmp_path, capsys):
+    assert train.main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "no such run or model directory" in capsys.readouterr().err
+    assert train.main(["eval", str(tmp_path)]) == 2
+    assert "not a Sprat run directory" in capsys.readouterr().err
+
+
+def test_eval_reproduces_the_runs_last_validation_loss(run, capsys):
+    """eval over the same batches as the trainer's final evaluation gives the same loss."""
+    run_dir, cache = run
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [e for e in events if e["type"] == "eval"][-1]
+    assert train.main(["eval", str(run_dir), "--json", "--max-batches", "2", "--batch-size", "4",
+                       "--cache-dir", str(cache)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and result["seq_len"] == 16
+    assert result["loss"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
+    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+
+
+def test_eval_plain_text_and_bad_seq_len(run, capsys):
+    run_dir, cache = run
+    assert train.main(["eval", str(run_dir), "--max-batches", "1", "--cache-dir", str(cache)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert train.main(["eval", str(run_dir), "--seq-len", "64", "--cache-dir", str(cache)]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_export_loads_in_transformers_with_the_same_logits(run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = run
+    out = tmp_path / "hf"
+    assert train.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "AutoModelForCausalLM" in capsys.readouterr().out
+    ours = train.load_trained(run_dir).model.eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+    assert train.main(["export", str(run_dir), "--out", str(out)]) == 2  # never overwrites
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_export_from_a_checkpoint_directory_and_unknown_format(run, tmp_path, capsys):
+    run_dir, _ = run
+    latest = checkpoint.latest(run_dir)
+    assert train.main(["export", str(latest), "--out", str(tmp_path / "x")]) == 0
+    assert latest.name in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["export", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "y")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'gguf'" in capsys.readouterr().err
+
+
+def test_check_json_reports_every_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = train.main(["check", "--json", "--out", str(tmp_path)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if report["ok"] else 1)
+    assert {c["name"] for c in report["checks"]} >= {"Python", "GPU", "CPU", "RAM", "Disk", "Packages", "Hub"}
+    assert report["hardware"]["device"] in ("cpu", "cuda")
+    hub = next(c for c in report["checks"] if c["name"] == "Hub")
+    assert hub["status"] == "warn"
+
+
+def test_check_plain_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train.main(["check", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Python" in out and "Disk" in out and "device" in out
+
+
+def test_config_show_lists_every_field(capsys):
+    assert train.main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    for name in ("num_kv_heads", "learning_rate", "subset_size", "use_rslora"):
+        assert name in out
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_set_then_validate_then_train_reads_it(tmp_path, capsys, suffix):
+    path = str(tmp_path / f"my{suffix}")
+    assert train.main(["config", "set", path, "model.num_layers=3", "trainer.learning_rate=3e-4"]) == 0
+    assert train.main(["config", "set", path, "data.subset_size=7"]) == 0  # updates, keeps the earlier values
+    assert train.main(["config", "validate", path]) == 0
+    assert "valid" in capsys.readouterr().out
+    configs = train.load_config_file(path, train.default_configs())
+    assert configs["model"].num_layers == 3
+    assert configs["trainer"].learning_rate == 3e-4
+    assert configs["data"].subset_size == 7
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"model": {"num_heads": 4, "num_kv_heads": 3}}', "num_kv_heads"),
+    ('{"model": {"num_layerz": 4}}', "model.num_layerz"),
+    ('{"optimiser": {}}', "optimiser"),
+    ('{"model": ', "not valid JSON"),
+])
+def test_config_validate_rejects_bad_files(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert train.main(["config", "validate", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "set", "{file}"], "needs SECTION.FIELD=VALUE"),
+    (["config", "set", "{file}", "model.num_layers=two"], "expected an integer"),
+    (["config", "validate"], "needs a FILE"),
+    (["config", "validate", "{file}"], "does not exist"),
+])
+def test_config_bad_arguments(tmp_path, capsys, args, message):
+    args = [a.format(file=tmp_path / "c.json") for a in args]
+    assert train.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()

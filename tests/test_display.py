@@ -1,0 +1,72 @@
+"""Rendering trainer events: the curves, the PNG, the plain and live displays."""
+
+import io
+
+import pytest
+from rich.console import Console
+
+from display import History, LiveDisplay, PlainDisplay, format_seconds, save_plot, text_curve
+
+EVENTS = [
+    {"type": "start", "total_steps": 4, "step": 0, "params": 2_000_000, "trainable": 2_000_000, "device": "cpu",
+     "dtype": "float32", "effective_batch": 8, "steps_per_epoch": 4, "epoch": 0},
+    *[{"type": "step", "step": s, "total_steps": 4, "loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0,
+       "eta_s": 4 - s, "epoch": 0, "grad_norm": 1.0, "tokens_seen": 64 * s,
+       **({"memory": {"rss_mb": 300.0}, "expert_load": [0.5, 0.5]} if s == 2 else {})} for s in range(1, 5)],
+    {"type": "eval", "step": 4, "val_loss": 1.5, "perplexity": 4.48, "improved": True},
+    {"type": "checkpoint", "name": "step_4", "step": 4, "seconds": 0.1},
+    {"type": "finished", "status": "finished", "global_step": 4},
+]
+
+
+def test_text_curve_puts_high_values_on_top_and_labels_the_range():
+    lines = text_curve([5.0, 4.0, 3.0, 2.0], width=10, height=4).splitlines()
+    assert len(lines) == 5  # 4 rows and the axis
+    assert lines[0].startswith("5.00") and lines[3].startswith("2.00")
+    assert lines[0].index("•") < lines[3].index("•")  # the first point is top left, the last bottom right
+    assert text_curve([1.0]) == ""  # nothing to draw from one point
+
+
+def test_text_curve_averages_into_at_most_width_columns():
+    curve = text_curve([float(i % 7) for i in range(1000)], width=40, height=5)
+    assert max(len(line) for line in curve.splitlines()) <= len("6.00 │") + 40
+    assert curve.count("•") == 40
+
+
+def test_save_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = History()
+    for event in EVENTS:
+        history.record(event)
+    path = save_plot(history, tmp_path / "run" / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_plot(History(), tmp_path / "empty.png") is None
+
+
+def test_plain_display_writes_the_important_events():
+    lines = []
+    display = PlainDisplay(every=2, write=lines.append)
+    for event in EVENTS:
+        display(event)
+    text = "\n".join(lines)
+    assert "2.00M parameters" in text and "step     2/4" in text and "step     4/4" in text
+    assert "step     1/4" not in text and "val loss 1.500" in text and "saved checkpoint step_4" in text
+    assert display.history.losses == [4.0, 3.0, 2.0, 1.0] and display.history.val_losses == [1.5]
+
+
+def test_live_display_shows_loss_memory_validation_and_expert_load():
+    output = io.StringIO()
+    console = Console(file=output, width=120, color_system=None, force_terminal=True)
+    with LiveDisplay(console) as display:
+        for event in EVENTS:
+            display(event)
+    text = output.getvalue()
+    for expected in ("loss 1.000", "1,000 tok/s", "300 MB RSS", "val loss 1.500", "expert load 50% 50%",
+                     "saved checkpoint step_4", "step 4/4"):
+        assert expected in text
+    assert display.history.steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seconds, text", [(3.4, "3s"), (75, "1m15s"), (7300, "2h01m"), (-1, "0s")])
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text

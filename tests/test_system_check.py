@@ -1,0 +1,167 @@
+import json
+import shutil
+import time
+from collections import namedtuple
+from dataclasses import replace
+from importlib import metadata
+
+import pytest
+import torch
+
+import data
+import system_check
+from model import Transformer
+from system_check import HardwareManager, SystemCheck
+
+NAMES = ["Python", "GPU", "CPU", "RAM", "Disk", "Packages", "Hub"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test opens a socket: the hub check answers "unreachable" at once unless a test
+    replaces data.hub_reachable."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def by_name(report) -> dict:
+    return {check.name: check for check in report.checks}
+
+
+def test_run_all_reports_every_check_as_json(tmp_path):
+    report = SystemCheck(tmp_path).run_all()
+    assert [check.name for check in report.checks] == NAMES
+    assert all(check.status in ("ok", "warn", "fail") and check.message for check in report.checks)
+    assert report.ok == all(check.status != "fail" for check in report.checks)
+    assert report.warnings == [check for check in report.checks if check.status == "warn"]
+    encoded = json.loads(json.dumps(report.to_dict()))
+    assert [check["name"] for check in encoded["checks"]] == NAMES and encoded["seconds"] >= 0
+    assert by_name(report)["CPU"].facts["torch_threads"] == torch.get_num_threads()
+    if not torch.cuda.is_available():
+        gpu = by_name(report)["GPU"]
+        assert gpu.status == "warn" and "training runs on the CPU" in gpu.message
+
+
+def test_hub_honours_hf_hub_offline_and_reports_a_reachable_hub(monkeypatch):
+    started = time.perf_counter()
+    hub = SystemCheck(hub_timeout_s=5).check_hub()
+    assert time.perf_counter() - started < 0.5
+    assert hub.status == "warn" and "not reachable" in hub.message and hub.facts["reachable"] is False
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout_s: True)
+    assert SystemCheck().check_hub().status == "ok"
+
+
+def test_a_hanging_hub_check_does_not_hold_up_the_others(monkeypatch):
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout_s: time.sleep(5))
+    started = time.perf_counter()
+    report = SystemCheck(hub_timeout_s=0.2).run_all()
+    assert time.perf_counter() - started < 0.2 + 1.0
+    hub = by_name(report)["Hub"]
+    assert hub.status == "warn" and "timed out" in hub.message
+    assert [check.name for check in report.checks] == NAMES
+
+
+def test_a_check_that_raises_becomes_a_warning(monkeypatch):
+    def broken(self):
+        raise RuntimeError("psutil exploded")
+
+    monkeypatch.setattr(SystemCheck, "check_ram", broken)
+    report = SystemCheck().run_all()
+    ram = by_name(report)["RAM"]
+    assert ram.status == "warn" and "RuntimeError: psutil exploded" in ram.message
+    assert by_name(report)["CPU"].status in ("ok", "warn")  # the others still ran
+
+
+@pytest.mark.parametrize("version, status", [((3, 8, 18), "fail"), ((3, 9, 1), "warn"), ((3, 10, 0), "ok"),
+                                             ((3, 13, 2), "ok")])
+def test_python_version_rules(version, status):
+    check = SystemCheck().check_python(version)
+    assert check.status == status and check.facts["version"] == ".".join(map(str, version))
+    if status == "fail":
+        assert "Sprat needs Python 3.9 or newer" in check.message
+
+
+def test_disk_walks_up_to_the_nearest_existing_folder(tmp_path, monkeypatch):
+    check = SystemCheck(tmp_path / "runs" / "new" / "deeper").check_disk()
+    assert check.facts["checked_path"] == str(tmp_path)
+    assert check.facts["total_bytes"] == shutil.disk_usage(tmp_path).total
+    Usage = namedtuple("Usage", "total used free")
+    asked = []
+    monkeypatch.setattr(system_check.shutil, "disk_usage", lambda path: asked.append(path) or Usage(10**10, 0, 2**29))
+    low = SystemCheck(tmp_path / "missing").check_disk()
+    assert asked == [tmp_path] and low.status == "warn" and "checkpoints may not fit" in low.message
+
+
+def test_packages_are_read_from_metadata_and_judged(monkeypatch):
+    installed = {"torch": "2.13.0+cpu", "transformers": "4.46.0", "datasets": "3.1.0", "tokenizers": "0.21.0",
+                 "safetensors": "0.4.5", "matplotlib": "3.9.0", "bitsandbytes": "0.45.0"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(system_check.metadata, "version", version)
+    check = SystemCheck().check_packages
+    assert check().status == "ok" and "torch 2.13.0+cpu" in check().message
+    del installed["bitsandbytes"]
+    assert check().status == "warn" and "built-in NF4 path" in check().message
+    installed["torch"] = "2.10.1"
+    assert check().status == "warn" and "torch 2.10.1" in check().message
+    del installed["transformers"]
+    assert check().status == "fail" and "transformers" in check().message
+
+
+def test_hardware_manager_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("describes a machine without CUDA")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        HardwareManager("cuda")
+    hardware = HardwareManager()
+    assert hardware.device == "cpu" and hardware.recommended_dtype() == "float32"
+    assert not hardware.flash_attention_available and not hardware.fast_bf16
+    assert 0 < hardware.memory_available_bytes <= hardware.memory_total_bytes
+    assert json.loads(json.dumps(hardware.to_dict()))["recommended_dtype"] == "float32"
+    assert hardware.profile().device == "cpu"
+
+
+def test_activation_bytes_grow_with_sequence_and_depth(tiny):
+    hardware = HardwareManager("cpu")
+    config = replace(tiny, context_len=32)
+    short, long = (hardware.activation_bytes_per_sequence(config, seq_len) for seq_len in (16, 32))
+    assert 1.6 <= long / short <= 2.4
+    two, four = (hardware.activation_bytes_per_sequence(replace(config, num_layers=n), 16) for n in (2, 4))
+    assert four > two
+    with pytest.raises(ValueError, match="context_len"):
+        hardware.activation_bytes_per_sequence(config, 33)
+
+
+def test_depth_extrapolation_equals_measuring_the_deep_model(tiny):
+    """Only 1- and 2-layer models run; a direct measurement of 3 layers must agree."""
+    hardware = HardwareManager("cpu")
+    config = replace(tiny, num_layers=3)
+    direct = hardware._saved_bytes(Transformer(config), 1, 16) + 16 * config.vocab_size * 4
+    assert hardware.activation_bytes_per_sequence(config, 16) == direct
+
+
+def test_gradient_checkpointing_keeps_less_but_counts_one_recomputed_block(tiny):
+    """(The first checkpointed forward imports torch._dynamo: ~2 s once per process.)"""
+    hardware = HardwareManager("cpu")
+    config = replace(tiny, num_layers=4)
+    plain = hardware.activation_bytes_per_sequence(config, 16)
+    checkpointed = hardware.activation_bytes_per_sequence(replace(config, gradient_checkpointing=True), 16)
+    one_block = plain - hardware.activation_bytes_per_sequence(replace(config, num_layers=3), 16)
+    assert one_block < checkpointed < plain - one_block
+
+
+def test_max_micro_batch_is_a_power_of_two_that_fits(tiny, monkeypatch):
+    hardware = HardwareManager("cpu")
+    batch = hardware.max_micro_batch(tiny, 16, limit=100)
+    assert batch == 64  # ample memory: the limit rounded down to a power of two
+    monkeypatch.setattr(hardware, "activation_bytes_per_sequence", lambda config, seq_len: 1000)
+    state = 16 * tiny.num_params()
+    monkeypatch.setattr(hardware, "memory_available_bytes", (state + 5500) / 0.8)
+    assert hardware.max_micro_batch(tiny, 16) == 4  # room for 5 sequences
+    monkeypatch.setattr(hardware, "memory_available_bytes", (state + 1500) / 0.8)
+    assert hardware.max_micro_batch(tiny, 16) == 1
+    monkeypatch.setattr(hardware, "memory_available_bytes", state / 2)
+    assert hardware.max_micro_batch(tiny, 16) == 0

@@ -1,0 +1,83 @@
+"""The real `python train.py` wizard under a pseudo-terminal (pexpect): what a person sees
+and types, start-up, live display and Ctrl-C included."""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import checkpoint
+from conftest import write_corpus
+
+pexpect = pytest.importorskip("pexpect")
+ROOT = Path(__file__).resolve().parent.parent
+MENU = r"Select option \(1-8\): "
+
+
+def spawn(cwd: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "LINES": "40"}
+    child = pexpect.spawn(sys.executable, [str(ROOT / "train.py")], cwd=str(cwd), env=env, encoding="utf-8",
+                          timeout=240, dimensions=(40, 120))
+    child.logfile_read = open(cwd / "transcript.txt", "w")
+    return child
+
+
+def answer(child, pattern: str, text: str) -> None:
+    child.expect(pattern)
+    child.sendline(text)
+
+
+def finish(child) -> int:
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def test_lightlm_walkthrough_trains_saves_and_returns_to_the_menu(tmp_path):
+    """LightLM's documented keystrokes on the built-in corpus: 2, 5, 0.001, y, 7, 1."""
+    child = spawn(tmp_path)
+    child.expect("system check")
+    for pattern, text in [(MENU, "2"), (MENU, "5"), ("desired training time", "0.001"), ("Apply these", "y"),
+                          (MENU, "7"), (MENU, "1")]:
+        answer(child, pattern, text)
+    child.expect("sample:")
+    answer(child, MENU, "3")
+    assert finish(child) == 0
+    (run,) = (tmp_path / "checkpoints").iterdir()
+    latest = checkpoint.latest(run)
+    assert latest is not None and checkpoint.read_state(latest)["global_step"] >= 1
+    metrics = (run / "metrics.jsonl").read_text()
+    seconds = [float(x) for x in re.findall(r'"elapsed_s": ([0-9.]+)', metrics)]
+    assert seconds and max(seconds) < 3.6 + 2.0  # the ~4-second budget, counted from the start of training
+
+
+def test_ctrl_c_in_the_live_display_saves_then_the_menu_resumes(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    child = spawn(tmp_path)
+    for pattern, text in [(MENU, "2"), (MENU, "1"), (r"Select option \(1-4\)", "2"), ("Path to the file", str(corpus)),
+                          (MENU, "6"), ("Select table", "2"),
+                          ("Edit", "max_seq_len=32 batch_size=8 num_epochs=1000 max_steps=60"), ("Edit", ""),
+                          (MENU, "7"), (MENU, "1"), ("Start training", "y")]:
+        answer(child, pattern, text)
+    child.expect(r"loss (\x1b\[[0-9;]*m)?\d")  # the live display shows a first loss
+    child.sendcontrol("c")
+    child.expect("resume with: menu 4")
+    answer(child, MENU, "4")
+    answer(child, "Run to resume", "1")
+    child.expect("sample:")
+    answer(child, MENU, "3")
+    assert finish(child) == 0
+    (run,) = (tmp_path / "checkpoints").iterdir()
+    assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == 60
+    transcript = (tmp_path / "transcript.txt").read_text()
+    assert "resuming" in transcript and "interrupted at step" in transcript
+
+
+def test_end_of_input_at_the_first_menu_exits_cleanly(tmp_path):
+    child = spawn(tmp_path)
+    child.expect(MENU)
+    child.sendeof()
+    child.expect("bye")
+    assert finish(child) == 0

@@ -1,0 +1,570 @@
+"""The interactive wizard that `python train.py` opens on a terminal.
+
+LightLM's menus with the same numbers (its walkthrough `2, 5, 0.001, y, 7, 1` trains a
+model for a ~4-second budget), on top of the same functions the subcommands call. Menus
+are data; every prompt reads from an injectable console and input stream, so tests drive
+the whole wizard with `io.StringIO`. End of input (Ctrl-D) leaves cleanly from any prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+import checkpoint
+from budget import CostModel, HardwareProfile, Plan, batch_tokens, parse_duration, plan, probe, sequence_length, \
+    training_memory
+from config_editor import ConfigEditor, ConfigError, EndOfInput, ask, choose, confirm, load_configs, \
+    save_configs
+from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
+from display import LiveDisplay, PlainDisplay, format_bytes, format_seconds
+from model import PRESETS, ModelConfig
+from trainer import TrainerConfig
+from train import check_table, cmd_finetune, data_summary, default_configs, evaluate_run, export_model, finish, fit, \
+    fit_model_to_data, load_trained, new_trainer, resume_run, stop_token, stream_text, chat_prompt
+
+MAIN_MENU = (("1", "Start training"), ("2", "Manage dataset/configuration"), ("3", "Exit"),
+             ("4", "Resume a run"), ("5", "Fine-tune a model with LoRA / QLoRA"),
+             ("6", "Chat / generate with a model"), ("7", "Evaluate a checkpoint"), ("8", "Export a model"))
+MAIN_ACTIONS = {"1": "start_training", "2": "manage", "3": "exit", "4": "resume", "5": "finetune", "6": "chat",
+                "7": "evaluate", "8": "export"}
+MANAGE_MENU = (("1", "Change dataset"), ("2", "Load existing configuration"),
+               ("3", "Create new configuration (from presets)"), ("4", "Save current configuration"),
+               ("5", "Optimize for training time"), ("6", "Edit configuration table"),
+               ("7", "Continue with current settings"), ("8", "Exit"))
+MANAGE_ACTIONS = {"1": "change_dataset", "2": "load_config", "3": "new_config", "4": "save_config",
+                  "5": "optimize", "6": "edit_config", "7": "back", "8": "exit"}
+RECOVERABLE = (ConfigError, DataError, ValueError, checkpoint.CheckpointError, FileNotFoundError, OSError)
+
+
+class Quit(Exception):
+    """The user chose Exit."""
+
+
+def menu_table(title: str, items: tuple) -> Table:
+    table = Table.grid(padding=(0, 1))
+    table.title = f"[bold cyan]{title}[/bold cyan]"
+    table.title_justify = "left"
+    for key, label in items:
+        table.add_row(f"{key}.", label)
+    return table
+
+
+def derived_figures(configs: dict) -> list[tuple[str, str]]:
+    """What the editor shows under the table: size, tokens per step, memory."""
+    model, trainer = configs["model"], configs["trainer"]
+    figures = [("parameters", f"{model.num_params() / 1e6:.2f}M"
+                              + (f" ({model.num_params(active=True) / 1e6:.2f}M active)" if model.use_moe else ""))]
+    tokens = trainer.batch_size * trainer.accumulation_steps * trainer.max_seq_len
+    figures.append(("tokens per optimizer step", f"{tokens:,} ({trainer.batch_size} x {trainer.accumulation_steps} "
+                                                 f"x {trainer.max_seq_len})"))
+    figures.append(("estimated training memory",
+                    format_bytes(training_memory(model, trainer.batch_size, trainer.max_seq_len))))
+    return figures
+
+
+class Wizard:
+    """The menus. `stream` replaces the keyboard (tests); `out_dir` holds the runs."""
+
+    def __init__(self, console: Console, stream: Optional[TextIO] = None, out_dir: str | Path = "checkpoints",
+                 cache_dir: str = ".cache/sprat", run_checks: bool = True):
+        self.console = console
+        self.stream = stream
+        self.out_dir = Path(out_dir)
+        self.run_checks = run_checks
+        self.configs = default_configs(cache_dir=cache_dir)
+        self.configs["trainer"] = dataclasses.replace(self.configs["trainer"], path_to_checkpoints=str(self.out_dir))
+        self.plan: Optional[Plan] = None  # the accepted time-budget plan, until the configuration changes
+        self._prepared: dict = {}
+
+    # ---- input ------------------------------------------------------------------------------------
+    def ask(self, prompt: str, default: Optional[str] = None) -> str:
+        return ask(self.console, prompt, self.stream, default)
+
+    def choose(self, prompt: str, options: list[str], default: Optional[str] = None) -> str:
+        return choose(self.console, prompt, options, self.stream, default, show_options=False)
+
+    def confirm(self, prompt: str, default: Optional[bool] = None) -> bool:
+        return confirm(self.console, prompt, self.stream, default)
+
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    def error(self, text: str) -> None:
+        self.console.print(f"[red]{text}[/red]", markup=True)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.console.print("[bold]Sprat[/bold]: train and fine-tune small language models")
+        try:
+            if self.run_checks:
+                self.system_checks()
+            self.main_menu()
+        except Quit:
+            self.say("bye")
+            return 0
+        except EndOfInput:
+            self.say("\nend of input: bye")
+            return 0
+        except KeyboardInterrupt:
+            self.say("\ninterrupted: bye")
+            return 130
+        return 0
+
+    def system_checks(self) -> None:
+        from system_check import HardwareManager, SystemCheck
+
+        with self.console.status("checking the system ..."):
+            report = SystemCheck(checkpoint_dir=self.out_dir).run_all()
+            hardware = HardwareManager()
+        self.console.print(check_table(report, hardware))
+        if not report.ok:
+            self.error("some checks failed (above): training may not work on this machine")
+
+    def main_menu(self) -> None:
+        while True:
+            self.console.print()
+            self.console.print(menu_table("Training Setup", MAIN_MENU))
+            answer = self.choose(f"Select option (1-{len(MAIN_MENU)})", [key for key, _ in MAIN_MENU])
+            self.dispatch(MAIN_ACTIONS[answer])
+
+    def dispatch(self, action: str) -> None:
+        """Run one menu action; its errors and Ctrl-C come back to the menu."""
+        try:
+            getattr(self, action)()
+        except (Quit, EndOfInput):
+            raise
+        except KeyboardInterrupt:
+            self.error("\ncancelled")
+        except RECOVERABLE as error:
+            self.error(f"error: {error}")
+
+    def exit(self) -> None:
+        raise Quit
+
+    def back(self) -> None:
+        raise _Back
+
+    def manage(self) -> None:
+        while True:
+            self.console.print()
+            self.console.print(menu_table("Dataset and Configuration Management", MANAGE_MENU))
+            self.say(f"dataset: {self.configs['data'].source}; model: {self.model_line()}")
+            answer = self.choose(f"Select option (1-{len(MANAGE_MENU)})", [key for key, _ in MANAGE_MENU])
+            try:
+                self.dispatch(MANAGE_ACTIONS[answer])
+            except _Back:
+                return
+
+    def model_line(self) -> str:
+        m, t = self.configs["model"], self.configs["trainer"]
+        return (f"{m.num_layers} layers x {m.num_dims} ({m.num_params() / 1e6:.2f}M parameters), batch "
+                f"{t.batch_size} x {t.max_seq_len}" + (" [planned]" if self.plan else ""))
+
+    # ---- data -------------------------------------------------------------------------------------
+    def prepared_data(self, seq_len: Optional[int] = None):
+        """The current dataset tokenized for `seq_len` (cached in memory and on disk)."""
+        data_config = self.configs["data"]
+        seq_len = seq_len or self.configs["trainer"].max_seq_len
+        key = (json.dumps(data_config.to_dict(), sort_keys=True), seq_len)
+        if key not in self._prepared:
+            with self.console.status(f"preparing {data_config.source} (tokenizer and token blocks; cached after "
+                                     f"the first time) ..."):
+                prepared = prepare(data_config, seq_len, fallback_to_builtin=True)
+            for line in data_summary(prepared):
+                self.say(line)
+            self._prepared[key] = prepared
+        return self._prepared[key]
+
+    def change_dataset(self) -> None:
+        options = (("1", "built-in corpus (offline: Python's standard library and docs)"),
+                   ("2", "a local file or folder (.txt .md .json .jsonl .csv .parquet)"),
+                   ("3", "a Hugging Face hub dataset"), ("4", "back"))
+        self.console.print(menu_table("Dataset", options))
+        answer = self.choose("Select option (1-4)", ["1", "2", "3", "4"])
+        data = self.configs["data"]
+        if answer == "4":
+            return
+        if answer == "1":
+            data = dataclasses.replace(data, source=BUILTIN)
+        elif answer == "2":
+            while True:
+                path = Path(self.ask("Path to the file or folder")).expanduser()
+                if path.exists():
+                    break
+                self.error(f"{path}: no such file or folder")
+            data = dataclasses.replace(data, source=str(path))
+        else:
+            name = self.ask("Hub dataset name (e.g. wikitext)")
+            with self.console.status("checking the hub ..."):
+                reachable = hub_reachable(data.hub_timeout_s)
+            if not reachable:
+                self.error("the Hugging Face hub is not reachable from here: keeping the current dataset "
+                           "(the built-in corpus and local files work offline)")
+                return
+            config_name = self.ask("Configuration (e.g. wikitext-2-raw-v1; Enter for none)", default="")
+            data = dataclasses.replace(data, source=name, hub_config=config_name or None)
+        self.preview(data)
+        previous = self.configs["data"]
+        self.configs["data"] = data
+        try:
+            prepared = self.prepared_data()
+        except RECOVERABLE:
+            self.configs["data"] = previous
+            raise
+        self.quality_report(prepared.report)
+        self.plan = None
+
+    def preview(self, data: DataConfig, count: int = 3) -> None:
+        if data.source == BUILTIN:
+            items = list(builtin_documents(count))
+        else:
+            with self.console.status("reading a few records ..."):
+                items, _ = read_source(dataclasses.replace(data, subset_size=count))
+        table = Table(title=f"first {len(items)} records of {data.source}", title_justify="left", show_lines=True)
+        table.add_column("#")
+        table.add_column("record")
+        for index, item in enumerate(items[:count], 1):
+            text = json.dumps(item, ensure_ascii=False) if isinstance(item, dict) else item
+            table.add_row(str(index), text[:300].replace("\n", " ⏎ ") + (" …" if len(text) > 300 else ""))
+        self.console.print(table)
+
+    def quality_report(self, report) -> None:
+        table = Table(title=f"quality report: {report.source}", title_justify="left", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        rows = [("format", report.format), ("documents read / kept", f"{report.documents_read:,} / {report.documents_kept:,}"),
+                ("empty / duplicates dropped", f"{report.empty_dropped:,} / {report.duplicates_dropped:,}"),
+                ("train / validation documents", f"{report.train_documents:,} / {report.val_documents:,}"),
+                ("train / validation tokens", f"{report.train_tokens:,} / {report.val_tokens:,}"),
+                ("tokens per document (mean, median, p95, max)",
+                 f"{report.length_mean:,.0f}, {report.length_p50:,.0f}, {report.length_p95:,.0f}, {report.length_max:,}")]
+        if report.truncated_samples or report.dropped_samples:
+            rows.append(("samples truncated / dropped", f"{report.truncated_samples:,} / {report.dropped_samples:,}"))
+        for label, value in rows:
+            table.add_row(label, value)
+        for note in report.notes:
+            table.add_row("note", note)
+        self.console.print(table)
+
+    # ---- configurations ---------------------------------------------------------------------------
+    def load_config(self) -> None:
+        found = sorted(Path("configs").glob("*.json")) + sorted(Path("configs").glob("*.y*ml")) + \
+            sorted(self.out_dir.glob("*/run.json"))
+        if found:
+            self.say("configurations found: " + ", ".join(str(p) for p in found[:10]))
+        path = self.ask("Path of the configuration file (.json / .yaml, or a run's run.json)",
+                        default=str(found[0]) if found else None)
+        configs, unknown = load_configs(path, self.configs)
+        self.configs = configs
+        self.plan = None
+        self._fix_context()
+        if unknown:
+            self.console.print(f"[yellow]ignored unknown keys: {', '.join(unknown)}[/yellow]")
+        self.say(f"✓ loaded {path}: {self.model_line()}")
+
+    def new_config(self) -> None:
+        table = Table(title="model presets", title_justify="left")
+        for column in ("preset", "layers", "width", "heads / KV heads", "FFN", "parameters (vocab 8192)"):
+            table.add_column(column)
+        for name in PRESETS:
+            m = ModelConfig.from_name(name)
+            table.add_row(name, str(m.num_layers), str(m.num_dims), f"{m.num_heads} / {m.num_kv_heads}",
+                          str(m.ffn_hidden_dims), f"{dataclasses.replace(m, vocab_size=8192).num_params() / 1e6:.2f}M")
+        self.console.print(table)
+        name = self.choose(f"Preset ({', '.join(PRESETS)})", list(PRESETS), default="2M")
+        self.configs["model"] = ModelConfig.from_name(name)
+        self.configs["trainer"] = dataclasses.replace(TrainerConfig(max_seq_len=128, batch_size=16),
+                                                      path_to_checkpoints=str(self.out_dir))
+        self.plan = None
+        self._fix_context()
+        self.say(f"✓ new configuration from preset {name}: {self.model_line()}")
+
+    def save_config(self) -> None:
+        path = self.ask("Save to (.json, or .yaml)", default="configs/sprat.json")
+        self.say(f"✓ saved {save_configs(path, self.configs)}")
+
+    def edit_config(self) -> None:
+        sections = list(self.configs)
+        self.console.print(menu_table("Edit which table?", tuple((str(i), s) for i, s in enumerate(sections, 1))))
+        section = sections[int(self.choose(f"Select table (1-{len(sections)})",
+                                           [str(i) for i in range(1, len(sections) + 1)])) - 1]
+        presets = {"model": {name: (lambda name=name: ModelConfig.from_name(name)) for name in PRESETS},
+                   "trainer": {"defaults": lambda: TrainerConfig(max_seq_len=128, batch_size=16,
+                                                                  path_to_checkpoints=str(self.out_dir))},
+                   "data": {"defaults": lambda: DataConfig(cache_dir=self.configs["data"].cache_dir)}}[section]
+        before = {name: config.to_dict() for name, config in self.configs.items()}
+        editor = ConfigEditor(self.console, self.stream, presets=presets, derived=derived_figures)
+        self.configs = editor.edit(self.configs, section)
+        self._fix_context()
+        if self.plan is not None and before != {name: config.to_dict() for name, config in self.configs.items()}:
+            self.plan = None
+            self.say("the configuration no longer is the planned one: the estimate at start comes from measurements")
+
+    def _fix_context(self) -> None:
+        model, trainer = self.configs["model"], self.configs["trainer"]
+        if model.context_len < trainer.max_seq_len:
+            self.configs["model"] = dataclasses.replace(model, context_len=trainer.max_seq_len)
+
+    # ---- planning ---------------------------------------------------------------------------------
+    def optimize(self) -> None:
+        while True:
+            text = self.ask("Enter desired training time in hours (e.g. 24.0), or with a unit (90s, 20m, 2h)")
+            try:
+                budget = parse_duration(text)
+                break
+            except ValueError as error:
+                self.error(str(error))
+        seq_len = sequence_length(budget)
+        prepared = self.prepared_data(seq_len)
+        device = self.configs["trainer"].device
+        hardware = HardwareProfile.detect(None if device == "auto" else device)
+        self.say("\n[bold]Starting configuration optimization[/bold]")
+        self.say(f"target training time: {format_seconds(budget)} ({budget / 3600:.6f} hours), counted from the "
+                 f"start of training")
+        with self.console.status("measuring this machine (a few short training steps; cached afterwards) ..."):
+            probes, cached = probe(hardware, len(prepared.tokenizer), seq_len, max(1, batch_tokens(budget) // seq_len),
+                                   min(0.5, max(0.1, 0.005 * budget)), self.configs["data"].cache_dir)
+        the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer), probes=probes,
+                        seq_len=seq_len, whole_run=False)
+        self.console.print(plan_table(the_plan, hardware, cached))
+        if not self.confirm("Apply these optimizations?"):
+            self.say("kept the current configuration")
+            return
+        data = self.configs["data"]
+        self.configs = {**self.configs, "model": fit_model_to_data(the_plan.model, the_plan.trainer, prepared),
+                        "trainer": dataclasses.replace(the_plan.trainer, path_to_checkpoints=str(self.out_dir)),
+                        "data": data}
+        self.plan = the_plan
+        self.say("[green]✓ Configuration updated[/green]")
+
+    # ---- training ---------------------------------------------------------------------------------
+    def start_training(self) -> None:
+        prepared = self.prepared_data()
+        trainer_config = self.configs["trainer"]
+        model_config = fit_model_to_data(self.configs["model"], trainer_config, prepared)
+        self.configs["model"] = model_config
+        self.console.print(self.summary_table(model_config, trainer_config, prepared))
+        if self.plan is not None:
+            self.say("starting the accepted plan (the budget counts from now)")
+        elif not self.confirm("Start training?", default=True):
+            return
+        run_dir = self.out_dir / time.strftime("run-%Y%m%d-%H%M%S")
+        data_config = prepared.config or self.configs["data"]
+        trainer = new_trainer(model_config, trainer_config, data_config, prepared, run_dir, callback=None)
+        result, history = fit(trainer, self.console, self.display())
+        finish(trainer, result, prepared, run_dir, self.console, history,
+               resume_hint="menu 4 (Resume a run), or python train.py resume")
+        self.plan = None
+
+    def display(self):
+        if self.console.is_terminal:
+            return LiveDisplay(self.console)
+        return PlainDisplay(write=lambda text: self.console.print(text, markup=False))
+
+    def summary_table(self, model_config: ModelConfig, trainer_config: TrainerConfig, prepared) -> Table:
+        seq_len, batch = trainer_config.max_seq_len, trainer_config.batch_size
+        tokens_per_step = batch * trainer_config.accumulation_steps * seq_len
+        if self.plan is not None:
+            seconds, steps = self.plan.train_seconds, f"~{self.plan.steps:,} (the deadline ends the run)"
+            rate = self.plan.tokens_per_second
+        else:
+            rate = 1.0 / self.seconds_per_token(model_config, seq_len, len(prepared.tokenizer))
+            steps_per_epoch = math.ceil(len(prepared.train) / batch / trainer_config.accumulation_steps)
+            total = steps_per_epoch * trainer_config.num_epochs
+            if trainer_config.max_steps:
+                total = min(total, trainer_config.max_steps)
+            seconds = total * tokens_per_step / rate
+            if trainer_config.time_limit_s:
+                seconds = min(seconds, trainer_config.time_limit_s)
+            steps = f"{total:,} ({trainer_config.num_epochs} epochs of {steps_per_epoch:,})"
+        memory = training_memory(model_config, batch, seq_len)
+        table = Table(title="about to train", title_justify="left", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("model", f"{model_config.num_layers} layers x {model_config.num_dims}, {model_config.num_heads}/"
+                               f"{model_config.num_kv_heads} heads, FFN {model_config.ffn_hidden_dims}"
+                               + (f", {model_config.moe_num_experts} experts" if model_config.use_moe else ""))
+        table.add_row("parameters", f"{model_config.num_params() / 1e6:.2f}M")
+        table.add_row("data", f"{prepared.report.source}: {prepared.report.train_tokens:,} training tokens")
+        table.add_row("tokens per optimizer step", f"{tokens_per_step:,} ({batch} x {trainer_config.accumulation_steps}"
+                                                   f" x {seq_len})")
+        table.add_row("optimizer steps", steps)
+        table.add_row("estimated time", f"{format_seconds(seconds)} at {rate:,.0f} tokens/s (measured on this machine)")
+        table.add_row("estimated memory", format_bytes(memory))
+        table.add_row("runs in", str(self.out_dir))
+        return table
+
+    def seconds_per_token(self, model_config: ModelConfig, seq_len: int, vocab_size: int) -> float:
+        device = self.configs["trainer"].device
+        hardware = HardwareProfile.detect(None if device == "auto" else device)
+        with self.console.status("measuring throughput on this machine (cached afterwards) ..."):
+            probes, _ = probe(hardware, vocab_size, seq_len, 2, 0.3, self.configs["data"].cache_dir)
+        return CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
+
+    # ---- runs and models --------------------------------------------------------------------------
+    def pick_model(self, what: str, runs_only: bool = False) -> Path:
+        runs = find_runs(self.out_dir)
+        if runs:
+            table = Table(title=f"runs in {self.out_dir}", title_justify="left")
+            for column in ("#", "run", "kind", "latest checkpoint", "step", "best val loss"):
+                table.add_column(column)
+            for index, run in enumerate(runs, 1):
+                table.add_row(str(index), run["name"], run["kind"], run["checkpoint"] or "-", str(run["step"]),
+                              f"{run['best_val_loss']:.3f}" if run["best_val_loss"] is not None else "-")
+            self.console.print(table)
+        hint = "a number from the list or a path" if runs else "a path"
+        if not runs_only:
+            hint += " (a run, a checkpoint or a Hugging Face model directory)"
+        while True:
+            answer = self.ask(f"{what}: {hint}", default="1" if runs else None)
+            if answer.isdigit() and runs and 1 <= int(answer) <= len(runs):
+                return runs[int(answer) - 1]["path"]
+            path = Path(answer).expanduser()
+            if path.exists():
+                return path
+            self.error(f"{answer}: not a number from the list nor an existing path")
+
+    def resume(self) -> None:
+        run_dir = self.pick_model("Run to resume", runs_only=True)
+        resume_run(run_dir, None, [], self.console, self.display())
+
+    def finetune(self) -> None:
+        base = self.pick_model("Base model")
+        while True:
+            data = Path(self.ask("Instruction data (.json / .jsonl / .csv / .parquet file or folder)")).expanduser()
+            if data.exists():
+                break
+            self.error(f"{data}: no such file or folder")
+        rank = self._ask_int("LoRA rank", 16)
+        qlora = self.confirm("Quantize the frozen base to 4-bit NF4 (QLoRA)?", default=False)
+        epochs = self._ask_int("Epochs", 3)
+        args = argparse.Namespace(base=str(base), data=str(data), rank=rank, qlora=qlora, merge=False, epochs=epochs,
+                                  batch_size=8, seq_len=128, out=str(self.out_dir), name=None,
+                                  cache_dir=self.configs["data"].cache_dir, overrides=[])
+        cmd_finetune(args, self.console, self.display())
+
+    def _ask_int(self, prompt: str, default: int) -> int:
+        while True:
+            answer = self.ask(prompt, default=str(default))
+            if answer.isdigit() and int(answer) > 0:
+                return int(answer)
+            self.error(f"{prompt}: expected a positive whole number")
+
+    def chat(self) -> None:
+        path = self.pick_model("Model")
+        with self.console.status("loading the model ..."):
+            loaded = load_trained(path)
+        settings = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 100}
+        chat = loaded.kind == "finetuned"
+        self.say(f"loaded {loaded.source} ({loaded.checkpoint or loaded.kind}); "
+                 f"{'chat' if chat else 'text continuation'} mode. Commands: /temperature X, /top_k N, /top_p X, "
+                 f"/max_new_tokens N, /settings; an empty line or /exit returns to the menu.")
+        while True:
+            prompt = self.ask("[bold]you[/bold]", default="")
+            if prompt in ("", "/exit", "/quit"):
+                return
+            if prompt.startswith("/"):
+                self._chat_setting(prompt, settings)
+                continue
+            text = chat_prompt(loaded.tokenizer, prompt) if chat else prompt
+            if not chat:
+                self.console.print(prompt, end="", markup=False, highlight=False)
+            for piece in stream_text(loaded.model, loaded.tokenizer, text, settings["max_new_tokens"],
+                                     settings["temperature"], settings["top_k"], settings["top_p"], stop_token(loaded)):
+                self.console.print(piece, end="", markup=False, highlight=False)
+            self.console.print()
+
+    def _chat_setting(self, command: str, settings: dict) -> None:
+        name, _, value = command[1:].partition(" ")
+        if name == "settings" or name not in settings:
+            if name != "settings":
+                self.error(f"unknown command /{name}")
+            self.say(", ".join(f"{k} {v}" for k, v in settings.items()))
+            return
+        kind = int if name in ("top_k", "max_new_tokens") else float
+        try:
+            parsed = kind(value)
+        except ValueError:
+            self.error(f"/{name} needs a {'whole number' if kind is int else 'number'}")
+            return
+        limits = {"temperature": parsed >= 0, "top_k": parsed >= 1, "top_p": 0 < parsed <= 1,
+                  "max_new_tokens": parsed >= 1}
+        if not limits[name]:
+            self.error(f"/{name} {value}: out of range (temperature >= 0, top_k >= 1, 0 < top_p <= 1, "
+                       f"max_new_tokens >= 1)")
+            return
+        settings[name] = parsed
+        self.say(f"{name} = {parsed}")
+
+    def evaluate(self) -> None:
+        path = self.pick_model("Model to evaluate")
+        with self.console.status("evaluating ..."):
+            loaded = load_trained(path)
+            result = evaluate_run(loaded, None, "val", 50, None, 16, self.configs["data"].cache_dir
+                                  if loaded.kind == "huggingface" else None)
+        self.say(f"{result['model']} ({result['checkpoint'] or loaded.kind}) on the validation split of "
+                 f"{result['data']}: loss [bold]{result['loss']:.4f}[/bold], perplexity {result['perplexity']:.2f} "
+                 f"({result['sequences']} sequences of {result['seq_len']} tokens)")
+
+    def export(self) -> None:
+        path = self.pick_model("Model to export")
+        out = Path(self.ask("Export to (a new directory)", default=f"exports/{path.name}")).expanduser()
+        with self.console.status("exporting ..."):
+            exported = export_model(load_trained(path), out)
+        self.say(f"✓ exported to {exported} (Hugging Face Llama layout: transformers.AutoModelForCausalLM loads it)")
+
+
+class _Back(Exception):
+    """Leave the manage menu for the main menu."""
+
+
+def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool) -> Table:
+    m, t = the_plan.model, the_plan.trainer
+    table = Table(title="planned configuration", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("hardware", f"{hardware.device}: {hardware.device_name}, {hardware.threads} threads, "
+                              f"{format_bytes(hardware.memory_bytes)} available")
+    table.add_row("measured", f"{the_plan.tokens_per_second:,.0f} tokens/s for this shape "
+                              f"({'from the cache' if cached else 'just measured'})")
+    table.add_row("model", f"{m.num_layers} layers x {m.num_dims} wide, {m.num_heads}/{m.num_kv_heads} heads, FFN "
+                           f"{m.ffn_hidden_dims}: {the_plan.params / 1e6:.2f}M parameters")
+    table.add_row("training", f"batch {t.batch_size} x {t.max_seq_len} tokens, learning rate {t.learning_rate:g} "
+                              f"(cosine to {t.min_lr:g})")
+    table.add_row("time", f"{format_seconds(the_plan.budget_s)} from the start of training to the saved checkpoint: "
+                          f"{the_plan.train_seconds:.1f} s of steps, then the final evaluation and the save")
+    table.add_row("expected", f"~{the_plan.steps:,} steps, {the_plan.tokens / 1e6:.2f}M tokens "
+                              f"({the_plan.epochs:.2f} epochs), memory {format_bytes(the_plan.memory_bytes)}")
+    table.add_row("why", the_plan.reasoning)
+    return table
+
+
+def find_runs(root: Path) -> list[dict]:
+    """Run directories under `root`, newest first, with their latest checkpoint."""
+    runs = []
+    for info_file in sorted(Path(root).glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        run_dir = info_file.parent
+        latest = checkpoint.latest(run_dir)
+        state = checkpoint.read_state(latest) if latest else {}
+        try:
+            finetune = bool(json.loads(info_file.read_text()).get("finetune"))
+        except json.JSONDecodeError:
+            continue
+        runs.append({"path": run_dir, "name": run_dir.name, "kind": "fine-tune" if finetune else "pretrain",
+                     "checkpoint": latest.name if latest else None, "step": state.get("global_step", 0),
+                     "best_val_loss": state.get("best_val_loss")})
+    return runs
+
+
+def run_wizard(console: Console, stream: Optional[TextIO] = None, **options) -> int:
+    """The wizard from its system checks to Exit; 0 on Exit or end of input."""
+    return Wizard(console, stream, **options).run()
