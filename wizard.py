@@ -27,6 +27,7 @@ from config_editor import ConfigEditor, ConfigError, EndOfInput, ask, choose, co
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
 from display import LiveDisplay, PlainDisplay, format_bytes, format_seconds
 from model import PRESETS, ModelConfig
+from system_check import HardwareManager, SystemCheck
 from trainer import TrainerConfig
 from train import check_table, cmd_finetune, data_summary, default_configs, evaluate_run, export_model, finish, fit, \
     fit_model_to_data, load_trained, new_trainer, resume_run, stop_token, stream_text, chat_prompt
@@ -120,8 +121,6 @@ class Wizard:
         return 0
 
     def system_checks(self) -> None:
-        from system_check import HardwareManager, SystemCheck
-
         with self.console.status("checking the system ..."):
             report = SystemCheck(checkpoint_dir=self.out_dir).run_all()
             hardware = HardwareManager()
@@ -335,7 +334,10 @@ class Wizard:
                                    min(0.5, max(0.1, 0.005 * budget)), self.configs["data"].cache_dir)
         the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer), probes=probes,
                         seq_len=seq_len, whole_run=False)
-        self.console.print(plan_table(the_plan, hardware, cached))
+        with self.console.status("measuring the memory of a training step ..."):
+            manager = HardwareManager(hardware.device)
+            max_batch = manager.max_micro_batch(the_plan.model, seq_len)
+        self.console.print(plan_table(the_plan, hardware, cached, max_batch, manager.flash_attention_available))
         if not self.confirm("Apply these optimizations?"):
             self.say("kept the current configuration")
             return
@@ -527,13 +529,15 @@ class _Back(Exception):
     """Leave the manage menu for the main menu."""
 
 
-def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool) -> Table:
+def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool, max_batch: int, flash: bool) -> Table:
     m, t = the_plan.model, the_plan.trainer
     table = Table(title="planned configuration", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("hardware", f"{hardware.device}: {hardware.device_name}, {hardware.threads} threads, "
-                              f"{format_bytes(hardware.memory_bytes)} available")
+                              f"{format_bytes(hardware.memory_bytes)} available; flash attention "
+                              f"{'yes' if flash else 'no'}; largest micro-batch for this model {max_batch} "
+                              f"(from measured activation memory)")
     table.add_row("measured", f"{the_plan.tokens_per_second:,.0f} tokens/s for this shape "
                               f"({'from the cache' if cached else 'just measured'})")
     table.add_row("model", f"{m.num_layers} layers x {m.num_dims} wide, {m.num_heads}/{m.num_kv_heads} heads, FFN "

@@ -192,3 +192,24 @@ def test_config_bad_arguments(tmp_path, capsys, args, message):
     assert train.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_plan_json_fits_the_budget(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    assert train.main(["plan", "--budget", "40s", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                       "--json", "data.vocab_size=300"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert 0 < plan["train_seconds"] < 40 and plan["trainer"]["schedule_by"] == "time"
+    assert plan["model"]["vocab_size"] <= 300
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--budget", "soon"], "cannot read 'soon' as a duration"),
+    (["plan", "--budget", "1s", "--data", "{corpus}", "data.vocab_size=300"], "too short"),
+    (["plan", "--budget", "1m", "data.nope=1"], "DataConfig has no field 'nope'"),
+])
+def test_plan_bad_arguments(tmp_path, capsys, args, message):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    args = [a.format(corpus=corpus) for a in args] + ["--cache-dir", str(tmp_path / "cache")]
+    assert train.main(args) == 2
+    assert message in capsys.readouterr().err

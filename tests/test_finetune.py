@@ -73,3 +73,26 @@ def test_finetune_bad_inputs(tmp_path, base_and_data, capsys):
     assert train.main(["finetune", str(base), "--data", str(data), "--seq-len", "512", "--cache-dir",
                        str(tmp_path)]) == 2
     assert "exceeds the base model's context" in capsys.readouterr().err
+
+
+def test_a_finetuning_run_generates_evaluates_and_exports_merged(tmp_path, base_and_data, capsys):
+    """The run directory of a fine-tune (base + adapter-only checkpoints) serves generate,
+    eval and export; the export equals the merged model written at the end of training."""
+    base, data = base_and_data
+    cache = str(tmp_path / "cache")
+    assert train.main(["finetune", str(base), "--data", str(data), "--rank", "2", "--batch-size", "4",
+                       "--seq-len", "48", "trainer.max_steps=3", "--merge", "--out", str(tmp_path / "runs"),
+                       "--name", "ft", "--cache-dir", cache]) == 0
+    run = tmp_path / "runs" / "ft"
+    capsys.readouterr()
+    assert train.main(["generate", str(run), "--chat", "--prompt", "Repeat the word fish", "--max-new-tokens", "4",
+                       "--temperature", "0"]) == 0
+    assert train.main(["eval", str(run), "--json", "--cache-dir", cache]) == 0
+    result = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the generated line
+    assert result["loss"] == pytest.approx(losses(run, "eval", "val_loss")[-1], rel=1e-4)
+    assert train.main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    merged = load_file(str(run / "merged" / "model.safetensors"))
+    assert exported.keys() == merged.keys()
+    for key in merged:
+        assert (exported[key] == merged[key]).all(), key
