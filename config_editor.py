@@ -375,6 +375,7 @@ EDITOR_HELP = """\
   [cyan]Enter[/cyan], [cyan]done[/cyan] or [cyan]q[/cyan]         finish"""
 
 _ASSIGNMENT_START = re.compile(r"\s+(?=[A-Za-z_][\w.]*\s*=)")  # where the next `name=` begins
+_ASSIGNMENT = re.compile(r"[A-Za-z_][\w.]*\s*=")  # a line that starts with `name=`
 
 
 class ConfigEditor:
@@ -515,10 +516,20 @@ class ConfigEditor:
             if not text:
                 self.console.print(f"[dim]{field.name} unchanged.[/dim]")
                 return configs
+            if _ASSIGNMENT.match(text) and field_types(type(config))[field.name] is not str:
+                return self._assign(configs, section, text)  # `num_heads=6 num_kv_heads=3` typed here
             try:
-                new = self._replace(config, {field.name: self._value(config, field, text)})
+                value = self._value(config, field, text)
             except ConfigError as error:
                 self._refuse(f"Not changed: {error}")
+                continue
+            try:
+                new = self._replace(config, {field.name: value})
+            except ConfigError as error:
+                others = [f.name for f in fields_of(config)
+                          if f.name != field.name and re.search(rf"\b{f.name}\b", str(error))]
+                hint = f" Change them together, e.g. {field.name}={text.strip()} {others[0]}=..." if others else ""
+                self._refuse(f"Not changed: {error}.{hint}")
                 continue
             return self._accept(configs, section, new)
 

@@ -41,6 +41,8 @@ class History:
 
 def format_seconds(seconds: float) -> str:
     seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     if seconds < 60:
         return f"{seconds:.0f}s"
     minutes, seconds = divmod(int(round(seconds)), 60)
@@ -56,6 +58,18 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit in ("B", "KB") else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GB"
+
+
+def length(start: dict) -> str:
+    """How long a run will train, from its start event: a deadline that sets the schedule
+    replaces the step count (an epoch ceiling then)."""
+    steps = f"{start['total_steps']:,} optimizer steps"
+    time_left = start.get("time_left_s")
+    if time_left is None:
+        return steps
+    if start.get("schedule_by") == "time":
+        return f"{format_seconds(time_left)} of training (the deadline ends the run)"
+    return f"{steps} or {format_seconds(time_left)} of training, whichever ends first"
 
 
 def _memory_text(memory: Optional[dict]) -> str:
@@ -114,7 +128,8 @@ class LiveDisplay:
         if kind == "start":
             self.progress.update(self.task, total=max(1, event["total_steps"]), completed=event["step"])
             self.console.print(f"{event['params'] / 1e6:.2f}M parameters ({event['trainable'] / 1e6:.2f}M trainable) "
-                               f"on {event['device']} ({event['dtype']}), effective batch {event['effective_batch']}")
+                               f"on {event['device']} ({event['dtype']}), {length(event)}, effective batch "
+                               f"{event['effective_batch']}")
         elif kind == "step":
             self.metrics.update({k: event[k] for k in ("loss", "lr", "tokens_per_s") if k in event})
             if "memory" in event:
@@ -163,7 +178,7 @@ class PlainDisplay:
         kind = event["type"]
         if kind == "start":
             self.write(f"training: {event['params'] / 1e6:.2f}M parameters on {event['device']} ({event['dtype']}), "
-                       f"{event['total_steps']} optimizer steps, effective batch {event['effective_batch']}")
+                       f"{length(event)}, effective batch {event['effective_batch']}")
         elif kind == "step" and (event["step"] % self.every == 0 or event["step"] == event["total_steps"]):
             self.write(f"step {event['step']:5d}/{event['total_steps']}  loss {event['loss']:.3f}  lr {event['lr']:.2e}  "
                        f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s']:.0f}s")

@@ -175,7 +175,7 @@ class SystemCheck:
         old = [f"{name} {versions[name]} (needs {'.'.join(map(str, minimum))}+)" for name, minimum in REQUIRED.items()
                if _version_tuple(versions[name]) < minimum]
         notes = [f"no {name}: {meaning}" for name, meaning in OPTIONAL.items() if versions[name] is None]
-        summary = ", ".join(f"{name} {versions[name]}" for name in REQUIRED)
+        summary = ", ".join(f"{name} {version}" for name, version in versions.items() if version is not None)
         if old:
             return Check("Packages", "warn", f"too old: {', '.join(old)}; pip install -r requirements.txt",
                          facts)

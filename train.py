@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -156,7 +157,6 @@ def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path, conso
         return 1
     prompt_text = sample_prompt(prepared) if prompt_text is None else prompt_text
     console.print("sample:\n" + sample_text(trainer.model, prepared.tokenizer, prompt_text), markup=False)
-    console.print(f"finished in {since_launch():.1f} s")
     return 0
 
 
@@ -347,8 +347,6 @@ def find_checkpoint(run_dir: Path, name: Optional[str]) -> Path:
 
 def start_distributed() -> None:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs)."""
-    import os
-
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -720,7 +718,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
-        return args.func(args, output_console())
+        code = args.func(args, output_console())
+        if code == 0 and args.command in ("train", "finetune", "resume") and os.environ.get("RANK", "0") == "0":
+            print(f"finished in {since_launch():.1f} s (process start to exit, imports included)")
+        return code
     except (ValueError, DataError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

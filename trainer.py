@@ -738,7 +738,8 @@ class Trainer:
         self.emit("start", total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                   step=self.global_step, epoch=self.loader.epoch,
                   effective_batch=config.batch_size * config.accumulation_steps * self.loader.world_size,
-                  device=self.device.type, dtype=str(self.dtype).removeprefix("torch."),
+                  time_left_s=config.time_limit_s - self.elapsed_before if config.time_limit_s else None,
+                  schedule_by=config.schedule_by, device=self.device.type, dtype=str(self.dtype).removeprefix("torch."),
                   params=sum(p.numel() for p in self.model.parameters()),
                   trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
         self._last_loss: Optional[float] = None

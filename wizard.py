@@ -385,9 +385,11 @@ class Wizard:
             if trainer_config.max_steps:
                 total = min(total, trainer_config.max_steps)
             seconds = total * tokens_per_step / rate
-            if trainer_config.time_limit_s:
-                seconds = min(seconds, trainer_config.time_limit_s)
             steps = f"{total:,} ({trainer_config.num_epochs} epochs of {steps_per_epoch:,})"
+            if trainer_config.time_limit_s and (seconds > trainer_config.time_limit_s
+                                                or trainer_config.schedule_by == "time"):
+                seconds = trainer_config.time_limit_s
+                steps = f"~{max(1, round(seconds * rate / tokens_per_step)):,} (time_limit_s ends the run)"
         memory = training_memory(model_config, batch, seq_len)
         table = Table(title="about to train", title_justify="left", show_header=False)
         table.add_column(style="bold")
@@ -536,8 +538,10 @@ def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool, max_batc
     table.add_column()
     table.add_row("hardware", f"{hardware.device}: {hardware.device_name}, {hardware.threads} threads, "
                               f"{format_bytes(hardware.memory_bytes)} available; flash attention "
-                              f"{'yes' if flash else 'no'}; largest micro-batch for this model {max_batch} "
-                              f"(from measured activation memory)")
+                              f"{'yes' if flash else 'no'}")
+    table.add_row("largest micro-batch", f"{max_batch} sequences of {t.max_seq_len} tokens for this model (from "
+                                         f"measured activation memory)" if max_batch else
+                                         "not even one sequence fits in memory")
     table.add_row("measured", f"{the_plan.tokens_per_second:,.0f} tokens/s for this shape "
                               f"({'from the cache' if cached else 'just measured'})")
     table.add_row("model", f"{m.num_layers} layers x {m.num_dims} wide, {m.num_heads}/{m.num_kv_heads} heads, FFN "

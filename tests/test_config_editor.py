@@ -274,6 +274,13 @@ def test_heads_and_kv_heads_change_together_where_each_alone_is_invalid():
     assert "num_heads: 4 -> 6" in text and "num_kv_heads: 4 -> 3" in text
 
 
+def test_a_cross_field_refusal_suggests_changing_both_and_the_value_prompt_takes_them():
+    model = ModelConfig.from_name("tiny", num_dims=96, num_heads=4, num_kv_heads=4)
+    result, text = edit({"model": model}, "model", "num_heads\n6\nnum_heads=6 num_kv_heads=3\n\n")
+    assert "Change them together, e.g. num_heads=6 num_kv_heads=..." in " ".join(text.split())
+    assert (result["model"].num_heads, result["model"].num_kv_heads) == (6, 3)
+
+
 def test_reset_to_a_preset(configs):
     presets = {name: (lambda name=name: ModelConfig.from_name(name)) for name in ("tiny", "2M")}
     result, text = edit(configs, "model", "num_layers=7\nreset\n2M\n\n", presets=presets)

@@ -67,6 +67,17 @@ def test_live_display_shows_loss_memory_validation_and_expert_load():
     assert display.history.steps == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("seconds, text", [(3.4, "3s"), (75, "1m15s"), (7300, "2h01m"), (-1, "0s")])
+@pytest.mark.parametrize("seconds, text", [(3.6, "3.6s"), (42.4, "42s"), (75, "1m15s"), (7300, "2h01m"), (-1, "0.0s")])
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_the_start_line_says_how_long_the_run_trains():
+    start = {**EVENTS[0], "total_steps": 4000}
+    lines = []
+    PlainDisplay(write=lines.append)(start)
+    PlainDisplay(write=lines.append)({**start, "time_left_s": 3.6, "schedule_by": "time"})
+    PlainDisplay(write=lines.append)({**start, "time_left_s": 90.0, "schedule_by": "steps"})
+    assert "4,000 optimizer steps" in lines[0]
+    assert "3.6s of training (the deadline ends the run)" in lines[1] and "4,000" not in lines[1]
+    assert "4,000 optimizer steps or 1m30s of training, whichever ends first" in lines[2]

@@ -102,7 +102,7 @@ def test_packages_are_read_from_metadata_and_judged(monkeypatch):
 
     monkeypatch.setattr(system_check.metadata, "version", version)
     check = SystemCheck().check_packages
-    assert check().status == "ok" and "torch 2.13.0+cpu" in check().message
+    assert check().status == "ok" and "torch 2.13.0+cpu" in check().message and "bitsandbytes 0.45.0" in check().message
     del installed["bitsandbytes"]
     assert check().status == "warn" and "built-in NF4 path" in check().message
     installed["torch"] = "2.10.1"
