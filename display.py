@@ -72,6 +72,18 @@ def length(start: dict) -> str:
     return f"{steps} or {format_seconds(time_left)} of training, whichever ends first"
 
 
+def expert_shares(load: list[list[float]]) -> list[float]:
+    """Each expert's share of the tokens routed in the last step, over all MoE layers
+    (`load` is the trainer's (layers, experts) token counts)."""
+    totals = [sum(layer[expert] for layer in load) for expert in range(len(load[0]))]
+    routed = sum(totals)
+    return [total / routed if routed else 0.0 for total in totals]
+
+
+def load_text(load: list[list[float]]) -> str:
+    return " ".join(f"{share:.0%}" for share in expert_shares(load))
+
+
 def _memory_text(memory: Optional[dict]) -> str:
     if not memory:
         return "-"
@@ -115,8 +127,8 @@ class LiveDisplay:
             cells.append(f"val loss [bold]{m['val_loss']:.3f}[/bold] (ppl {m['perplexity']:.1f})")
         grid.add_row(*cells)
         if m.get("expert_load"):
-            load = " ".join(f"{share:.0%}" for share in m["expert_load"])
-            grid.add_row(f"expert load {load}")
+            grid.add_row(f"expert load {load_text(m['expert_load'])} (share of routed tokens per expert, "
+                         f"all {len(m['expert_load'])} MoE layers)")
         return grid
 
     def _refresh(self) -> None:
@@ -180,8 +192,9 @@ class PlainDisplay:
             self.write(f"training: {event['params'] / 1e6:.2f}M parameters on {event['device']} ({event['dtype']}), "
                        f"{length(event)}, effective batch {event['effective_batch']}")
         elif kind == "step" and (event["step"] % self.every == 0 or event["step"] == event["total_steps"]):
+            experts = f"  experts {load_text(event['expert_load'])}" if event.get("expert_load") else ""
             self.write(f"step {event['step']:5d}/{event['total_steps']}  loss {event['loss']:.3f}  lr {event['lr']:.2e}  "
-                       f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s']:.0f}s")
+                       f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s']:.0f}s{experts}")
         elif kind == "eval":
             self.write(f"eval  step {event['step']:5d}  val loss {event['val_loss']:.3f}  "
                        f"perplexity {event['perplexity']:.1f}{'  (best)' if event['improved'] else ''}")

@@ -164,10 +164,10 @@ def finish(trainer: Trainer, result: TrainResult, prepared, run_dir: Path, conso
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     budget = parse_duration(args.budget) if args.budget else None
     planned = budget is not None and args.preset is None
-    seq_len = args.seq_len or (sequence_length(budget) if planned else 128)
+    seq_len = args.seq_len if args.seq_len is not None else sequence_length(budget) if planned else 128
     configs = default_configs(args.preset or DEFAULT_PRESET, args.data, args.cache_dir)
     configs["trainer"] = dataclasses.replace(configs["trainer"], max_seq_len=seq_len,
-                                             batch_size=args.batch_size or 16)
+                                             batch_size=16 if args.batch_size is None else args.batch_size)
     if args.config:
         configs = load_config_file(args.config, configs)
     configs = apply_overrides(configs, args.overrides)
@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                         seq_len=trainer_config.max_seq_len)
         console.print(plan_text(the_plan))
         planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": data_config}
-        if args.batch_size:
+        if args.batch_size is not None:
             planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=args.batch_size)
         configs = apply_overrides(planned_configs, args.overrides)  # what the user set explicitly wins
         model_config, trainer_config = configs["model"], configs["trainer"]
@@ -496,6 +496,8 @@ def export_model(loaded: Loaded, out: Path, fmt: str = "hf") -> Path:
     merged in), with its tokenizer."""
     if fmt != "hf":
         raise ConfigError(f"export format {fmt!r} is not supported yet; use hf")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; export needs a new (or empty) directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new directory")
     if loaded.kind == "finetuned":
@@ -584,6 +586,36 @@ def load_config_file(path: str, configs: dict) -> dict:
 
 
 # ---- the command line -----------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} must be a number >= 0")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Sprat: train and fine-tune small language models. Without a command, on a "
@@ -600,8 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     train.add_argument("--name", default=None, help="run directory name (default run-DATE-TIME)")
     train.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data and trained tokenizers")
-    train.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default 16, or planned)")
-    train.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128, or planned)")
+    train.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch (default 16, or planned)")
+    train.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default 128, or planned)")
     train.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     train.set_defaults(func=cmd_train)
 
@@ -612,12 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "settable as lora.FIELD=VALUE.")
     finetune.add_argument("base")
     finetune.add_argument("--data", required=True, help="a local .json/.jsonl/.csv/.parquet file or folder, or a hub dataset")
-    finetune.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha defaults to 2 x rank)")
+    finetune.add_argument("--rank", type=positive_int, default=16, help="LoRA rank (alpha defaults to 2 x rank)")
     finetune.add_argument("--qlora", action="store_true", help="quantize the frozen base to 4-bit NF4 (QLoRA)")
     finetune.add_argument("--merge", action="store_true", help="also write the model with the adapter folded in")
-    finetune.add_argument("--epochs", type=int, default=3)
-    finetune.add_argument("--batch-size", type=int, default=8)
-    finetune.add_argument("--seq-len", type=int, default=128)
+    finetune.add_argument("--epochs", type=positive_int, default=3)
+    finetune.add_argument("--batch-size", type=positive_int, default=8)
+    finetune.add_argument("--seq-len", type=positive_int, default=128)
     finetune.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     finetune.add_argument("--name", default=None, help="run directory name (default finetune-DATE-TIME)")
     finetune.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data")
@@ -635,10 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Continue PROMPT with a trained model, streaming the text.")
     generate.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=100)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    generate.add_argument("--top-k", type=int, default=40)
-    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=100)
+    generate.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=positive_int, default=40)
+    generate.add_argument("--top-p", type=probability, default=None)
     generate.add_argument("--seed", type=int, default=None, help="for a repeatable sample")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (fine-tuned models)")
     generate.add_argument("--checkpoint", default=None, help="checkpoint name (default: the latest)")
@@ -650,9 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
     evaluation.add_argument("--data", default=None, help="another dataset ('builtin', a file or folder, a hub name)")
     evaluation.add_argument("--split", default="val", choices=("val", "train"))
-    evaluation.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
-    evaluation.add_argument("--batch-size", type=int, default=16)
-    evaluation.add_argument("--seq-len", type=int, default=None, help="default: the run's sequence length")
+    evaluation.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches")
+    evaluation.add_argument("--batch-size", type=positive_int, default=16)
+    evaluation.add_argument("--seq-len", type=positive_int, default=None, help="default: the run's sequence length")
     evaluation.add_argument("--cache-dir", default=None, help="cache of tokenized data (default: the run's)")
     evaluation.add_argument("--checkpoint", default=None, help="checkpoint name (default: the latest)")
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON")

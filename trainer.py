@@ -389,6 +389,8 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
              device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> float:
     """Mean cross-entropy over (the first `max_batches` batches of) a dataset, in order,
     weighted by the number of target tokens."""
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise ValueError(f"evaluate: batch_size={batch_size}, max_batches={max_batches}: both must be at least 1")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -405,7 +407,9 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
         tokens += count
         batches += 1
     model.train(was_training)
-    return total / max(tokens, 1)
+    if tokens == 0:
+        raise ValueError("evaluate: the dataset has no target tokens")
+    return total / tokens
 
 
 # ---- the trainer ------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ import dataclasses
 import json
 import math
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, TextIO
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 import checkpoint
 from budget import CostModel, HardwareProfile, Plan, batch_tokens, parse_duration, plan, probe, sequence_length, \
@@ -50,13 +52,13 @@ class Quit(Exception):
     """The user chose Exit."""
 
 
-def menu_table(title: str, items: tuple) -> Table:
+def menu_table(title: str, items: tuple) -> Group:
+    """A numbered menu under its title (the title is not a table title: a narrow menu
+    would wrap it)."""
     table = Table.grid(padding=(0, 1))
-    table.title = f"[bold cyan]{title}[/bold cyan]"
-    table.title_justify = "left"
     for key, label in items:
         table.add_row(f"{key}.", label)
-    return table
+    return Group(Text(title, style="bold cyan"), table)
 
 
 def derived_figures(configs: dict) -> list[tuple[str, str]]:
@@ -139,12 +141,23 @@ class Wizard:
         """Run one menu action; its errors and Ctrl-C come back to the menu."""
         try:
             getattr(self, action)()
-        except (Quit, EndOfInput):
+        except (Quit, _Back, EndOfInput):
             raise
         except KeyboardInterrupt:
             self.error("\ncancelled")
         except RECOVERABLE as error:
             self.error(f"error: {error}")
+        except Exception as error:  # a bug in one action must not end the session
+            log = self.out_dir / "wizard-errors.log"
+            try:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a") as file:
+                    file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {action}\n{traceback.format_exc()}\n")
+                where = f"; the traceback is in {log}"
+            except OSError:
+                where = ""
+            self.error(f"unexpected {type(error).__name__} in {action.replace('_', ' ')}: {error} (a bug in Sprat"
+                       f"{where})")
 
     def exit(self) -> None:
         raise Quit

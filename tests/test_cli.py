@@ -3,12 +3,14 @@ says what to fix. One tiny run (trained once per module) serves generate, eval a
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoint
 import train
 from conftest import write_corpus
+from data import PackedBlocks
 from model import ModelConfig, Transformer
 
 @pytest.fixture(scope="module")
@@ -64,15 +66,66 @@ def test_generate_matches_the_model_loaded_by_hand(run, capsys):
     assert capsys.readouterr().out.rstrip("\n") == expected
 
 
+def exit_code(args: list[str]) -> int:
+    """train.main's exit code, whether it returns it or argparse exits with it."""
+    try:
+        return train.main(args)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--top-p", "1.5"], "top_p=1.5"),
-    (["--temperature", "-1"], "temperature=-1"),
+    (["--top-p", "1.5"], "argument --top-p: 1.5 must be in (0, 1]"),
+    (["--temperature", "-1"], "argument --temperature: -1 must be a number >= 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be at least 1"),
+    (["--top-k", "two"], "argument --top-k: 'two' is not a whole number"),
     (["--checkpoint", "step_999"], "no such checkpoint"),
 ])
-def test_generate_bad_arguments(run, capsys, extra, message):
+def test_generate_bad_arguments_write_nothing_to_stdout(run, capsys, extra, message):
     run_dir, _ = run
-    assert train.main(["generate", str(run_dir), "--prompt", "x", *extra]) == 2
-    assert message in capsys.readouterr().err
+    assert exit_code(["generate", str(run_dir), "--prompt", "x", *extra]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and out == ""
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-batches", "0"], "argument --max-batches: 0 must be at least 1"),
+    (["--max-batches", "-1"], "argument --max-batches: -1 must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["--seq-len", "0"], "argument --seq-len: 0 must be at least 1"),
+])
+def test_eval_refuses_batch_arguments_that_would_measure_nothing(run, capsys, extra, message):
+    run_dir, cache = run
+    assert exit_code(["eval", str(run_dir), "--cache-dir", str(cache), *extra]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "loss" not in out
+
+
+@pytest.mark.parametrize("extra", [["--seq-len", "0"], ["--batch-size", "0"], ["--batch-size", "-3"]])
+def test_train_refuses_sizes_below_one_instead_of_replacing_them(tmp_path, capsys, extra):
+    assert exit_code(["train", "--out", str(tmp_path), *extra]) == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_bad_arguments(run, tmp_path, capsys):
+    run_dir, _ = run
+    assert exit_code(["resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert exit_code(["resume", str(run_dir), "--checkpoint", "step_999"]) == 2
+    assert "step_999: no such checkpoint" in capsys.readouterr().err
+    assert exit_code(["resume", str(run_dir), "model.num_layers=3"]) == 2
+    assert "cannot change on resume" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_empty_measurements(tiny):
+    from trainer import evaluate
+
+    model = Transformer(tiny)
+    data = PackedBlocks.from_stream(np.arange(65, dtype=np.int32) % 64, 16)
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate(model, data, batch_size=4, max_batches=0)
+    assert evaluate(model, data, batch_size=4, max_batches=1) > 0
 
 
 def test_model_commands_on_a_missing_or_wrong_directory(tmp_path, capsys):
@@ -117,6 +170,8 @@ def test_export_loads_in_transformers_with_the_same_logits(run, tmp_path, capsys
         torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
     assert train.main(["export", str(run_dir), "--out", str(out)]) == 2  # never overwrites
     assert "not empty" in capsys.readouterr().err
+    assert train.main(["export", str(run_dir), "--out", str(out / "config.json")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_export_from_a_checkpoint_directory_and_unknown_format(run, tmp_path, capsys):
@@ -143,9 +198,19 @@ def test_check_json_reports_every_check(tmp_path, capsys, monkeypatch):
 
 def test_check_plain_text(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    train.main(["check", "--out", str(tmp_path)])
+    assert train.main(["check", "--out", str(tmp_path)]) == 0  # warnings (no GPU, no hub) are not failures
     out = capsys.readouterr().out
     assert "Python" in out and "Disk" in out and "device" in out
+
+
+def test_check_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch):
+    import system_check
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(system_check.SystemCheck, "check_python",
+                        lambda self: system_check.Check("Python", "fail", "Python 3.8.0: Sprat needs Python 3.9"))
+    assert train.main(["check", "--out", str(tmp_path)]) == 1
+    assert "Sprat needs Python 3.9" in capsys.readouterr().out
 
 
 def test_config_show_lists_every_field(capsys):

@@ -3,16 +3,20 @@
 import io
 
 import pytest
+import torch
 from rich.console import Console
 
-from display import History, LiveDisplay, PlainDisplay, format_seconds, save_plot, text_curve
+from display import History, LiveDisplay, PlainDisplay, expert_shares, format_seconds, save_plot, text_curve
+from model import ModelConfig, Transformer
+from test_trainer import blocks
+from trainer import Trainer, TrainerConfig
 
 EVENTS = [
     {"type": "start", "total_steps": 4, "step": 0, "params": 2_000_000, "trainable": 2_000_000, "device": "cpu",
      "dtype": "float32", "effective_batch": 8, "steps_per_epoch": 4, "epoch": 0},
     *[{"type": "step", "step": s, "total_steps": 4, "loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0,
        "eta_s": 4 - s, "epoch": 0, "grad_norm": 1.0, "tokens_seen": 64 * s,
-       **({"memory": {"rss_mb": 300.0}, "expert_load": [0.5, 0.5]} if s == 2 else {})} for s in range(1, 5)],
+       **({"memory": {"rss_mb": 300.0}, "expert_load": [[48, 16], [40, 24]]} if s == 2 else {})} for s in range(1, 5)],
     {"type": "eval", "step": 4, "val_loss": 1.5, "perplexity": 4.48, "improved": True},
     {"type": "checkpoint", "name": "step_4", "step": 4, "seconds": 0.1},
     {"type": "finished", "status": "finished", "global_step": 4},
@@ -61,7 +65,7 @@ def test_live_display_shows_loss_memory_validation_and_expert_load():
         for event in EVENTS:
             display(event)
     text = output.getvalue()
-    for expected in ("loss 1.000", "1,000 tok/s", "300 MB RSS", "val loss 1.500", "expert load 50% 50%",
+    for expected in ("loss 1.000", "1,000 tok/s", "300 MB RSS", "val loss 1.500", "expert load 69% 31%",
                      "saved checkpoint step_4", "step 4/4"):
         assert expected in text
     assert display.history.steps == [1, 2, 3, 4]
@@ -81,3 +85,18 @@ def test_the_start_line_says_how_long_the_run_trains():
     assert "4,000 optimizer steps" in lines[0]
     assert "3.6s of training (the deadline ends the run)" in lines[1] and "4,000" not in lines[1]
     assert "4,000 optimizer steps or 1m30s of training, whichever ends first" in lines[2]
+
+
+def test_live_display_draws_the_expert_load_a_real_moe_trainer_reports():
+    output = io.StringIO()
+    console = Console(file=output, width=160, color_system=None, force_terminal=True)
+    config = ModelConfig.from_name("tiny", use_moe=True, moe_num_experts=4, moe_active_experts=2)
+    display = LiveDisplay(console)
+    trainer = Trainer(Transformer(config), TrainerConfig(batch_size=4, max_seq_len=16, max_steps=3, use_moe=True,
+                                                         use_epoch_checkpoints=False), blocks(32), callback=display)
+    with display:
+        trainer.fit()
+    load = display.metrics["expert_load"]
+    assert len(load) == config.num_layers and sum(map(sum, load)) == 2 * 4 * 16 * config.num_layers
+    assert sum(expert_shares(load)) == pytest.approx(1.0)
+    assert "expert load" in output.getvalue() and "all 2 MoE layers" in output.getvalue()

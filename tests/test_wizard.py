@@ -122,7 +122,7 @@ def test_start_training_shows_a_summary_and_can_be_declined(tmp_path, corpus):
     assert "about to train" in out and "estimated time" in out and "tokens/s (measured" in out
     (run,) = (tmp_path / "runs").iterdir()  # the declined start made no run
     assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == 3
-    assert "run summary" not in out or "status" in out
+    assert re.search(r"\w+: 3 steps, [\d,]+ tokens", out) and out.count("about to train") == 2
 
 
 @pytest.fixture
@@ -161,6 +161,17 @@ def test_ctrl_c_inside_an_action_returns_to_the_menu(tmp_path, monkeypatch):
     code, _, out = drive(tmp_path, ["4", "3"])
     assert code == 0
     assert "cancelled" in out and out.count("Training Setup") == 2
+
+
+def test_an_unexpected_error_in_an_action_is_logged_and_the_menu_comes_back(tmp_path, monkeypatch):
+    def broken(root):
+        raise TypeError("something nobody planned for")
+
+    monkeypatch.setattr("wizard.find_runs", broken)
+    code, _, out = drive(tmp_path, ["4", "3"])
+    assert code == 0 and out.count("Training Setup") == 2
+    assert "unexpected TypeError in resume: something nobody planned for" in " ".join(out.split())
+    assert "something nobody planned for" in (tmp_path / "runs" / "wizard-errors.log").read_text()
 
 
 def test_derived_figures_follow_the_configuration():
