@@ -100,10 +100,50 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     raise ConfigError(f"{where}: fields of type {kind} cannot be set from text")
 
 
+def mirrored_fields(configs: dict[str, Any]) -> list[tuple[str, str]]:
+    """("section.field", "source_section.field") for every field whose metadata says it
+    mirrors a field of another section present in `configs`. LightLM keeps some switches
+    (use_moe, use_flash, ...) in both ModelConfig and TrainerConfig; a pair is one setting."""
+    pairs = []
+    for section, config in configs.items():
+        if config is None:
+            continue
+        for field in fields_of(config):
+            source = field.metadata.get("mirrors")
+            if source and configs.get(source.partition(".")[0]) is not None:
+                pairs.append((f"{section}.{field.name}", source))
+    return pairs
+
+
+def sync_mirrors(configs: dict[str, Any], changed: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """`configs` with both sides of every mirrored pair holding one value: the side named
+    in `changed` ("section.field") wins, else the source. Returns the configs and a line per
+    value it set; ConfigError when both sides were changed to different values."""
+    updated = dict(configs)
+    notes = []
+    for mirror, source in mirrored_fields(configs):
+        (mirror_section, mirror_name), (source_section, source_name) = mirror.split("."), source.split(".")
+        mirror_value = getattr(updated[mirror_section], mirror_name)
+        source_value = getattr(updated[source_section], source_name)
+        if mirror_value == source_value:
+            continue
+        if mirror in changed and source in changed:
+            raise ConfigError(f"{mirror}={format_value(mirror_value)} but {source}={format_value(source_value)}: "
+                              f"they are one setting, give them one value")
+        leader, value, (section, name) = (mirror, mirror_value, (source_section, source_name)) if mirror in changed             else (source, source_value, (mirror_section, mirror_name))
+        before = getattr(updated[section], name)
+        try:
+            updated[section] = dataclasses.replace(updated[section], **{name: value})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        notes.append(f"{section}.{name}: {format_value(before)} -> {format_value(value)} (follows {leader})")
+    return updated, notes
+
+
 def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """New configs with `section.field=value` overrides applied, e.g. {"model": ModelConfig,
     "trainer": TrainerConfig} and ["trainer.learning_rate=3e-4"]. Each section is
-    validated once, after all of its overrides."""
+    validated once, after all of its overrides; mirrored fields follow what was set."""
     changes: dict[str, dict[str, Any]] = {}
     for override in overrides:
         key, separator, value = override.partition("=")
@@ -120,7 +160,7 @@ def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> dict[str, 
             updated[section] = dataclasses.replace(configs[section], **values)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    return updated
+    return sync_mirrors(updated, [f"{section}.{name}" for section, values in changes.items() for name in values])[0]
 
 
 # ---- input helpers (shared with the wizard) -------------------------------------------------
@@ -253,7 +293,7 @@ def summary_figures(configs: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 # ---- load / save ----------------------------------------------------------------------------
-BOOKKEEPING_KEYS = ("created", "torch")  # top-level keys of a run's run.json that are not configs
+BOOKKEEPING_KEYS = ("created", "torch", "finetune")  # top-level keys of a run's run.json that are not configs
 
 
 def _is_yaml(path: Path) -> bool:
@@ -342,6 +382,7 @@ def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[s
     values = _read_sections(path)
     updated = dict(configs)
     ignored = []
+    changed = []
     for section, section_values in values.items():
         if section in BOOKKEEPING_KEYS or (section in configs and section_values is None):
             continue
@@ -360,6 +401,11 @@ def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[s
             updated[section] = cls.from_dict({**current.to_dict(), **known})
         except (ConfigError, ValueError, TypeError) as error:
             raise ConfigError(f"{path}: {error}") from None
+        changed += [f"{section}.{name}" for name in known if getattr(updated[section], name) != getattr(current, name)]
+    try:
+        updated, _ = sync_mirrors(updated, changed)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     return updated, sorted(ignored)
 
 
@@ -495,8 +541,18 @@ class ConfigEditor:
             raise ConfigError(str(error)) from None
 
     def _accept(self, configs: dict[str, ConfigIO], section: str, new: ConfigIO) -> dict[str, ConfigIO]:
+        """`new` in place of configs[section], with the fields that mirror a changed one
+        following it; the configs unchanged (and why) if that is refused."""
+        changed = [f"{section}.{field.name}" for field in fields_of(new)
+                   if getattr(new, field.name) != getattr(configs[section], field.name)]
+        try:
+            updated, notes = sync_mirrors({**configs, section: new}, changed)
+        except ConfigError as error:
+            self._refuse(f"Not changed: {error}")
+            return configs
         self._print_changes(configs[section], new)
-        updated = {**configs, section: new}
+        for note in notes:
+            self.console.print(f"[green]{escape(note)}[/green]", highlight=False)
         self._print_figures(updated)
         return updated
 

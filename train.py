@@ -251,12 +251,15 @@ def build_finetune(info: dict) -> tuple[Transformer, object, LoRAConfig]:
     return model, tokenizer, lora_config
 
 
-def cmd_finetune(args: argparse.Namespace, console: Console, display=None) -> int:
+def cmd_finetune(args: argparse.Namespace, console: Console, display=None,
+                 lora_config: Optional[LoRAConfig] = None) -> int:
+    """Fine-tune args.base; `lora_config` (the wizard's LoRA table) replaces --rank / --qlora."""
     model, tokenizer = load_base(args.base)
-    configs = {"trainer": TrainerConfig(max_seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=2e-4,
+    seq_len = min(128, model.config.context_len) if args.seq_len is None else args.seq_len
+    configs = {"trainer": TrainerConfig(max_seq_len=seq_len, batch_size=args.batch_size, learning_rate=2e-4,
                                         min_lr=2e-5, warmup_ratio=0.03, num_epochs=args.epochs),
                "data": DataConfig(source=args.data, cache_dir=args.cache_dir, format="instruction"),
-               "lora": LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, quantize_base=args.qlora)}
+               "lora": lora_config or LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, quantize_base=args.qlora)}
     configs = apply_overrides(configs, args.overrides)
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
     if trainer_config.max_seq_len > model.config.context_len:
@@ -555,8 +558,6 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
     if args.action == "validate":
         loaded = load_config_file(args.file, configs)
         model, trainer = loaded["model"], loaded["trainer"]
-        if trainer.use_moe and not model.use_moe:
-            raise ConfigError(f"{args.file}: trainer.use_moe is on but model.use_moe is off")
         console.print(f"{args.file}: valid ({model.num_params() / 1e6:.2f}M parameters, "
                       f"{trainer.batch_size * trainer.accumulation_steps * trainer.max_seq_len:,} tokens per optimizer step)")
         return 0
@@ -649,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--merge", action="store_true", help="also write the model with the adapter folded in")
     finetune.add_argument("--epochs", type=positive_int, default=3)
     finetune.add_argument("--batch-size", type=positive_int, default=8)
-    finetune.add_argument("--seq-len", type=positive_int, default=128)
+    finetune.add_argument("--seq-len", type=positive_int, default=None,
+                          help="tokens per sample (default 128, or the base model's context if shorter)")
     finetune.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     finetune.add_argument("--name", default=None, help="run directory name (default finetune-DATE-TIME)")
     finetune.add_argument("--cache-dir", default=".cache/sprat", help="cache of tokenized data")

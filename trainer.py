@@ -55,12 +55,14 @@ class TrainerConfig(ConfigIO):
     use_dtype: str = described("auto", "compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
                                                           choices=("auto", "float32", "bfloat16", "float16"))
     use_compile: bool = described(False, "torch.compile the model (off by default on CPU)")
-    use_flash: bool = described(True, "attention through scaled_dot_product_attention")
-    gradient_checkpointing: bool = described(False, "recompute activations in backward to save memory")
+    use_flash: bool = described(True, "attention through scaled_dot_product_attention", mirrors="model.use_flash")
+    gradient_checkpointing: bool = described(False, "recompute activations in backward to save memory",
+                                             mirrors="model.gradient_checkpointing")
     clean_cuda_cache: bool = described(False, "empty the CUDA cache after each evaluation")
     use_ddp: bool = described(False, "DistributedDataParallel under torchrun")
-    use_moe: bool = described(False, "the model is a mixture of experts (mirrors ModelConfig.use_moe)")
-    use_lossfreebalance: bool = described(False, "update the loss-free balancing bias after each step (mirrors ModelConfig)")
+    use_moe: bool = described(False, "the model is a mixture of experts", mirrors="model.use_moe")
+    use_lossfreebalance: bool = described(False, "loss-free MoE balancing: a selection bias updated after each step",
+                                          mirrors="model.use_lossfreebalance")
     path_to_checkpoints: str = described("checkpoints", "root folder of run directories")
     log_interval: int = described(10, "optimizer steps between memory readings and log flushes")
     eval_interval: int = described(0, "optimizer steps between evaluations (0 = only at epoch end)")

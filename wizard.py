@@ -28,6 +28,7 @@ from config_editor import ConfigEditor, ConfigError, EndOfInput, ask, choose, co
     save_configs
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
 from display import LiveDisplay, PlainDisplay, format_bytes, format_seconds
+from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from system_check import HardwareManager, SystemCheck
 from trainer import TrainerConfig
@@ -83,7 +84,7 @@ class Wizard:
         self.stream = stream
         self.out_dir = Path(out_dir)
         self.run_checks = run_checks
-        self.configs = default_configs(cache_dir=cache_dir)
+        self.configs = {**default_configs(cache_dir=cache_dir), "lora": LoRAConfig()}
         self.configs["trainer"] = dataclasses.replace(self.configs["trainer"], path_to_checkpoints=str(self.out_dir))
         self.plan: Optional[Plan] = None  # the accepted time-budget plan, until the configuration changes
         self._prepared: dict = {}
@@ -175,6 +176,11 @@ class Wizard:
                 self.dispatch(MANAGE_ACTIONS[answer])
             except _Back:
                 return
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where new runs go: the trainer's path_to_checkpoints (editable in the table)."""
+        return Path(self.configs["trainer"].path_to_checkpoints)
 
     def model_line(self) -> str:
         m, t = self.configs["model"], self.configs["trainer"]
@@ -270,11 +276,13 @@ class Wizard:
     # ---- configurations ---------------------------------------------------------------------------
     def load_config(self) -> None:
         found = sorted(Path("configs").glob("*.json")) + sorted(Path("configs").glob("*.y*ml")) + \
-            sorted(self.out_dir.glob("*/run.json"))
+            sorted(self.runs_dir.glob("*/run.json"))
         if found:
             self.say("configurations found: " + ", ".join(str(p) for p in found[:10]))
-        path = self.ask("Path of the configuration file (.json / .yaml, or a run's run.json)",
-                        default=str(found[0]) if found else None)
+        path = ""
+        while not path:
+            path = self.ask("Path of the configuration file (.json / .yaml, or a run's run.json)",
+                            default=str(found[0]) if found else None)
         configs, unknown = load_configs(path, self.configs)
         self.configs = configs
         self.plan = None
@@ -295,7 +303,7 @@ class Wizard:
         name = self.choose(f"Preset ({', '.join(PRESETS)})", list(PRESETS), default="2M")
         self.configs["model"] = ModelConfig.from_name(name)
         self.configs["trainer"] = dataclasses.replace(TrainerConfig(max_seq_len=128, batch_size=16),
-                                                      path_to_checkpoints=str(self.out_dir))
+                                                      path_to_checkpoints=str(self.runs_dir))
         self.plan = None
         self._fix_context()
         self.say(f"✓ new configuration from preset {name}: {self.model_line()}")
@@ -312,7 +320,8 @@ class Wizard:
         presets = {"model": {name: (lambda name=name: ModelConfig.from_name(name)) for name in PRESETS},
                    "trainer": {"defaults": lambda: TrainerConfig(max_seq_len=128, batch_size=16,
                                                                   path_to_checkpoints=str(self.out_dir))},
-                   "data": {"defaults": lambda: DataConfig(cache_dir=self.configs["data"].cache_dir)}}[section]
+                   "data": {"defaults": lambda: DataConfig(cache_dir=self.configs["data"].cache_dir)},
+                   "lora": {"defaults": LoRAConfig}}[section]
         before = {name: config.to_dict() for name, config in self.configs.items()}
         editor = ConfigEditor(self.console, self.stream, presets=presets, derived=derived_figures)
         self.configs = editor.edit(self.configs, section)
@@ -356,7 +365,7 @@ class Wizard:
             return
         data = self.configs["data"]
         self.configs = {**self.configs, "model": fit_model_to_data(the_plan.model, the_plan.trainer, prepared),
-                        "trainer": dataclasses.replace(the_plan.trainer, path_to_checkpoints=str(self.out_dir)),
+                        "trainer": dataclasses.replace(the_plan.trainer, path_to_checkpoints=str(self.runs_dir)),
                         "data": data}
         self.plan = the_plan
         self.say("[green]✓ Configuration updated[/green]")
@@ -372,7 +381,7 @@ class Wizard:
             self.say("starting the accepted plan (the budget counts from now)")
         elif not self.confirm("Start training?", default=True):
             return
-        run_dir = self.out_dir / time.strftime("run-%Y%m%d-%H%M%S")
+        run_dir = self.runs_dir / time.strftime("run-%Y%m%d-%H%M%S")
         data_config = prepared.config or self.configs["data"]
         trainer = new_trainer(model_config, trainer_config, data_config, prepared, run_dir, callback=None)
         result, history = fit(trainer, self.console, self.display())
@@ -417,7 +426,7 @@ class Wizard:
         table.add_row("optimizer steps", steps)
         table.add_row("estimated time", f"{format_seconds(seconds)} at {rate:,.0f} tokens/s (measured on this machine)")
         table.add_row("estimated memory", format_bytes(memory))
-        table.add_row("runs in", str(self.out_dir))
+        table.add_row("runs in", str(self.runs_dir))
         return table
 
     def seconds_per_token(self, model_config: ModelConfig, seq_len: int, vocab_size: int) -> float:
@@ -429,9 +438,10 @@ class Wizard:
 
     # ---- runs and models --------------------------------------------------------------------------
     def pick_model(self, what: str, runs_only: bool = False) -> Path:
-        runs = find_runs(self.out_dir)
+        roots = list(dict.fromkeys([self.runs_dir, self.out_dir]))  # where runs go now, and the default
+        runs = [run for root in roots for run in find_runs(root)]
         if runs:
-            table = Table(title=f"runs in {self.out_dir}", title_justify="left")
+            table = Table(title=f"runs in {', '.join(map(str, roots))}", title_justify="left")
             for column in ("#", "run", "kind", "latest checkpoint", "step", "best val loss"):
                 table.add_column(column)
             for index, run in enumerate(runs, 1):
@@ -461,13 +471,18 @@ class Wizard:
             if data.exists():
                 break
             self.error(f"{data}: no such file or folder")
-        rank = self._ask_int("LoRA rank", 16)
-        qlora = self.confirm("Quantize the frozen base to 4-bit NF4 (QLoRA)?", default=False)
+        lora = self.configs["lora"]
+        self.say(f"LoRA table (menu 2 → 6 → lora edits the rest): rank {lora.rank}, alpha {lora.alpha:g}, "
+                 f"targets {', '.join(lora.target_modules)}")
+        rank = self._ask_int("LoRA rank", lora.rank)
+        qlora = self.confirm("Quantize the frozen base to 4-bit NF4 (QLoRA)?", default=lora.quantize_base)
         epochs = self._ask_int("Epochs", 3)
-        args = argparse.Namespace(base=str(base), data=str(data), rank=rank, qlora=qlora, merge=False, epochs=epochs,
-                                  batch_size=8, seq_len=128, out=str(self.out_dir), name=None,
+        alpha = 2.0 * rank if lora.alpha == 2.0 * lora.rank else lora.alpha  # keep the scale alpha/r = 2
+        self.configs["lora"] = dataclasses.replace(lora, rank=rank, alpha=alpha, quantize_base=qlora)
+        args = argparse.Namespace(base=str(base), data=str(data), merge=False, epochs=epochs, batch_size=8,
+                                  seq_len=None, out=str(self.runs_dir), name=None,
                                   cache_dir=self.configs["data"].cache_dir, overrides=[])
-        cmd_finetune(args, self.console, self.display())
+        cmd_finetune(args, self.console, self.display(), lora_config=self.configs["lora"])
 
     def _ask_int(self, prompt: str, default: int) -> int:
         while True:

@@ -281,6 +281,23 @@ def test_a_cross_field_refusal_suggests_changing_both_and_the_value_prompt_takes
     assert (result["model"].num_heads, result["model"].num_kv_heads) == (6, 3)
 
 
+def test_mirrored_switches_follow_whichever_side_is_set(configs, tmp_path):
+    """LightLM keeps use_moe, use_flash, ... in both ModelConfig and TrainerConfig: one setting."""
+    updated = apply_overrides(configs, ["model.use_moe=yes", "trainer.gradient_checkpointing=yes"])
+    assert updated["trainer"].use_moe and updated["model"].use_moe
+    assert updated["model"].gradient_checkpointing and updated["trainer"].gradient_checkpointing
+    with pytest.raises(ConfigError, match="one setting"):
+        apply_overrides(configs, ["model.use_flash=no", "trainer.use_flash=yes"])
+
+    result, text = edit(configs, "trainer", "use_moe=yes\n\n")
+    assert result["model"].use_moe and "model.use_moe: no -> yes (follows trainer.use_moe)" in text
+
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps({"trainer": {"use_lossfreebalance": True}}))
+    loaded, _ = load_configs(path, configs)
+    assert loaded["model"].use_lossfreebalance and loaded["trainer"].use_lossfreebalance
+
+
 def test_reset_to_a_preset(configs):
     presets = {name: (lambda name=name: ModelConfig.from_name(name)) for name in ("tiny", "2M")}
     result, text = edit(configs, "model", "num_layers=7\nreset\n2M\n\n", presets=presets)

@@ -1,6 +1,7 @@
 """The wizard driven in-process with scripted input (an injected console and stream)."""
 
 import io
+import json
 import re
 
 import pytest
@@ -142,6 +143,24 @@ def test_chat_evaluate_and_export_from_the_menu(tmp_path, trained):
     assert "unknown command /nope" in out
     assert "perplexity" in out and "exported to" in out
     assert (tmp_path / "exported" / "config.json").exists()
+
+
+def test_finetune_from_the_menu_uses_the_lora_table_and_fits_the_base_context(tmp_path, corpus):
+    assert train.main(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "runs"),
+                       "--name", "base", "--cache-dir", str(tmp_path / "cache"), "--seq-len", "48", "--batch-size", "4",
+                       "data.vocab_size=300", "trainer.max_steps=2"]) == 0
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "say", "response": word}) for word in ("the", "model", "reads") * 8))
+    keys = ["2", "6", "4", "dropout=0 target_modules=q_proj,v_proj", "", "7",
+            "5", "1", str(data), "4", "n", "1", "3"]
+    code, wizard, out = drive(tmp_path, keys)
+    assert code == 0, out
+    assert "adapter saved" in out and "LoRA rank 4" in out
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("finetune-")]
+    info = json.loads((run / "run.json").read_text())
+    assert info["trainer"]["max_seq_len"] == 48  # the base's context, not 128
+    lora = info["finetune"]["lora"]
+    assert (lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"]) == (4, 8.0, 0, ["q_proj", "v_proj"])
 
 
 def test_resume_from_the_menu_continues_the_run(tmp_path, trained):
