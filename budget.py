@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from model import ModelConfig, Transformer
-from trainer import TrainerConfig, build_optimizer
+from trainer import TrainerConfig, build_optimizer, resolve_dtype
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
 # Chinchilla's fitted constants (Hoffmann et al. 2022, approach 3).
@@ -41,6 +42,7 @@ LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 MAX_USEFUL_EPOCHS = 4
 PROBE_WIDTHS = (64, 128, 256)
 PROBE_BATCH = 2  # sequences per probe step: enough to be representative, cheap enough to be quick
+PROBE_METHOD = "median"  # in the cache key: probes cached by an earlier way of measuring are measured again
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -134,30 +136,35 @@ class Probe:
     seconds_per_token: float
 
 
-def measure(config: ModelConfig, batch_size: int, seq_len: int, device: str, seconds: float) -> float:
-    """Seconds per token of full training steps of `config`, after one warm-up step: as
-    many steps as fit in `seconds`, at least one."""
+def measure(config: ModelConfig, batch_size: int, seq_len: int, device: str, seconds: float,
+            dtype: Optional[torch.dtype] = None) -> float:
+    """Seconds per token of full training steps of `config` in the precision training
+    uses on `device` (unless `dtype`): the median step after one warm-up step, of as many
+    as fit in `seconds` and at least three, so a step slowed by something else on the
+    machine does not set the figure."""
     torch.manual_seed(0)
+    dtype = dtype or resolve_dtype(TrainerConfig(), torch.device(device))
     model = Transformer(config).to(device)
     optimizer = build_optimizer(model, TrainerConfig(), torch.device(device))
     x = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
 
     def step() -> None:
-        _, loss, _ = model(x, x)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss, _ = model(x, x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    steps, start = 0, time.perf_counter()
-    while steps < 1 or time.perf_counter() - start < seconds:
+    durations: list[float] = []
+    start = time.perf_counter()
+    while len(durations) < 3 or time.perf_counter() - start < seconds:
+        began = time.perf_counter()
         step()
-        steps += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (steps * batch_size * seq_len)
+        durations.append(time.perf_counter() - began)
+    return statistics.median(durations) / (batch_size * seq_len)
 
 
 def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: int, seconds_each: float,
@@ -165,7 +172,7 @@ def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: 
     """Probes for the ladder's small, middle and large shapes, from the cache when this
     machine, device, torch version, vocabulary and sequence length were measured before.
     Returns (probes, came_from_cache)."""
-    key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}"
+    key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}|{PROBE_METHOD}"
     cache = Path(cache_dir) / "probes.json" if cache_dir else None
     stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
     if key in stored:

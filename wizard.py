@@ -46,6 +46,7 @@ MANAGE_MENU = (("1", "Change dataset"), ("2", "Load existing configuration"),
                ("7", "Continue with current settings"), ("8", "Exit"))
 MANAGE_ACTIONS = {"1": "change_dataset", "2": "load_config", "3": "new_config", "4": "save_config",
                   "5": "optimize", "6": "edit_config", "7": "back", "8": "exit"}
+MICRO_BATCH_LIMIT = 256  # the largest micro-batch the Optimize screen looks for
 RECOVERABLE = (ConfigError, DataError, ValueError, checkpoint.CheckpointError, FileNotFoundError, OSError)
 
 
@@ -358,7 +359,7 @@ class Wizard:
                         seq_len=seq_len, whole_run=False)
         with self.console.status("measuring the memory of a training step ..."):
             manager = HardwareManager(hardware.device)
-            max_batch = manager.max_micro_batch(the_plan.model, seq_len)
+            max_batch = manager.max_micro_batch(the_plan.model, seq_len, limit=MICRO_BATCH_LIMIT)
         self.console.print(plan_table(the_plan, hardware, cached, max_batch, manager.flash_attention_available))
         if not self.confirm("Apply these optimizations?"):
             self.say("kept the current configuration")
@@ -397,22 +398,25 @@ class Wizard:
     def summary_table(self, model_config: ModelConfig, trainer_config: TrainerConfig, prepared) -> Table:
         seq_len, batch = trainer_config.max_seq_len, trainer_config.batch_size
         tokens_per_step = batch * trainer_config.accumulation_steps * seq_len
+        memory = training_memory(model_config, batch, seq_len)
         if self.plan is not None:
             seconds, steps = self.plan.train_seconds, f"~{self.plan.steps:,} (the deadline ends the run)"
-            rate = self.plan.tokens_per_second
+            rate, measured = self.plan.tokens_per_second, "measured on this machine for the plan"
         else:
-            rate = 1.0 / self.seconds_per_token(model_config, seq_len, len(prepared.tokenizer))
+            rate, measured = self.throughput(model_config, batch, seq_len, memory)
             steps_per_epoch = math.ceil(len(prepared.train) / batch / trainer_config.accumulation_steps)
             total = steps_per_epoch * trainer_config.num_epochs
-            if trainer_config.max_steps:
-                total = min(total, trainer_config.max_steps)
+            steps = f"{total:,} ({trainer_config.num_epochs} epoch{'s' if trainer_config.num_epochs > 1 else ''} " \
+                    f"of {steps_per_epoch:,})"
+            if trainer_config.max_steps and trainer_config.max_steps < total:
+                total = trainer_config.max_steps
+                steps = f"{total:,} (max_steps; an epoch is {steps_per_epoch:,})"
             seconds = total * tokens_per_step / rate
-            steps = f"{total:,} ({trainer_config.num_epochs} epochs of {steps_per_epoch:,})"
             if trainer_config.time_limit_s and (seconds > trainer_config.time_limit_s
                                                 or trainer_config.schedule_by == "time"):
                 seconds = trainer_config.time_limit_s
-                steps = f"~{max(1, round(seconds * rate / tokens_per_step)):,} (time_limit_s ends the run)"
-        memory = training_memory(model_config, batch, seq_len)
+                total = max(1, round(seconds * rate / tokens_per_step))
+                steps = f"~{total:,} (time_limit_s ends the run)"
         table = Table(title="about to train", title_justify="left", show_header=False)
         table.add_column(style="bold")
         table.add_column()
@@ -424,17 +428,29 @@ class Wizard:
         table.add_row("tokens per optimizer step", f"{tokens_per_step:,} ({batch} x {trainer_config.accumulation_steps}"
                                                    f" x {seq_len})")
         table.add_row("optimizer steps", steps)
-        table.add_row("estimated time", f"{format_seconds(seconds)} at {rate:,.0f} tokens/s (measured on this machine)")
+        table.add_row("tokens to train on", f"~{seconds * rate / 1e6:,.2f}M")
+        table.add_row("estimated time", f"{format_seconds(seconds)} at {rate:,.0f} tokens/s ({measured})")
         table.add_row("estimated memory", format_bytes(memory))
         table.add_row("runs in", str(self.runs_dir))
         return table
 
-    def seconds_per_token(self, model_config: ModelConfig, seq_len: int, vocab_size: int) -> float:
+    def throughput(self, model_config: ModelConfig, batch_size: int, seq_len: int,
+                   memory: int) -> tuple[float, str]:
+        """Tokens per second of this model at this micro-batch, measured with a few real
+        training steps; from the planner's cached probes instead when the step would not
+        fit in memory (measuring it could take the machine down)."""
         device = self.configs["trainer"].device
-        hardware = HardwareProfile.detect(None if device == "auto" else device)
-        with self.console.status("measuring throughput on this machine (cached afterwards) ..."):
-            probes, _ = probe(hardware, vocab_size, seq_len, 2, 0.3, self.configs["data"].cache_dir)
-        return CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
+        manager = HardwareManager(None if device == "auto" else device)
+        if memory < 0.8 * manager.memory_available_bytes:
+            with self.console.status("measuring a few training steps of this model on this machine ..."):
+                return manager.tokens_per_second(model_config, batch_size, seq_len), "measured: 3+ steps of this model"
+        with self.console.status("estimating throughput from the planner's probes (cached afterwards) ..."):
+            probes, _ = probe(manager.profile(), model_config.vocab_size, seq_len, 2, 0.3,
+                              self.configs["data"].cache_dir)
+        self.error(f"this step needs ~{format_bytes(memory)}, more than the {format_bytes(manager.memory_available_bytes)}"
+                   f" available: training will fall back to smaller micro-batches or fail")
+        rate = 1.0 / CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
+        return rate, "estimated from small probes: the step does not fit in memory to measure it"
 
     # ---- runs and models --------------------------------------------------------------------------
     def pick_model(self, what: str, runs_only: bool = False) -> Path:
@@ -567,7 +583,8 @@ def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool, max_batc
     table.add_row("hardware", f"{hardware.device}: {hardware.device_name}, {hardware.threads} threads, "
                               f"{format_bytes(hardware.memory_bytes)} available; flash attention "
                               f"{'yes' if flash else 'no'}")
-    table.add_row("largest micro-batch", f"{max_batch} sequences of {t.max_seq_len} tokens for this model (from "
+    most = "" if max_batch < MICRO_BATCH_LIMIT else " or more (the most it looks for)"
+    table.add_row("largest micro-batch", f"{max_batch} sequences of {t.max_seq_len} tokens{most} for this model (from "
                                          f"measured activation memory)" if max_batch else
                                          "not even one sequence fits in memory")
     table.add_row("measured", f"{the_plan.tokens_per_second:,.0f} tokens/s for this shape "
