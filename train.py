@@ -726,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="model preset to start from")
     config.add_argument("--section", default=None, choices=list(SECTIONS), help="show only this section")
     config.set_defaults(func=cmd_config)
+    parser.commands = commands.choices  # each command's own parser, for its usage line in errors
     return parser
 
 
@@ -744,12 +745,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         from wizard import run_wizard
 
         return run_wizard(Console(highlight=False))
+    command_parser = parser.commands[args.command]
+    if getattr(args, "file", "absent") is None and extra and "=" not in extra[0] and not extra[0].startswith("-"):
+        args.file = extra.pop(0)  # `config set --preset tiny FILE ...`: FILE came after an option
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         if not hasattr(args, "overrides"):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
         code = args.func(args, output_console())
