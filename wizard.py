@@ -303,7 +303,7 @@ class Wizard:
         self.console.print(table)
         name = self.choose(f"Preset ({', '.join(PRESETS)})", list(PRESETS), default="2M")
         self.configs["model"] = ModelConfig.from_name(name)
-        self.configs["trainer"] = dataclasses.replace(TrainerConfig(max_seq_len=128, batch_size=16),
+        self.configs["trainer"] = dataclasses.replace(default_configs()["trainer"],
                                                       path_to_checkpoints=str(self.runs_dir))
         self.plan = None
         self._fix_context()
@@ -319,8 +319,8 @@ class Wizard:
         section = sections[int(self.choose(f"Select table (1-{len(sections)})",
                                            [str(i) for i in range(1, len(sections) + 1)])) - 1]
         presets = {"model": {name: (lambda name=name: ModelConfig.from_name(name)) for name in PRESETS},
-                   "trainer": {"defaults": lambda: TrainerConfig(max_seq_len=128, batch_size=16,
-                                                                  path_to_checkpoints=str(self.out_dir))},
+                   "trainer": {"defaults": lambda: dataclasses.replace(default_configs()["trainer"],
+                                                                        path_to_checkpoints=str(self.runs_dir))},
                    "data": {"defaults": lambda: DataConfig(cache_dir=self.configs["data"].cache_dir)},
                    "lora": {"defaults": LoRAConfig}}[section]
         before = {name: config.to_dict() for name, config in self.configs.items()}
