@@ -688,14 +688,14 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
     if not items:
         raise DataError(f"{config.source}: the dataset is empty")
     instruction = isinstance(items[0], dict)
-    if tokenizer is None:
+    trained_bpe = tokenizer is None
+    if trained_bpe:
         texts = (json.dumps(item) if isinstance(item, dict) else item for item in items)
         tokenizer = train_bpe(texts, config.vocab_size, config.bpe_sample_bytes)
         bpe_file.parent.mkdir(parents=True, exist_ok=True)
         partial = bpe_file.with_name(f".{bpe_file.name}.{os.getpid()}")
         tokenizer.backend_tokenizer.save(str(partial))
         os.replace(partial, bpe_file)  # atomic: concurrent runs never read half a file
-        report.notes.append(f"trained a {len(tokenizer)}-token byte-level BPE on the data")
     if instruction:
         train, val = build_instruction(items, tokenizer, config, seq_len, report)
     else:
@@ -703,6 +703,8 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
     report.seconds = time.perf_counter() - started
     arrays = cache / "arrays" / f"{fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}"
     _save_arrays(arrays, train, val, report)
+    if trained_bpe:  # said this time only: the cached report is read back by later runs
+        report.notes.append(f"trained a {len(tokenizer)}-token byte-level BPE on the data")
     return PreparedData(tokenizer, train, val, report, fingerprint, config)
 
 

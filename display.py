@@ -116,7 +116,7 @@ class LiveDisplay:
         self._refresh()
         self.live.stop()
 
-    def _metrics_table(self) -> Table:
+    def _metrics_table(self) -> Group:
         grid = Table.grid(padding=(0, 3))
         m = self.metrics
         cells = [f"loss [bold]{m['loss']:.3f}[/bold]" if "loss" in m else "loss -",
@@ -126,10 +126,10 @@ class LiveDisplay:
         if "val_loss" in m:
             cells.append(f"val loss [bold]{m['val_loss']:.3f}[/bold] (ppl {m['perplexity']:.1f})")
         grid.add_row(*cells)
-        if m.get("expert_load"):
-            grid.add_row(f"expert load {load_text(m['expert_load'])} (share of routed tokens per expert, "
-                         f"all {len(m['expert_load'])} MoE layers)")
-        return grid
+        if not m.get("expert_load"):
+            return Group(grid)
+        return Group(grid, f"expert load {load_text(m['expert_load'])} (share of routed tokens per expert, "
+                           f"all {len(m['expert_load'])} MoE layers)")
 
     def _refresh(self) -> None:
         self.live.update(Group(self.progress, self._metrics_table()))
@@ -165,6 +165,8 @@ class LiveDisplay:
         elif kind in ("stopped", "early_stop", "nonfinite", "resumed", "checkpoint_set_aside"):
             details = ", ".join(f"{k} {v}" for k, v in event.items() if k not in ("type", "time"))
             self.console.print(f"[yellow]{kind.replace('_', ' ')}: {details}[/yellow]")
+        elif kind == "finished" and event["status"] == "interrupted":  # the bar stays where the run stopped
+            self.progress.update(self.task, completed=event["global_step"], eta="-")
         elif kind == "finished":
             self.progress.update(self.task, total=max(1, event["global_step"]), completed=event["global_step"],
                                  eta="0s")

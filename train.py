@@ -287,7 +287,8 @@ def cmd_finetune(args: argparse.Namespace, console: Console, display=None,
 
 
 def finish_finetune(trainer: Trainer, result: TrainResult, prepared, run_dir: Path, lora_config: LoRAConfig,
-                    base: str, merge: bool, console: Console, history=None) -> int:
+                    base: str, merge: bool, console: Console, history=None,
+                    resume_hint: str = "python train.py resume") -> int:
     if trainer.is_main and result.status != "interrupted":
         adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
         console.print(f"adapter saved to {adapter} (PEFT format)")
@@ -295,11 +296,11 @@ def finish_finetune(trainer: Trainer, result: TrainResult, prepared, run_dir: Pa
             merged = merge_and_save(trainer.model, run_dir / "merged", prepared.tokenizer)
             console.print(f"merged model saved to {merged} (Hugging Face layout)")
     prompt = chat_prompt(prepared.tokenizer, "Hello")
-    return finish(trainer, result, prepared, run_dir, console, history, prompt_text=prompt)
+    return finish(trainer, result, prepared, run_dir, console, history, prompt_text=prompt, resume_hint=resume_hint)
 
 
 def resume_run(run_dir: Path, checkpoint_name: Optional[str], overrides: list[str], console: Console,
-               display=None) -> int:
+               display=None, resume_hint: str = "python train.py resume") -> int:
     if not (run_dir / "run.json").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no run.json)")
     info = json.loads((run_dir / "run.json").read_text())
@@ -326,8 +327,8 @@ def resume_run(run_dir: Path, checkpoint_name: Optional[str], overrides: list[st
     result, history = fit(trainer, console, display)
     if info.get("finetune"):
         return finish_finetune(trainer, result, prepared, run_dir, lora_config, info["finetune"]["base"], False,
-                               console, history)
-    return finish(trainer, result, prepared, run_dir, console, history)
+                               console, history, resume_hint)
+    return finish(trainer, result, prepared, run_dir, console, history, resume_hint=resume_hint)
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:

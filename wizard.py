@@ -46,6 +46,7 @@ MANAGE_MENU = (("1", "Change dataset"), ("2", "Load existing configuration"),
                ("7", "Continue with current settings"), ("8", "Exit"))
 MANAGE_ACTIONS = {"1": "change_dataset", "2": "load_config", "3": "new_config", "4": "save_config",
                   "5": "optimize", "6": "edit_config", "7": "back", "8": "exit"}
+RESUME_HINT = "menu 4 (Resume a run), or python train.py resume"
 MICRO_BATCH_LIMIT = 256  # the largest micro-batch the Optimize screen looks for
 RECOVERABLE = (ConfigError, DataError, ValueError, checkpoint.CheckpointError, FileNotFoundError, OSError)
 
@@ -229,7 +230,7 @@ class Wizard:
                 self.error("the Hugging Face hub is not reachable from here: keeping the current dataset "
                            "(the built-in corpus and local files work offline)")
                 return
-            config_name = self.ask("Configuration (e.g. wikitext-2-raw-v1; Enter for none)", default="")
+            config_name = self.ask("Configuration (e.g. wikitext-2-raw-v1; Enter for none)")
             data = dataclasses.replace(data, source=name, hub_config=config_name or None)
         self.preview(data)
         previous = self.configs["data"]
@@ -386,8 +387,7 @@ class Wizard:
         data_config = prepared.config or self.configs["data"]
         trainer = new_trainer(model_config, trainer_config, data_config, prepared, run_dir, callback=None)
         result, history = fit(trainer, self.console, self.display())
-        finish(trainer, result, prepared, run_dir, self.console, history,
-               resume_hint="menu 4 (Resume a run), or python train.py resume")
+        finish(trainer, result, prepared, run_dir, self.console, history, resume_hint=RESUME_HINT)
         self.plan = None
 
     def display(self):
@@ -478,7 +478,7 @@ class Wizard:
 
     def resume(self) -> None:
         run_dir = self.pick_model("Run to resume", runs_only=True)
-        resume_run(run_dir, None, [], self.console, self.display())
+        resume_run(run_dir, None, [], self.console, self.display(), resume_hint=RESUME_HINT)
 
     def finetune(self) -> None:
         base = self.pick_model("Base model")
@@ -517,7 +517,7 @@ class Wizard:
                  f"{'chat' if chat else 'text continuation'} mode. Commands: /temperature X, /top_k N, /top_p X, "
                  f"/max_new_tokens N, /settings; an empty line or /exit returns to the menu.")
         while True:
-            prompt = self.ask("[bold]you[/bold]", default="")
+            prompt = self.ask("[bold]you[/bold]")
             if prompt in ("", "/exit", "/quit"):
                 return
             if prompt.startswith("/"):

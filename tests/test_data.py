@@ -193,6 +193,8 @@ def test_prepare_caches_arrays(tmp_path, tokenizer):
     first = prepare(cfg, seq_len=16)  # trains the BPE, tokenizes, caches
     second = prepare(cfg, seq_len=16)
     assert not first.report.cached and second.report.cached
+    assert any("trained a" in note for note in first.report.notes)
+    assert not any("trained a" in note for note in second.report.notes)  # the cached run trained nothing
     assert np.array_equal(first.train.tokens, second.train.tokens)
     assert np.array_equal(first.val.tokens, second.val.tokens)
     assert data.tokenizer_hash(first.tokenizer) == data.tokenizer_hash(second.tokenizer)

@@ -100,3 +100,13 @@ def test_live_display_draws_the_expert_load_a_real_moe_trainer_reports():
     assert len(load) == config.num_layers and sum(map(sum, load)) == 2 * 4 * 16 * config.num_layers
     assert sum(expert_shares(load)) == pytest.approx(1.0)
     assert "expert load" in output.getvalue() and "all 2 MoE layers" in output.getvalue()
+
+
+def test_an_interrupted_run_leaves_the_bar_where_it_stopped():
+    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=True)
+    with LiveDisplay(console) as display:
+        for event in EVENTS[:3]:
+            display(event)
+        display({"type": "finished", "status": "interrupted", "global_step": 2})
+    task = display.progress.tasks[0]
+    assert (task.completed, task.total) == (2, 4)
