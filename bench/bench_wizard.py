@@ -1,28 +1,37 @@
-"""LightLM's wizard walkthrough (2, 5, 0.001, y, 7, 1) on the real `python train.py`
-under a pseudo-terminal, timed phase by phase, cold (empty cache) then warm.
+"""The wizard, measured.
 
-The peer is the budget itself: the training phase (from the start of training to the
-saved checkpoint, as the trainer recorded it) against LightLM's 0.001 h = 3.6 s.
-Prints per run: seconds to the first menu, to the plan, of training (and its error
-against the budget), from "1" to the menu again, and the steps trained.
+1. LightLM's walkthrough (2, 5, 0.001, y, 7, 1) on the real `python train.py` under a
+   pseudo-terminal, timed phase by phase, cold (empty cache) then warm. The peer is the
+   budget itself: the training phase (from the start of training to the saved
+   checkpoint, as the trainer recorded it) against LightLM's 0.001 h = 3.6 s. Prints per
+   run: seconds to the first menu, to the plan, of training (and its error against the
+   budget), from "1" to the menu again, and the steps trained.
+2. Start training's time estimate for fixed presets (menu 2 → 3, max_steps set in the
+   table, then 1): the estimate on the summary screen (a few measured steps of the model)
+   against the run's real training time, next to the estimate the planner's cost model
+   (batch-2 probes of three small shapes) would have given for the same configuration.
 
-    python -m bench.bench_wizard [--budget 0.001]
+    python -m bench.bench_wizard [--budget 0.001] [--estimates 2M:30,15M:8]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pexpect
+from rich.console import Console
 
 import checkpoint
-from budget import parse_duration
+from budget import CostModel, HardwareProfile, parse_duration, probe
+from wizard import Wizard
 
 ROOT = Path(__file__).resolve().parent.parent
 MENU = r"Select option \(1-8\): "
@@ -65,10 +74,41 @@ def walkthrough(cwd: Path, budget: str) -> dict:
     return marks
 
 
+def estimate(preset: str, steps: int, cache_dir: str, out_dir: Path) -> dict:
+    """The summary's estimated training time for `preset` capped at `steps`, the cost
+    model's, and the time the run really took (trainer's clock, final evaluation excluded
+    by evaluating one batch)."""
+    keys = ["2", "3", preset, "6", "2", f"max_steps={steps} eval_steps=1", "", "7", "1", "y", "3"]
+    screen = io.StringIO()
+    wizard = Wizard(Console(file=screen, width=200, color_system=None), io.StringIO("\n".join(keys) + "\n"),
+                    out_dir=out_dir / preset, cache_dir=cache_dir, run_checks=False)
+    wizard.run()
+    text = screen.getvalue()
+    rate = float(re.search(r"at ([\d,]+) tokens/s \(measured", text).group(1).replace(",", ""))
+    model, trainer = wizard.configs["model"], wizard.configs["trainer"]
+    tokens = steps * trainer.batch_size * trainer.accumulation_steps * trainer.max_seq_len
+    probes, _ = probe(HardwareProfile.detect(), model.vocab_size, trainer.max_seq_len, 2, 0.3, cache_dir)
+    cost_rate = 1.0 / CostModel.fit(probes).seconds_per_token(model.flops_per_token(trainer.max_seq_len))
+    (run,) = (out_dir / preset).iterdir()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    finished = next(e for e in events if e["type"] == "finished")
+    return {"preset": preset, "steps": steps, "estimate": tokens / rate, "cost model": tokens / cost_rate,
+            "actual": finished["elapsed_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="0.001", help="what to type at 'desired training time'")
+    parser.add_argument("--estimates", default="2M:30,15M:8", help="PRESET:STEPS,... for the estimate check")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        rows = [estimate(preset, int(steps), ".cache/sprat", Path(work))
+                for preset, steps in (item.split(":") for item in args.estimates.split(","))]
+    print(f"{'preset':>6} {'steps':>5} {'actual s':>9} {'estimate s':>11} {'error':>7} {'cost model s':>13} {'error':>7}")
+    for r in rows:
+        print(f"{r['preset']:>6} {r['steps']:5d} {r['actual']:9.1f} {r['estimate']:11.1f} "
+              f"{(r['estimate'] - r['actual']) / r['actual']:+7.0%} {r['cost model']:13.1f} "
+              f"{(r['cost model'] - r['actual']) / r['actual']:+7.0%}")
     budget_s = parse_duration(args.budget)
     with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as warm:
         results = {"cold": walkthrough(Path(cold), args.budget)}

@@ -4,6 +4,7 @@ import time
 from collections import namedtuple
 from dataclasses import replace
 from importlib import metadata
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -122,6 +123,38 @@ def test_hardware_manager_on_cpu():
     assert 0 < hardware.memory_available_bytes <= hardware.memory_total_bytes
     assert json.loads(json.dumps(hardware.to_dict()))["recommended_dtype"] == "float32"
     assert hardware.profile().device == "cpu"
+
+
+def fake_gpu(monkeypatch, name: str, major: int, minor: int, gib: float, bf16: bool) -> None:
+    """torch.cuda as a machine with one such GPU would answer (no kernel ever runs)."""
+    props = SimpleNamespace(name=name, total_memory=int(gib * 2**30), major=major, minor=minor)
+    for attribute, value in {"is_available": lambda: True, "device_count": lambda: 1,
+                             "get_device_properties": lambda index: props, "get_device_name": lambda index: name,
+                             "is_bf16_supported": lambda: bf16,
+                             "mem_get_info": lambda: (int(gib * 0.9 * 2**30), int(gib * 2**30))}.items():
+        monkeypatch.setattr(torch.cuda, attribute, value)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+
+
+def test_gpu_facts_and_advice_for_an_ampere_or_newer_card(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 9, 0, 79.2, bf16=True)
+    check = SystemCheck().check_gpu()
+    assert check.status == "ok"
+    assert check.message == ("NVIDIA H100 80GB HBM3, 79.2 GiB, compute 9.0: bf16 autocast recommended, "
+                             "flash attention available")
+    assert check.facts["compute_capability"] == [9, 0] and check.facts["bf16"] and check.facts["flash_attention"]
+    hardware = HardwareManager()
+    assert hardware.device == "cuda" and hardware.recommended_dtype() == "bfloat16"
+    assert hardware.flash_attention_available and hardware.compute_capability == (9, 0)
+    assert hardware.memory_total_bytes == int(79.2 * 2**30)
+
+
+def test_gpu_facts_and_advice_for_an_older_card(monkeypatch):
+    fake_gpu(monkeypatch, "Tesla T4", 7, 5, 15.0, bf16=False)
+    check = SystemCheck().check_gpu()
+    assert "compute 7.5: fp16 autocast" in check.message and "no flash attention" in check.message
+    hardware = HardwareManager()
+    assert hardware.recommended_dtype() == "float16" and not hardware.flash_attention_available
 
 
 def test_activation_bytes_grow_with_sequence_and_depth(tiny):
