@@ -130,7 +130,10 @@ def sync_mirrors(configs: dict[str, Any], changed: Sequence[str] = ()) -> tuple[
         if mirror in changed and source in changed:
             raise ConfigError(f"{mirror}={format_value(mirror_value)} but {source}={format_value(source_value)}: "
                               f"they are one setting, give them one value")
-        leader, value, (section, name) = (mirror, mirror_value, (source_section, source_name)) if mirror in changed             else (source, source_value, (mirror_section, mirror_name))
+        if mirror in changed:
+            leader, value, section, name = mirror, mirror_value, source_section, source_name
+        else:
+            leader, value, section, name = source, source_value, mirror_section, mirror_name
         before = getattr(updated[section], name)
         try:
             updated[section] = dataclasses.replace(updated[section], **{name: value})
