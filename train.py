@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import psutil
 import torch
+from rich import box
 from rich.console import Console
 
 import checkpoint
@@ -47,7 +48,16 @@ def since_launch() -> float:
 def output_console() -> Console:
     """stdout as rich sees it: colours and live displays on a terminal, plain unwrapped
     lines in a pipe or a log."""
-    return Console(soft_wrap=True, highlight=False)
+    console = Console(soft_wrap=True, highlight=False)
+    return console if console.is_terminal else Console(soft_wrap=True, highlight=False, width=1000)
+
+
+def show_table(console: Console, table) -> None:
+    """A table as drawn boxes on a terminal; in a pipe or a log, Markdown rows (ASCII,
+    one line per row) for grep and diff."""
+    if not console.is_terminal:
+        table.box = box.MARKDOWN
+    console.print(table)
 
 
 def display_for(console: Console):
@@ -527,7 +537,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), "hardware": hardware.to_dict()}, indent=2))
     else:
-        console.print(check_table(report, hardware))
+        show_table(console, check_table(report, hardware))
     return 0 if report.ok else 1
 
 
@@ -552,7 +562,7 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
         if args.file:
             configs = load_config_file(args.file, configs)
         for section in [args.section] if args.section else list(configs):
-            console.print(render_table(configs[section], f"{section} ({type(configs[section]).__name__})"))
+            show_table(console, render_table(configs[section], f"{section} ({type(configs[section]).__name__})"))
         return 0
     if not args.file:
         raise ConfigError(f"config {args.action} needs a FILE (a .json or .yaml path)")

@@ -2,6 +2,7 @@
 says what to fix. One tiny run (trained once per module) serves generate, eval and export."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -201,6 +202,8 @@ def test_check_plain_text(tmp_path, capsys, monkeypatch):
     assert train.main(["check", "--out", str(tmp_path)]) == 0  # warnings (no GPU, no hub) are not failures
     out = capsys.readouterr().out
     assert "Python" in out and "Disk" in out and "device" in out
+    assert re.search(r"^\| Packages +\| \w+ +\| torch .*, bitsandbytes", out, re.MULTILINE)  # a row a line, no box
+    assert not set("┃│┏━") & set(out) and "\x1b[" not in out
 
 
 def test_check_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch):
