@@ -101,45 +101,51 @@ def parse_value(cls: type, name: str, text: str) -> Any:
 
 
 def mirrored_fields(configs: dict[str, Any]) -> list[tuple[str, str]]:
-    """("section.field", "source_section.field") for every field whose metadata says it
+    """(follower, leader) as "section.field" for every field whose metadata says it
     mirrors a field of another section present in `configs`. LightLM keeps some switches
-    (use_moe, use_flash, ...) in both ModelConfig and TrainerConfig; a pair is one setting."""
+    in both ModelConfig and TrainerConfig; each pair is one setting. The model's side leads
+    (use_moe, use_lossfreebalance: the architecture) unless the field `leads` (use_flash,
+    gradient_checkpointing: the trainer applies its own value to the model)."""
     pairs = []
     for section, config in configs.items():
         if config is None:
             continue
         for field in fields_of(config):
-            source = field.metadata.get("mirrors")
-            if source and configs.get(source.partition(".")[0]) is not None:
-                pairs.append((f"{section}.{field.name}", source))
+            other = field.metadata.get("mirrors")
+            if other and configs.get(other.partition(".")[0]) is not None:
+                here = f"{section}.{field.name}"
+                pairs.append((other, here) if field.metadata.get("leads") else (here, other))
     return pairs
 
 
-def sync_mirrors(configs: dict[str, Any], changed: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
+def sync_mirrors(configs: dict[str, Any], changed: Sequence[str] = (),
+                 on_conflict: str = "error") -> tuple[dict[str, Any], list[str]]:
     """`configs` with both sides of every mirrored pair holding one value: the side named
-    in `changed` ("section.field") wins, else the source. Returns the configs and a line per
-    value it set; ConfigError when both sides were changed to different values."""
+    in `changed` ("section.field") wins, else the leader. When both sides are named with
+    different values: ConfigError (`on_conflict="error"`, two overrides), or the leader wins
+    (`"leader"`: a saved file, which names every field). Returns the configs and a line per
+    value it set."""
     updated = dict(configs)
     notes = []
-    for mirror, source in mirrored_fields(configs):
-        (mirror_section, mirror_name), (source_section, source_name) = mirror.split("."), source.split(".")
-        mirror_value = getattr(updated[mirror_section], mirror_name)
-        source_value = getattr(updated[source_section], source_name)
-        if mirror_value == source_value:
+    for follower, leader in mirrored_fields(configs):
+        (follower_section, follower_name), (leader_section, leader_name) = follower.split("."), leader.split(".")
+        follower_value = getattr(updated[follower_section], follower_name)
+        leader_value = getattr(updated[leader_section], leader_name)
+        if follower_value == leader_value:
             continue
-        if mirror in changed and source in changed:
-            raise ConfigError(f"{mirror}={format_value(mirror_value)} but {source}={format_value(source_value)}: "
+        if follower in changed and leader in changed and on_conflict == "error":
+            raise ConfigError(f"{follower}={format_value(follower_value)} but {leader}={format_value(leader_value)}: "
                               f"they are one setting, give them one value")
-        if mirror in changed:
-            leader, value, section, name = mirror, mirror_value, source_section, source_name
+        if follower in changed and leader not in changed:
+            winner, value, section, name = follower, follower_value, leader_section, leader_name
         else:
-            leader, value, section, name = source, source_value, mirror_section, mirror_name
+            winner, value, section, name = leader, leader_value, follower_section, follower_name
         before = getattr(updated[section], name)
         try:
             updated[section] = dataclasses.replace(updated[section], **{name: value})
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        notes.append(f"{section}.{name}: {format_value(before)} -> {format_value(value)} (follows {leader})")
+        notes.append(f"{section}.{name}: {format_value(before)} -> {format_value(value)} (follows {winner})")
     return updated, notes
 
 
@@ -385,7 +391,7 @@ def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[s
     values = _read_sections(path)
     updated = dict(configs)
     ignored = []
-    changed = []
+    named = []  # "section.field" the file sets: on a mirrored pair, what the file says wins
     for section, section_values in values.items():
         if section in BOOKKEEPING_KEYS or (section in configs and section_values is None):
             continue
@@ -404,12 +410,8 @@ def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[s
             updated[section] = cls.from_dict({**current.to_dict(), **known})
         except (ConfigError, ValueError, TypeError) as error:
             raise ConfigError(f"{path}: {error}") from None
-        changed += [f"{section}.{name}" for name in known if getattr(updated[section], name) != getattr(current, name)]
-    try:
-        updated, _ = sync_mirrors(updated, changed)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return updated, sorted(ignored)
+        named += [f"{section}.{name}" for name in known]
+    return sync_mirrors(updated, named, on_conflict="leader")[0], sorted(ignored)
 
 
 # ---- the table editor -----------------------------------------------------------------------
@@ -543,11 +545,13 @@ class ConfigEditor:
         except (ValueError, TypeError) as error:
             raise ConfigError(str(error)) from None
 
-    def _accept(self, configs: dict[str, ConfigIO], section: str, new: ConfigIO) -> dict[str, ConfigIO]:
-        """`new` in place of configs[section], with the fields that mirror a changed one
-        following it; the configs unchanged (and why) if that is refused."""
+    def _accept(self, configs: dict[str, ConfigIO], section: str, new: ConfigIO,
+                edited: bool = True) -> dict[str, ConfigIO]:
+        """`new` in place of configs[section], with the fields that mirror a field the user
+        `edited` following it (after a reset, each mirrored pair keeps its leader's value);
+        the configs unchanged (and why) if that is refused."""
         changed = [f"{section}.{field.name}" for field in fields_of(new)
-                   if getattr(new, field.name) != getattr(configs[section], field.name)]
+                   if edited and getattr(new, field.name) != getattr(configs[section], field.name)]
         try:
             updated, notes = sync_mirrors({**configs, section: new}, changed)
         except ConfigError as error:
@@ -575,7 +579,7 @@ class ConfigEditor:
             if not text:
                 self.console.print(f"[dim]{field.name} unchanged.[/dim]")
                 return configs
-            if _ASSIGNMENT.match(text) and field_types(type(config))[field.name] is not str:
+            if _ASSIGNMENT.match(text) and _unwrap_optional(field_types(type(config))[field.name])[0] is not str:
                 return self._assign(configs, section, text)  # `num_heads=6 num_kv_heads=3` typed here
             try:
                 value = self._value(config, field, text)
@@ -630,7 +634,7 @@ class ConfigEditor:
             self._refuse(f"Preset {name} is a {type(new).__name__}, not a {type(configs[section]).__name__}.")
             return configs
         self.console.print(f"{escape(section)} reset to preset [bold]{escape(name)}[/bold].")
-        return self._accept(configs, section, new)
+        return self._accept(configs, section, new, edited=False)
 
     def _save_or_load(self, configs: dict[str, ConfigIO], section: str, command: str,
                       argument: str) -> dict[str, ConfigIO]:

@@ -305,12 +305,13 @@ class HardwareManager:
             torch.cuda.empty_cache()
         return saved + seq_len * config.vocab_size * 4
 
-    def tokens_per_second(self, config: ModelConfig, batch_size: int, seq_len: int, seconds: float = 1.0) -> float:
+    def tokens_per_second(self, config: ModelConfig, batch_size: int, seq_len: int, seconds: float = 1.0,
+                          dtype: Optional[torch.dtype] = None) -> float:
         """Measured training throughput of `config` at this micro-batch on this device, in
-        the precision training uses: the median of at least three full steps (forward,
-        backward, AdamW) after a warm-up step."""
+        `dtype` (default: the precision training picks here): the median of at least three
+        full steps (forward, backward, AdamW) after a warm-up step."""
         with torch.random.fork_rng(devices=[0] if self.device == "cuda" else []):
-            return 1.0 / budget.measure(config, batch_size, seq_len, self.device, seconds)
+            return 1.0 / budget.measure(config, batch_size, seq_len, self.device, seconds, dtype)
 
     def max_micro_batch(self, config: ModelConfig, seq_len: int, limit: int = 256,
                         memory_fraction: float = 0.8) -> int:

@@ -27,7 +27,7 @@ from rich.console import Console
 
 import checkpoint
 from budget import HardwareProfile, parse_duration, plan, sequence_length
-from config_editor import ConfigError, apply_overrides, load_configs, render_table, save_configs
+from config_editor import ConfigError, apply_overrides, load_configs, render_table, save_configs, sync_mirrors
 from data import BUILTIN, IM_END, DataConfig, DataError, load_pretrained_tokenizer, load_tokenizer_dir, prepare
 from display import LiveDisplay, PlainDisplay, result_table, save_plot, text_curve
 from export import load_hf, merge_and_save, save_adapter, save_hf
@@ -37,6 +37,7 @@ from trainer import Trainer, TrainerConfig, TrainResult, evaluate, resolve_devic
 
 DEFAULT_PRESET = "2M"  # the model of `train` without --budget or --preset
 FINISH_RESERVE_S = 6.0  # kept from a fixed model's budget for the last evaluation, the save and the sample
+RUNTIME_MODEL_FIELDS = ("gradient_checkpointing", "use_flash", "use_cache")  # how a model computes, not what it is
 SECTIONS = {"model": ModelConfig, "trainer": TrainerConfig, "data": DataConfig, "lora": LoRAConfig}
 
 
@@ -271,6 +272,7 @@ def cmd_finetune(args: argparse.Namespace, console: Console, display=None,
                "data": DataConfig(source=args.data, cache_dir=args.cache_dir, format="instruction"),
                "lora": lora_config or LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, quantize_base=args.qlora)}
     configs = apply_overrides(configs, args.overrides)
+    configs["trainer"] = sync_mirrors({"model": model.config, "trainer": configs["trainer"]})[0]["trainer"]
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
     if trainer_config.max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
@@ -314,12 +316,16 @@ def resume_run(run_dir: Path, checkpoint_name: Optional[str], overrides: list[st
     if not (run_dir / "run.json").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no run.json)")
     info = json.loads((run_dir / "run.json").read_text())
-    configs = {"model": ModelConfig.from_dict(info["model"]), "trainer": TrainerConfig.from_dict(info["trainer"]),
-               "data": DataConfig.from_dict(info["data"])}
-    configs = apply_overrides(configs, overrides)
-    if any(o.strip().startswith("model.") for o in overrides):
-        raise ConfigError("the model of a run cannot change on resume (its checkpoints hold that shape); "
-                          "start a new run instead")
+    saved, _ = sync_mirrors({"model": ModelConfig.from_dict(info["model"]),  # mirrored pairs as the run used them
+                             "trainer": TrainerConfig.from_dict(info["trainer"]),
+                             "data": DataConfig.from_dict(info["data"])})
+    configs = apply_overrides(saved, overrides)
+    reshaped = [f"model.{field.name}" for field in dataclasses.fields(ModelConfig)
+                if field.name not in RUNTIME_MODEL_FIELDS
+                and getattr(configs["model"], field.name) != getattr(saved["model"], field.name)]
+    if reshaped:
+        raise ConfigError(f"the model of a run cannot change on resume ({', '.join(reshaped)}: its checkpoints hold "
+                          f"that model); start a new run instead")
     if configs["trainer"].use_ddp:
         start_distributed()
     path = find_checkpoint(run_dir, checkpoint_name)

@@ -55,9 +55,10 @@ class TrainerConfig(ConfigIO):
     use_dtype: str = described("auto", "compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
                                                           choices=("auto", "float32", "bfloat16", "float16"))
     use_compile: bool = described(False, "torch.compile the model (off by default on CPU)")
-    use_flash: bool = described(True, "attention through scaled_dot_product_attention", mirrors="model.use_flash")
+    use_flash: bool = described(True, "attention through scaled_dot_product_attention", mirrors="model.use_flash",
+                                leads=True)
     gradient_checkpointing: bool = described(False, "recompute activations in backward to save memory",
-                                             mirrors="model.gradient_checkpointing")
+                                             mirrors="model.gradient_checkpointing", leads=True)
     clean_cuda_cache: bool = described(False, "empty the CUDA cache after each evaluation")
     use_ddp: bool = described(False, "DistributedDataParallel under torchrun")
     use_moe: bool = described(False, "the model is a mixture of experts", mirrors="model.use_moe")

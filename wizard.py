@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Optional, TextIO
 
+import torch
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -31,7 +32,7 @@ from display import LiveDisplay, PlainDisplay, format_bytes, format_seconds
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from system_check import HardwareManager, SystemCheck
-from trainer import TrainerConfig
+from trainer import TrainerConfig, resolve_dtype
 from train import check_table, cmd_finetune, data_summary, default_configs, evaluate_run, export_model, finish, fit, \
     fit_model_to_data, load_trained, new_trainer, resume_run, stop_token, stream_text, chat_prompt
 
@@ -90,6 +91,7 @@ class Wizard:
         self.configs["trainer"] = dataclasses.replace(self.configs["trainer"], path_to_checkpoints=str(self.out_dir))
         self.plan: Optional[Plan] = None  # the accepted time-budget plan, until the configuration changes
         self._prepared: dict = {}
+        self._throughput: dict = {}  # measured tokens/s by (model, micro-batch, sequence length, dtype, device)
 
     # ---- input ------------------------------------------------------------------------------------
     def ask(self, prompt: str, default: Optional[str] = None) -> str:
@@ -439,11 +441,17 @@ class Wizard:
         """Tokens per second of this model at this micro-batch, measured with a few real
         training steps; from the planner's cached probes instead when the step would not
         fit in memory (measuring it could take the machine down)."""
-        device = self.configs["trainer"].device
-        manager = HardwareManager(None if device == "auto" else device)
+        trainer_config = self.configs["trainer"]
+        manager = HardwareManager(None if trainer_config.device == "auto" else trainer_config.device)
+        dtype = resolve_dtype(trainer_config, torch.device(manager.device))
+        key = (json.dumps(model_config.to_dict(), sort_keys=True), batch_size, seq_len, str(dtype), manager.device)
+        if key in self._throughput:
+            return self._throughput[key], "measured: 3+ steps of this model"
         if memory < 0.8 * manager.memory_available_bytes:
-            with self.console.status("measuring a few training steps of this model on this machine ..."):
-                return manager.tokens_per_second(model_config, batch_size, seq_len), "measured: 3+ steps of this model"
+            with self.console.status("measuring a few training steps of this model on this machine (a step takes "
+                                     "as long as in training) ..."):
+                self._throughput[key] = manager.tokens_per_second(model_config, batch_size, seq_len, dtype=dtype)
+            return self._throughput[key], "measured: 3+ steps of this model"
         with self.console.status("estimating throughput from the planner's probes (cached afterwards) ..."):
             probes, _ = probe(manager.profile(), model_config.vocab_size, seq_len, 2, 0.3,
                               self.configs["data"].cache_dir)

@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import train
 from conftest import write_corpus
-from data import PackedBlocks
+from data import MaskedSamples, PackedBlocks
 from model import ModelConfig, Transformer
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,9 @@ def test_resume_bad_arguments(run, tmp_path, capsys):
     assert exit_code(["resume", str(run_dir), "--checkpoint", "step_999"]) == 2
     assert "step_999: no such checkpoint" in capsys.readouterr().err
     assert exit_code(["resume", str(run_dir), "model.num_layers=3"]) == 2
-    assert "cannot change on resume" in capsys.readouterr().err
+    assert "cannot change on resume (model.num_layers" in capsys.readouterr().err
+    assert exit_code(["resume", str(run_dir), "trainer.use_moe=yes"]) == 2  # a mirror of model.use_moe
+    assert "cannot change on resume (model.use_moe" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_empty_measurements(tiny):
@@ -127,6 +129,9 @@ def test_evaluate_refuses_empty_measurements(tiny):
     with pytest.raises(ValueError, match="at least 1"):
         evaluate(model, data, batch_size=4, max_batches=0)
     assert evaluate(model, data, batch_size=4, max_batches=1) > 0
+    masked = MaskedSamples(np.zeros((2, 16), dtype=np.int32), np.full((2, 16), -100, dtype=np.int32))
+    with pytest.raises(ValueError, match="no target tokens"):  # not a loss of 0 and a perplexity of 1
+        evaluate(model, masked, batch_size=2)
 
 
 def test_model_commands_on_a_missing_or_wrong_directory(tmp_path, capsys):

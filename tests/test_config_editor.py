@@ -298,6 +298,30 @@ def test_mirrored_switches_follow_whichever_side_is_set(configs, tmp_path):
     assert loaded["model"].use_lossfreebalance and loaded["trainer"].use_lossfreebalance
 
 
+def test_a_saved_file_whose_mirrors_disagree_loads_as_runs_used_it(configs, tmp_path):
+    """run.json files written before the pairs were kept in sync: the trainer's use_flash and
+    gradient_checkpointing were the ones applied, the model's use_moe the one built."""
+    old = {"model": {**configs["model"].to_dict(), "use_moe": True, "gradient_checkpointing": False},
+           "trainer": {**configs["trainer"].to_dict(), "use_moe": False, "gradient_checkpointing": True,
+                       "use_flash": False}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(old))
+    moe_now = apply_overrides(configs, ["model.use_moe=yes"])
+    for current in (configs, moe_now):  # whatever is loaded now
+        loaded, _ = load_configs(path, current)
+        model, trainer = loaded["model"], loaded["trainer"]
+        assert model.use_moe and trainer.use_moe
+        assert model.gradient_checkpointing and trainer.gradient_checkpointing
+        assert not model.use_flash and not trainer.use_flash
+
+
+def test_resetting_the_trainer_table_keeps_the_models_architecture(configs):
+    moe = apply_overrides(configs, ["model.use_moe=yes"])
+    result, text = edit(moe, "trainer", "reset\ndefaults\n\n", presets={"defaults": TrainerConfig})
+    assert result["model"].use_moe and result["trainer"].use_moe
+    assert "trainer.use_moe: no -> yes (follows model.use_moe)" in text
+
+
 def test_reset_to_a_preset(configs):
     presets = {name: (lambda name=name: ModelConfig.from_name(name)) for name in ("tiny", "2M")}
     result, text = edit(configs, "model", "num_layers=7\nreset\n2M\n\n", presets=presets)

@@ -10,6 +10,7 @@ from rich.console import Console
 import checkpoint
 import train
 from conftest import write_corpus
+from system_check import HardwareManager
 from wizard import Wizard, derived_figures
 
 
@@ -115,12 +116,17 @@ def test_hub_dataset_when_the_hub_is_unreachable_keeps_the_dataset(tmp_path, mon
     assert "not reachable" in out and wizard.configs["data"].source == "builtin"
 
 
-def test_start_training_shows_a_summary_and_can_be_declined(tmp_path, corpus):
+def test_start_training_shows_a_summary_and_can_be_declined(tmp_path, corpus, monkeypatch):
+    measured = []
+    real = HardwareManager.tokens_per_second
+    monkeypatch.setattr(HardwareManager, "tokens_per_second",
+                        lambda self, *args, **kwargs: measured.append(args) or real(self, *args, **kwargs))
     keys = [*use_corpus(corpus), "3", "tiny", "6", "2", "max_seq_len=16 batch_size=4 max_steps=3", "", "7",
             "1", "n", "1", "y", "3"]
     code, wizard, out = drive(tmp_path, keys)
     assert code == 0, out
     assert "about to train" in out and "estimated time" in out and "tokens/s (measured" in out
+    assert len(measured) == 1 and measured[0][1:] == (4, 16)  # at the run's micro-batch, once for both summaries
     (run,) = (tmp_path / "runs").iterdir()  # the declined start made no run
     assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == 3
     assert re.search(r"\w+: 3 steps, [\d,]+ tokens", out) and out.count("about to train") == 2
