@@ -445,12 +445,11 @@ class Wizard:
         manager = HardwareManager(None if trainer_config.device == "auto" else trainer_config.device)
         dtype = resolve_dtype(trainer_config, torch.device(manager.device))
         key = (json.dumps(model_config.to_dict(), sort_keys=True), batch_size, seq_len, str(dtype), manager.device)
-        if key in self._throughput:
-            return self._throughput[key], "measured: 3+ steps of this model"
-        if memory < 0.8 * manager.memory_available_bytes:
+        if key not in self._throughput and memory < 0.8 * manager.memory_available_bytes:
             with self.console.status("measuring a few training steps of this model on this machine (a step takes "
                                      "as long as in training) ..."):
                 self._throughput[key] = manager.tokens_per_second(model_config, batch_size, seq_len, dtype=dtype)
+        if key in self._throughput:
             return self._throughput[key], "measured: 3+ steps of this model"
         with self.console.status("estimating throughput from the planner's probes (cached afterwards) ..."):
             probes, _ = probe(manager.profile(), model_config.vocab_size, seq_len, 2, 0.3,

@@ -3,7 +3,6 @@
 import io
 
 import pytest
-import torch
 from rich.console import Console
 
 from display import History, LiveDisplay, PlainDisplay, expert_shares, format_seconds, save_plot, text_curve
