@@ -21,7 +21,7 @@ import torch
 
 from data import DataConfig, _tokenize, builtin_documents, prepare
 from model import ModelConfig, Transformer
-from trainer import ThreadedDataLoader
+from loader import ThreadedDataLoader
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import MaskedSamples, PackedBlocks
-from trainer import ThreadedDataLoader
+from loader import ThreadedDataLoader
 
 
 def blocks(count: int = 50, seq_len: int = 4) -> PackedBlocks:
