@@ -235,6 +235,16 @@ class Plan:
         values["model"], values["trainer"] = self.model.to_dict(), self.trainer.to_dict()
         return values
 
+    def describe(self) -> str:
+        """The plan in two lines: the shape and run it chose, and why."""
+        m, t = self.model, self.trainer
+        return (f"plan for {self.budget_s:.0f} s: {m.num_layers} layers x {m.num_dims} wide ({m.num_heads}/"
+                f"{m.num_kv_heads} heads, FFN {m.ffn_hidden_dims}), {self.params / 1e6:.2f}M parameters; batch "
+                f"{t.batch_size} x {t.max_seq_len}, lr {t.learning_rate:g}; {self.train_seconds:.0f} s of training at "
+                f"{self.tokens_per_second:,.0f} tokens/s = {self.tokens / 1e6:.2f}M tokens "
+                f"(~{self.steps} steps, {self.epochs:.2f} epochs); probes "
+                f"{'cached' if self.probes_cached else f'{self.probe_seconds:.1f} s'}\nwhy: {self.reasoning}")
+
 
 def sequence_length(budget_s: float) -> int:
     return 128 if budget_s < 600 else 256 if budget_s < 3600 else 512
@@ -320,7 +330,7 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     params = non_embedding_params(config)
     learning_rate = 3e-3 if params < 2e6 else 2e-3 if params < 10e6 else 1e-3 if params < 50e6 else 6e-4
     # The deadline ends the run, not the epochs (the throughput may beat the prediction).
-    trainer = TrainerConfig(num_epochs=1000, batch_size=batch_size,
+    trainer = TrainerConfig(num_epochs=0, batch_size=batch_size,
                             max_seq_len=seq_len, learning_rate=learning_rate, min_lr=learning_rate / 10,
                             warmup_ratio=min(0.05, 20 / steps) if steps > 20 else 0.0, lr_schedule="cosine",
                             schedule_by="time", time_limit_s=train_seconds, eval_steps=eval_batches,

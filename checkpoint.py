@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -96,24 +97,15 @@ def save(directory: str | Path, model_state: dict[str, torch.Tensor], optimizer_
     return directory
 
 
-def verify(directory: str | Path) -> Optional[str]:
-    """None when every file of the checkpoint matches its manifest; else what is wrong."""
+def verify(directory: str | Path, skip: tuple[str, ...] = ()) -> Optional[str]:
+    """None when every file of the checkpoint (but those in `skip`) matches its manifest;
+    else what is wrong."""
     directory = Path(directory)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.exists():
-        return f"{directory.name}: no {MANIFEST_FILE} (partial write?)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        return f"{directory.name}: {MANIFEST_FILE} is corrupt"
-    for required in (MODEL_FILE, STATE_FILE):
-        if required not in manifest:
-            return f"{directory.name}: manifest lacks {required}"
-    for name, expected in manifest.items():
-        path = directory / name
-        if not path.exists():
-            return f"{directory.name}: {name} is missing"
-        if _sha256(path) != expected:
+    problem = looks_complete(directory)
+    if problem:
+        return problem
+    for name, expected in json.loads((directory / MANIFEST_FILE).read_text()).items():
+        if name not in skip and _sha256(directory / name) != expected:
             return f"{directory.name}: {name} does not match its checksum (corrupt)"
     return None
 
@@ -122,12 +114,20 @@ def read_state(directory: str | Path) -> dict:
     return json.loads((Path(directory) / STATE_FILE).read_text())
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Optional[dict], dict]:
-    """(model state, optimizer state or None, trainer state) of a verified checkpoint."""
+def load(directory: str | Path, map_location: str | torch.device = "cpu",
+         with_optimizer: bool = True) -> tuple[dict, Optional[dict], dict]:
+    """(model state, optimizer state or None, trainer state) of a verified checkpoint;
+    `with_optimizer=False` (generate, eval, export) neither checks nor reads optimizer.pt."""
     directory = Path(directory)
-    problem = verify(directory)
+    problem = verify(directory, skip=() if with_optimizer else (OPTIMIZER_FILE,))
     if problem:
         raise CheckpointError(problem)
+    try:
+        state = read_state(directory)
+    except (OSError, ValueError, RecursionError) as error:
+        raise CheckpointError(f"{directory.name}: {STATE_FILE} cannot be read ({str(error)[:120]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"{directory.name}: {STATE_FILE} holds no global_step")
     model_state = load_file(str(directory / MODEL_FILE), device=str(map_location))
     from safetensors import safe_open
 
@@ -136,9 +136,14 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> tup
     for name, target in aliases.items():
         model_state[name] = model_state[target]
     optimizer_state = None
-    if (directory / OPTIMIZER_FILE).exists():
-        optimizer_state = torch.load(directory / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
-    return model_state, optimizer_state, read_state(directory)
+    if with_optimizer and (directory / OPTIMIZER_FILE).exists():
+        try:
+            optimizer_state = torch.load(directory / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise CheckpointError(f"{directory.name}: {OPTIMIZER_FILE} holds something other than tensors and plain "
+                                  f"containers ({type(error).__name__}); refused, since unpickling it could run "
+                                  f"code") from None
+    return model_state, optimizer_state, state
 
 
 def candidates(run_dir: str | Path) -> list[Path]:
@@ -157,15 +162,72 @@ def candidates(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=order)
 
 
-def latest(run_dir: str | Path, on_skip: Optional[Callable[[str], None]] = None) -> Optional[Path]:
-    """The newest checkpoint whose manifest verifies; each skipped one is reported."""
+def looks_complete(directory: str | Path) -> Optional[str]:
+    """What `verify` finds without reading the files' contents: a readable manifest naming
+    files that exist. None when nothing is visibly missing."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return f"{directory.name}: no {MANIFEST_FILE} (partial write?)"
+    except (OSError, ValueError, RecursionError):
+        return f"{directory.name}: {MANIFEST_FILE} is corrupt"
+    if not isinstance(manifest, dict) or not {MODEL_FILE, STATE_FILE} <= set(manifest):
+        return f"{directory.name}: {MANIFEST_FILE} lacks {MODEL_FILE} or {STATE_FILE}"
+    if not set(manifest) <= {MODEL_FILE, OPTIMIZER_FILE, STATE_FILE} or \
+            not all(isinstance(digest, str) for digest in manifest.values()):
+        return f"{directory.name}: {MANIFEST_FILE} names files a checkpoint does not have"
+    missing = [name for name in manifest if not (directory / name).is_file()]
+    return f"{directory.name}: {missing[0]} is missing" if missing else None
+
+
+def latest(run_dir: str | Path, on_skip: Optional[Callable[[str], None]] = None,
+           verify_contents: bool = True) -> Optional[Path]:
+    """The newest checkpoint that verifies (every checksum; with `verify_contents=False`
+    only that its files are there, for listings); each skipped one is reported."""
+    check = verify if verify_contents else looks_complete
     for path in reversed(candidates(run_dir)):
-        problem = verify(path)
+        problem = check(path)
         if problem is None:
             return path
         if on_skip is not None:
             on_skip(f"skipping checkpoint {problem}")
     return None
+
+
+def load_latest(run_dir: str | Path, name: Optional[str] = None, on_skip: Optional[Callable[[str], None]] = None,
+                with_optimizer: bool = True) -> tuple[Path, dict, Optional[dict], dict]:
+    """(path, model state, optimizer state, trainer state) of the checkpoint `name`, or of
+    the newest one that verifies; each checkpoint is hashed once, as it is loaded."""
+    run_dir = Path(run_dir)
+    if name:
+        path = run_dir / name
+        if not path.is_dir():
+            raise CheckpointError(f"{name}: no such checkpoint in {run_dir}")
+        return (path, *load(path, with_optimizer=with_optimizer))
+    for path in reversed(candidates(run_dir)):
+        try:
+            return (path, *load(path, with_optimizer=with_optimizer))
+        except CheckpointError as error:
+            if on_skip is not None:
+                on_skip(f"skipping checkpoint {error}")
+    raise CheckpointError(f"{run_dir} has no complete checkpoint")
+
+
+def set_aside_later(run_dir: str | Path, resumed_from: Path, step: int) -> list[str]:
+    """Resuming from an older checkpoint abandons the later ones: hide them (renamed, not
+    deleted) so `latest` and pruning never mistake them for this run's future. A checkpoint
+    whose state cannot be read is left where it is (`latest` skips it). Returns the names."""
+    moved = []
+    for other in candidates(run_dir):
+        try:
+            later = other != resumed_from and int(read_state(other)["global_step"]) > step
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if later:
+            other.rename(other.with_name(f".abandoned-{other.name}-{int(time.time())}"))
+            moved.append(other.name)
+    return moved
 
 
 def prune(run_dir: str | Path, keep_last_n: int, protect: tuple[str, ...] = ()) -> list[str]:

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from config_io import ConfigIO
+from config_io import ConfigIO, move_aliases, resolve_alias
 
 
 class ConfigError(ValueError):
@@ -100,59 +100,11 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     raise ConfigError(f"{where}: fields of type {kind} cannot be set from text")
 
 
-def mirrored_fields(configs: dict[str, Any]) -> list[tuple[str, str]]:
-    """(follower, leader) as "section.field" for every field whose metadata says it
-    mirrors a field of another section present in `configs`. LightLM keeps some switches
-    in both ModelConfig and TrainerConfig; each pair is one setting. The model's side leads
-    (use_moe, use_lossfreebalance: the architecture) unless the field `leads` (use_flash,
-    gradient_checkpointing: the trainer applies its own value to the model)."""
-    pairs = []
-    for section, config in configs.items():
-        if config is None:
-            continue
-        for field in fields_of(config):
-            other = field.metadata.get("mirrors")
-            if other and configs.get(other.partition(".")[0]) is not None:
-                here = f"{section}.{field.name}"
-                pairs.append((other, here) if field.metadata.get("leads") else (here, other))
-    return pairs
-
-
-def sync_mirrors(configs: dict[str, Any], changed: Sequence[str] = (),
-                 on_conflict: str = "error") -> tuple[dict[str, Any], list[str]]:
-    """`configs` with both sides of every mirrored pair holding one value: the side named
-    in `changed` ("section.field") wins, else the leader. When both sides are named with
-    different values: ConfigError (`on_conflict="error"`, two overrides), or the leader wins
-    (`"leader"`: a saved file, which names every field). Returns the configs and a line per
-    value it set."""
-    updated = dict(configs)
-    notes = []
-    for follower, leader in mirrored_fields(configs):
-        (follower_section, follower_name), (leader_section, leader_name) = follower.split("."), leader.split(".")
-        follower_value = getattr(updated[follower_section], follower_name)
-        leader_value = getattr(updated[leader_section], leader_name)
-        if follower_value == leader_value:
-            continue
-        if follower in changed and leader in changed and on_conflict == "error":
-            raise ConfigError(f"{follower}={format_value(follower_value)} but {leader}={format_value(leader_value)}: "
-                              f"they are one setting, give them one value")
-        if follower in changed and leader not in changed:
-            winner, value, section, name = follower, follower_value, leader_section, leader_name
-        else:
-            winner, value, section, name = leader, leader_value, follower_section, follower_name
-        before = getattr(updated[section], name)
-        try:
-            updated[section] = dataclasses.replace(updated[section], **{name: value})
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        notes.append(f"{section}.{name}: {format_value(before)} -> {format_value(value)} (follows {winner})")
-    return updated, notes
-
-
 def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """New configs with `section.field=value` overrides applied, e.g. {"model": ModelConfig,
     "trainer": TrainerConfig} and ["trainer.learning_rate=3e-4"]. Each section is
-    validated once, after all of its overrides; mirrored fields follow what was set."""
+    validated once, after all of its overrides; LightLM's aliases (`model.use_flash`, ...)
+    set their home field."""
     changes: dict[str, dict[str, Any]] = {}
     for override in overrides:
         key, separator, value = override.partition("=")
@@ -160,16 +112,22 @@ def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> dict[str, 
         if not separator or not dot or not name:
             raise ConfigError(f"cannot read override {override!r}; write SECTION.FIELD=VALUE, "
                               f"e.g. trainer.learning_rate=3e-4 (sections: {', '.join(configs)})")
+        section, name = resolve_alias(section, name)
         if section not in configs:
             raise ConfigError(f"unknown section {section!r} in {override!r}; sections: {', '.join(configs)}")
-        changes.setdefault(section, {})[name] = parse_value(type(configs[section]), name, value)
+        parsed = parse_value(type(configs[section]), name, value)
+        previous = changes.setdefault(section, {}).get(name, parsed)
+        if previous != parsed:
+            raise ConfigError(f"{section}.{name} is given two values ({format_value(previous)} and "
+                              f"{format_value(parsed)}, one of them through a LightLM alias); give it one")
+        changes[section][name] = parsed
     updated = dict(configs)
     for section, values in changes.items():
         try:
             updated[section] = dataclasses.replace(configs[section], **values)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    return sync_mirrors(updated, [f"{section}.{name}" for section, values in changes.items() for name in values])[0]
+    return updated
 
 
 # ---- input helpers (shared with the wizard) -------------------------------------------------
@@ -388,10 +346,9 @@ def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[s
     "section.field" for an unknown field). A missing or broken file, or invalid values,
     raise ConfigError naming the file and the reason."""
     path = Path(path).expanduser()
-    values = _read_sections(path)
+    values = move_aliases(_read_sections(path))
     updated = dict(configs)
     ignored = []
-    named = []  # "section.field" the file sets: on a mirrored pair, what the file says wins
     for section, section_values in values.items():
         if section in BOOKKEEPING_KEYS or (section in configs and section_values is None):
             continue
@@ -410,8 +367,7 @@ def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[s
             updated[section] = cls.from_dict({**current.to_dict(), **known})
         except (ConfigError, ValueError, TypeError) as error:
             raise ConfigError(f"{path}: {error}") from None
-        named += [f"{section}.{name}" for name in known]
-    return sync_mirrors(updated, named, on_conflict="leader")[0], sorted(ignored)
+    return updated, sorted(ignored)
 
 
 # ---- the table editor -----------------------------------------------------------------------
@@ -545,26 +501,30 @@ class ConfigEditor:
         except (ValueError, TypeError) as error:
             raise ConfigError(str(error)) from None
 
-    def _accept(self, configs: dict[str, ConfigIO], section: str, new: ConfigIO,
-                edited: bool = True) -> dict[str, ConfigIO]:
-        """`new` in place of configs[section], with the fields that mirror a field the user
-        `edited` following it (after a reset, each mirrored pair keeps its leader's value);
-        the configs unchanged (and why) if that is refused."""
-        changed = [f"{section}.{field.name}" for field in fields_of(new)
-                   if edited and getattr(new, field.name) != getattr(configs[section], field.name)]
-        try:
-            updated, notes = sync_mirrors({**configs, section: new}, changed)
-        except ConfigError as error:
-            self._refuse(f"Not changed: {error}")
-            return configs
-        self._print_changes(configs[section], new)
-        for note in notes:
-            self.console.print(f"[green]{escape(note)}[/green]", highlight=False)
+    def _accept(self, configs: dict[str, ConfigIO], updates: dict[str, ConfigIO]) -> dict[str, ConfigIO]:
+        """`updates` (section: new config) in place of the current ones, each change shown."""
+        for section, new in updates.items():
+            self._print_changes(configs[section], new)
+        updated = {**configs, **updates}
         self._print_figures(updated)
         return updated
 
+    def _alias(self, configs: dict[str, ConfigIO], section: str, key: str) -> Optional[tuple[str, str]]:
+        """(home section, field) when `key` is a LightLM alias (e.g. use_flash in the model
+        table) of a field that lives in another table; None otherwise."""
+        name = key.strip().lower().removeprefix(f"{section}.")
+        home = resolve_alias(section, name)
+        if home == (section, name) or configs.get(home[0]) is None:
+            return None
+        self.console.print(f"[dim]{escape(section)}.{escape(name)} is {escape('.'.join(home))} "
+                           f"(one setting; it lives in the {escape(home[0])} table)[/dim]", highlight=False)
+        return home
+
     # ---- commands ----
     def _edit_field(self, configs: dict[str, ConfigIO], section: str, key: str) -> dict[str, ConfigIO]:
+        home = self._alias(configs, section, key)
+        if home is not None:
+            return self._edit_field(configs, *home)
         config = configs[section]
         field = self._field(config, section, key)
         if field is None:
@@ -594,30 +554,30 @@ class ConfigEditor:
                 hint = f" Change them together, e.g. {field.name}={text.strip()} {others[0]}=..." if others else ""
                 self._refuse(f"Not changed: {error}.{hint}")
                 continue
-            return self._accept(configs, section, new)
+            return self._accept(configs, {section: new})
 
     def _assign(self, configs: dict[str, ConfigIO], section: str, line: str) -> dict[str, ConfigIO]:
-        config = configs[section]
-        changes: dict[str, Any] = {}
+        changes: dict[str, dict[str, Any]] = {}  # by section: an alias sets a field of another table
         for assignment in _ASSIGNMENT_START.split(line.strip()):
             key, separator, text = assignment.partition("=")
             if not separator or not key.strip():
                 self._refuse(f"Cannot read {assignment!r}: write FIELD=VALUE, e.g. num_layers=6. Nothing changed.")
                 return configs
-            field = self._field(config, section, key)
+            target, key = self._alias(configs, section, key) or (section, key)
+            field = self._field(configs[target], target, key)
             if field is None:  # _field said why; nothing of the line is applied
                 return configs
             try:
-                changes[field.name] = self._value(config, field, text)
+                changes.setdefault(target, {})[field.name] = self._value(configs[target], field, text)
             except ConfigError as error:
                 self._refuse(f"Not changed: {error}")
                 return configs
         try:
-            new = self._replace(config, changes)
+            updates = {target: self._replace(configs[target], values) for target, values in changes.items()}
         except ConfigError as error:
             self._refuse(f"Not changed: {error}")
             return configs
-        return self._accept(configs, section, new)
+        return self._accept(configs, updates)
 
     def _reset(self, configs: dict[str, ConfigIO], section: str) -> dict[str, ConfigIO]:
         if not self.presets:
@@ -634,7 +594,7 @@ class ConfigEditor:
             self._refuse(f"Preset {name} is a {type(new).__name__}, not a {type(configs[section]).__name__}.")
             return configs
         self.console.print(f"{escape(section)} reset to preset [bold]{escape(name)}[/bold].")
-        return self._accept(configs, section, new, edited=False)
+        return self._accept(configs, {section: new})
 
     def _save_or_load(self, configs: dict[str, ConfigIO], section: str, command: str,
                       argument: str) -> dict[str, ConfigIO]:

@@ -6,9 +6,42 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 T = TypeVar("T", bound="ConfigIO")
+
+# LightLM keeps four switches in both ModelConfig and TrainerConfig. Here each lives in one
+# config (the model's shape in ModelConfig, how training runs in TrainerConfig); the other
+# name keeps working wherever a user types it (overrides, the editor, config files and
+# every run.json written before) and means the same setting.
+ALIASES = {"model.use_flash": "trainer.use_flash",
+           "model.gradient_checkpointing": "trainer.gradient_checkpointing",
+           "trainer.use_moe": "model.use_moe",
+           "trainer.use_lossfreebalance": "model.use_lossfreebalance"}
+
+
+def resolve_alias(section: str, name: str) -> tuple[str, str]:
+    """Where `section.name` lives: itself, or the home of a LightLM alias."""
+    home = ALIASES.get(f"{section}.{name}")
+    return tuple(home.split(".", 1)) if home else (section, name)
+
+
+def move_aliases(sections: dict) -> dict:
+    """Sections read from a file with aliased keys moved to their home section. Where a file
+    names both (run.json files kept both sides), the home value wins: it is the one
+    training applied."""
+    moved = {section: dict(values) if isinstance(values, dict) else values for section, values in sections.items()}
+    for alias, home in ALIASES.items():
+        section, name = alias.split(".", 1)
+        home_section, home_name = home.split(".", 1)
+        values = moved.get(section)
+        if not isinstance(values, dict) or name not in values:
+            continue
+        value = values.pop(name)
+        target = moved.setdefault(home_section, {})
+        if isinstance(target, dict):
+            target.setdefault(home_name, value)
+    return moved
 
 
 def described(default, help: str, **extra):
@@ -19,7 +52,10 @@ def described(default, help: str, **extra):
 
 
 class ConfigIO:
-    """Mixin for config dataclasses: to_dict / from_dict / to_json / from_json."""
+    """Mixin for config dataclasses: to_dict / from_dict / to_json / from_json. `section`
+    is the config's name in files and overrides (`model`, `trainer`, ...)."""
+
+    section: ClassVar[str] = ""
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -27,6 +63,7 @@ class ConfigIO:
     @classmethod
     def from_dict(cls: type[T], values: dict) -> T:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {name: value for name, value in values.items() if f"{cls.section}.{name}" not in ALIASES}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")

@@ -20,7 +20,7 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import ClassVar, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ class DataError(ValueError):
 @dataclass
 class DataConfig(ConfigIO):
     """Where the training text comes from and how it becomes token blocks."""
+
+    section: ClassVar[str] = "data"
 
     source: str = described(BUILTIN, 
         "'builtin' (offline Python stdlib corpus), a local file or folder, or a Hugging Face hub dataset name")

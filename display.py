@@ -1,13 +1,14 @@
 """Drawing a training run on the terminal: the live progress display, the end-of-run
 summary, the loss curve in text, and a PNG of the curves (when matplotlib is installed).
 
-The trainer only emits events (dicts); `LiveDisplay` is a callback that renders them with
-rich. `train.py` and `wizard.py` choose it when stdout is a terminal and fall back to
-plain lines otherwise.
+The trainer only emits typed events (events.py); `LiveDisplay` is a callback that renders
+them with rich, `PlainDisplay` writes lines; `display_for` picks one for a console. Both
+front ends (`train.py`, `wizard.py`) render runs, plans, checks and results through here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
+
+from events import (CheckpointSaved, CheckpointSetAside, EarlyStop, Eval, Event, Fallback, Finished, Interrupt,
+                    NonFinite, Resumed, Start, Step, Stopped, perplexity)
 
 
 @dataclass
@@ -29,14 +33,14 @@ class History:
     val_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
 
-    def record(self, event: dict) -> None:
-        if event["type"] == "step":
-            self.steps.append(event["step"])
-            self.losses.append(event["loss"])
-            self.learning_rates.append(event["lr"])
-        elif event["type"] == "eval":
-            self.val_steps.append(event["step"])
-            self.val_losses.append(event["val_loss"])
+    def record(self, event: Event) -> None:
+        if isinstance(event, Step):
+            self.steps.append(event.step)
+            self.losses.append(event.loss)
+            self.learning_rates.append(event.lr)
+        elif isinstance(event, Eval):
+            self.val_steps.append(event.step)
+            self.val_losses.append(event.val_loss)
 
 
 def format_seconds(seconds: float) -> str:
@@ -60,16 +64,15 @@ def format_bytes(count: float) -> str:
     return f"{count:.1f} GB"
 
 
-def length(start: dict) -> str:
+def length(start: Start) -> str:
     """How long a run will train, from its start event: a deadline that sets the schedule
-    replaces the step count (an epoch ceiling then)."""
-    steps = f"{start['total_steps']:,} optimizer steps"
-    time_left = start.get("time_left_s")
-    if time_left is None:
+    replaces the step count."""
+    steps = f"{start.total_steps:,} optimizer steps"
+    if start.time_left_s is None:
         return steps
-    if start.get("schedule_by") == "time":
-        return f"{format_seconds(time_left)} of training (the deadline ends the run)"
-    return f"{steps} or {format_seconds(time_left)} of training, whichever ends first"
+    if start.schedule_by == "time" or not start.total_steps:
+        return f"{format_seconds(start.time_left_s)} of training (the deadline ends the run)"
+    return f"{steps} or {format_seconds(start.time_left_s)} of training, whichever ends first"
 
 
 def expert_shares(load: list[list[float]]) -> list[float]:
@@ -82,6 +85,13 @@ def expert_shares(load: list[list[float]]) -> list[float]:
 
 def load_text(load: list[list[float]]) -> str:
     return " ".join(f"{share:.0%}" for share in expert_shares(load))
+
+
+NOTICES = (Stopped, EarlyStop, NonFinite, Resumed, CheckpointSetAside)  # shown as their fields
+
+
+def details(event: Event) -> str:
+    return ", ".join(f"{key} {value}" for key, value in dataclasses.asdict(event).items() if key != "time")
 
 
 def _memory_text(memory: Optional[dict]) -> str:
@@ -134,42 +144,38 @@ class LiveDisplay:
     def _refresh(self) -> None:
         self.live.update(Group(self.progress, self._metrics_table()))
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         self.history.record(event)
-        kind = event["type"]
-        if kind == "start":
-            self.progress.update(self.task, total=max(1, event["total_steps"]), completed=event["step"])
-            self.console.print(f"{event['params'] / 1e6:.2f}M parameters ({event['trainable'] / 1e6:.2f}M trainable) "
-                               f"on {event['device']} ({event['dtype']}), {length(event)}, effective batch "
-                               f"{event['effective_batch']}")
-        elif kind == "step":
-            self.metrics.update({k: event[k] for k in ("loss", "lr", "tokens_per_s") if k in event})
-            if "memory" in event:
-                self.metrics["memory"] = event["memory"]
-            if "expert_load" in event:
-                self.metrics["expert_load"] = event["expert_load"]
-            self.progress.update(self.task, total=max(event["total_steps"], event["step"]), completed=event["step"],
-                                 eta=format_seconds(event["eta_s"]))
-        elif kind == "eval":
-            self.metrics.update(val_loss=event["val_loss"], perplexity=event["perplexity"])
-            self.console.print(f"eval at step {event['step']}: validation loss {event['val_loss']:.3f}, perplexity "
-                               f"{event['perplexity']:.1f}{'  [green](best)[/green]' if event['improved'] else ''}")
-        elif kind == "checkpoint":
-            self.console.print(f"[green]saved checkpoint {event['name']}[/green] ({event['seconds']:.1f} s)")
-        elif kind == "interrupt":
-            self.console.print(f"[yellow]{event['signal']}: finishing this step and saving "
+        if isinstance(event, Start):
+            self.progress.update(self.task, total=max(1, event.total_steps), completed=event.step)
+            self.console.print(f"{event.params / 1e6:.2f}M parameters ({event.trainable / 1e6:.2f}M trainable) "
+                               f"on {event.device} ({event.dtype}), {length(event)}, effective batch "
+                               f"{event.effective_batch}")
+        elif isinstance(event, Step):
+            self.metrics.update(loss=event.loss, lr=event.lr, tokens_per_s=event.tokens_per_s)
+            if event.memory is not None:
+                self.metrics["memory"] = event.memory
+            if event.expert_load is not None:
+                self.metrics["expert_load"] = event.expert_load
+            self.progress.update(self.task, total=max(event.total_steps, event.step), completed=event.step,
+                                 eta=format_seconds(event.eta_s))
+        elif isinstance(event, Eval):
+            self.metrics.update(val_loss=event.val_loss, perplexity=event.perplexity)
+            self.console.print(f"eval at step {event.step}: validation loss {event.val_loss:.3f}, perplexity "
+                               f"{event.perplexity:.1f}{'  [green](best)[/green]' if event.improved else ''}")
+        elif isinstance(event, CheckpointSaved):
+            self.console.print(f"[green]saved checkpoint {event.name}[/green] ({event.seconds:.1f} s)")
+        elif isinstance(event, Interrupt):
+            self.console.print(f"[yellow]{event.signal}: finishing this step and saving "
                                f"(press again to quit without saving)[/yellow]")
-        elif kind == "fallback":
-            self.console.print(f"[yellow]out of memory: {event['action'].replace('_', ' ')} "
-                               f"at step {event['step']}[/yellow]")
-        elif kind in ("stopped", "early_stop", "nonfinite", "resumed", "checkpoint_set_aside"):
-            details = ", ".join(f"{k} {v}" for k, v in event.items() if k not in ("type", "time"))
-            self.console.print(f"[yellow]{kind.replace('_', ' ')}: {details}[/yellow]")
-        elif kind == "finished" and event["status"] == "interrupted":  # the bar stays where the run stopped
-            self.progress.update(self.task, completed=event["global_step"], eta="-")
-        elif kind == "finished":
-            self.progress.update(self.task, total=max(1, event["global_step"]), completed=event["global_step"],
-                                 eta="0s")
+        elif isinstance(event, Fallback):
+            self.console.print(f"[yellow]out of memory: {event.action.replace('_', ' ')} at step {event.step}[/yellow]")
+        elif isinstance(event, NOTICES):
+            self.console.print(f"[yellow]{event.kind.replace('_', ' ')}: {details(event)}[/yellow]")
+        elif isinstance(event, Finished) and event.status == "interrupted":  # the bar stays where the run stopped
+            self.progress.update(self.task, completed=event.global_step, eta="-")
+        elif isinstance(event, Finished):
+            self.progress.update(self.task, total=max(1, event.global_step), completed=event.global_step, eta="0s")
         self._refresh()
 
 
@@ -187,26 +193,24 @@ class PlainDisplay:
     def __exit__(self, *exc) -> None:
         return None
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         self.history.record(event)
-        kind = event["type"]
-        if kind == "start":
-            self.write(f"training: {event['params'] / 1e6:.2f}M parameters on {event['device']} ({event['dtype']}), "
-                       f"{length(event)}, effective batch {event['effective_batch']}")
-        elif kind == "step" and (event["step"] % self.every == 0 or event["step"] == event["total_steps"]):
-            experts = f"  experts {load_text(event['expert_load'])}" if event.get("expert_load") else ""
-            self.write(f"step {event['step']:5d}/{event['total_steps']}  loss {event['loss']:.3f}  lr {event['lr']:.2e}  "
-                       f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s']:.0f}s{experts}")
-        elif kind == "eval":
-            self.write(f"eval  step {event['step']:5d}  val loss {event['val_loss']:.3f}  "
-                       f"perplexity {event['perplexity']:.1f}{'  (best)' if event['improved'] else ''}")
-        elif kind == "checkpoint":
-            self.write(f"saved checkpoint {event['name']} ({event['seconds']:.1f} s)")
-        elif kind in ("fallback", "stopped", "early_stop", "resumed", "nonfinite"):
-            details = {k: v for k, v in event.items() if k not in ("type", "time")}
-            self.write(f"{kind}: {details}")
-        elif kind == "interrupt":
-            self.write(f"\n{event['signal']} received: finishing the current step and saving (press again to quit now)")
+        if isinstance(event, Start):
+            self.write(f"training: {event.params / 1e6:.2f}M parameters ({event.trainable / 1e6:.2f}M trainable) on "
+                       f"{event.device} ({event.dtype}), {length(event)}, effective batch {event.effective_batch}")
+        elif isinstance(event, Step) and (event.step % self.every == 0 or event.step == event.total_steps):
+            experts = f"  experts {load_text(event.expert_load)}" if event.expert_load else ""
+            self.write(f"step {event.step:5d}/{event.total_steps}  loss {event.loss:.3f}  lr {event.lr:.2e}  "
+                       f"{event.tokens_per_s:,.0f} tok/s  eta {event.eta_s:.0f}s{experts}")
+        elif isinstance(event, Eval):
+            self.write(f"eval  step {event.step:5d}  val loss {event.val_loss:.3f}  "
+                       f"perplexity {event.perplexity:.1f}{'  (best)' if event.improved else ''}")
+        elif isinstance(event, CheckpointSaved):
+            self.write(f"saved checkpoint {event.name} ({event.seconds:.1f} s)")
+        elif isinstance(event, (Fallback, *NOTICES)):
+            self.write(f"{event.kind}: {details(event)}")
+        elif isinstance(event, Interrupt):
+            self.write(f"\n{event.signal} received: finishing the current step and saving (press again to quit now)")
 
 
 def text_curve(values: list[float], width: int = 60, height: int = 10) -> str:
@@ -270,6 +274,58 @@ def result_table(result, run_dir: Path) -> Table:
     table.add_row("last training loss", f"{result.last_loss:.3f}" if result.last_loss is not None else "-")
     if result.best_val_loss is not None:
         table.add_row("best validation loss", f"{result.best_val_loss:.3f} (perplexity "
-                                               f"{math.exp(min(result.best_val_loss, 50)):.1f})")
+                                               f"{perplexity(result.best_val_loss):.1f})")
     table.add_row("checkpoint", str(run_dir / result.last_checkpoint) if result.last_checkpoint else "-")
+    return table
+
+
+def display_for(console: Console):
+    """The trainer callback for this console: a live display on a terminal, lines otherwise."""
+    if console.is_terminal:
+        return LiveDisplay(console)
+    return PlainDisplay(write=lambda text: console.print(text, markup=False))
+
+
+def report_outcome(console: Console, outcome, history: Optional[History] = None,
+                   resume_hint: str = "python train.py resume") -> int:
+    """The end of a run (a `runs.RunOutcome`): how to resume it, or its summary, curves and
+    sample. Returns the exit code: 0 done, 1 stopped on non-finite losses, 130 interrupted."""
+    result, run_dir = outcome.result, outcome.run_dir
+    if not outcome.is_main:
+        return 130 if result.status == "interrupted" else 0
+    for note in outcome.notes:
+        console.print(note, markup=False)
+    if result.status == "interrupted":
+        console.print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint} saved.\n"
+                      f"resume with: {resume_hint} {run_dir}", markup=False)
+        return 130
+    best = f"{result.best_val_loss:.3f} (perplexity {perplexity(result.best_val_loss):.1f})" \
+        if result.best_val_loss is not None else "n/a"
+    console.print(f"{result.status}: {result.global_step} steps, {result.tokens_seen:,} tokens in "
+                  f"{result.elapsed_s:.0f} s; best validation loss {best}; run directory {run_dir}", markup=False)
+    if console.is_terminal:
+        console.print(result_table(result, run_dir))
+    if history is not None and len(history.losses) >= 2:
+        console.print("training loss by step:\n" + text_curve(history.losses), markup=False)
+        plot = save_plot(history, run_dir / "loss.png")
+        if plot is not None:
+            console.print(f"loss curves plotted in {plot}", markup=False)
+    if result.status == "nonfinite":
+        return 1
+    if outcome.sample is not None:
+        console.print("sample:\n" + outcome.sample, markup=False)
+    return 0
+
+
+def check_table(report, hardware) -> Table:
+    """The system check (a `system_check.SystemReport`) and the training device as a table."""
+    marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+    table = Table(title=f"system check ({report.seconds:.1f} s)", title_justify="left")
+    table.add_column("check", style="bold")
+    table.add_column("status")
+    table.add_column("details")
+    for check in report.checks:
+        table.add_row(check.name, marks.get(check.status, check.status), check.message)
+    table.add_row("Training", "", f"device {hardware.device}, dtype {hardware.recommended_dtype()}, flash attention "
+                                  f"{'yes' if hardware.flash_attention_available else 'no'}")
     return table

@@ -19,7 +19,7 @@ import fnmatch
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 @dataclass
 class LoRAConfig(ConfigIO):
     """Which linears get adapters, their size, and whether the frozen base is 4-bit."""
+
+    section: ClassVar[str] = "lora"
 
     rank: int = described(16, "rank r of the update B·A")
     alpha: float = described(32.0, "scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA)")

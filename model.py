@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from config_io import ConfigIO, described
 @dataclass
 class ModelConfig(ConfigIO):
     """Shape and options of a `Transformer`. Field names follow LightLM's ModelConfig."""
+
+    section: ClassVar[str] = "model"
 
     vocab_size: int = described(8192, "tokens in the vocabulary")
     num_dims: int = described(256, "model width (embedding size)")
@@ -37,7 +39,6 @@ class ModelConfig(ConfigIO):
         "Llama 3 RoPE frequency scaling: {'rope_type': 'llama3', 'factor', 'low_freq_factor', "
         "'high_freq_factor', 'original_max_position_embeddings'}; empty for none")
     use_cache: bool = described(True, "use the KV cache when generating")
-    use_flash: bool = described(True, "attention through scaled_dot_product_attention (flash / memory-efficient kernels on CUDA) instead of explicit matmul-softmax")
     use_moe: bool = described(False, "mixture-of-experts feed-forward")
     moe_num_experts: int = described(4, "experts per MoE layer")
     moe_active_experts: int = described(2, "experts each token is routed to (top-k)")
@@ -46,7 +47,6 @@ class ModelConfig(ConfigIO):
     use_lossfreebalance: bool = described(False, "DeepSeek-V3 auxiliary-loss-free balancing: a per-expert selection bias instead of the aux loss")
     moe_bias_update_rate: float = described(1e-3, "step size of the loss-free balancing bias update")
     tie_embeddings: bool = described(True, "share the token embedding with the output head")
-    gradient_checkpointing: bool = described(False, "recompute each block's activations in backward to save memory")
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "num_dims", "num_heads", "num_kv_heads", "num_layers",
@@ -223,7 +223,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.use_flash = config.use_flash
+        self.use_flash = True  # scaled_dot_product_attention; False: explicit matmul-softmax (Transformer.set_runtime)
         kv_dims = config.num_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.num_dims, config.num_dims, bias=False)
         self.k_proj = nn.Linear(config.num_dims, kv_dims, bias=False)
@@ -375,6 +375,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.check_inputs = True  # token-id range check; costs a device sync on CUDA
+        self.gradient_checkpointing = False  # how the model computes, not what it is: see set_runtime
         self.apply(self._init_weights)
         # GPT-2 scaling of the residual projections: std 0.02/sqrt(2·num_layers).
         residual_std = 0.02 / math.sqrt(2 * config.num_layers)
@@ -389,6 +390,16 @@ class Transformer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def set_runtime(self, use_flash: Optional[bool] = None, gradient_checkpointing: Optional[bool] = None) -> None:
+        """Switches that change how the model computes, not its weights or outputs
+        (TrainerConfig holds them): SDPA vs explicit attention, and recomputing each block's
+        activations in backward (https://arxiv.org/abs/1604.06174) to save memory."""
+        if use_flash is not None:
+            for block in self.layers:
+                block.self_attn.use_flash = use_flash
+        if gradient_checkpointing is not None:
+            self.gradient_checkpointing = gradient_checkpointing
+
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 start_pos: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """input_ids (B, T) → (logits (B, T, V), loss, ce_loss). `targets` are next-token ids
@@ -400,7 +411,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, block_aux = checkpoint(block, x, cos, sin, start_pos, use_reentrant=False)
             else:
                 x, block_aux = block(x, cos, sin, start_pos)

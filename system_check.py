@@ -33,6 +33,7 @@ import torch
 import budget
 import data
 from model import ModelConfig, Transformer
+from trainer import fast_bf16
 
 GIB = 2**30
 STATUSES = ("ok", "warn", "fail")
@@ -120,7 +121,8 @@ class SystemCheck:
         facts = {"cuda": True, "mps": mps, "count": torch.cuda.device_count(), "name": props.name,
                  "memory_gib": round(props.total_memory / GIB, 1), "compute_capability": list(capability),
                  "bf16": bf16, "flash_attention": flash, "torch_cuda": torch.version.cuda}
-        precision = "bf16 autocast" if capability >= (8, 0) else "fp16 autocast (bf16 is slow before compute 8.0)"
+        precision = "bf16 autocast" if fast_bf16(torch.device("cuda")) else \
+            "fp16 autocast (bf16 is slow before compute 8.0)"
         attention = "flash attention available" if flash else "no flash attention"
         count = f" (GPU 0 of {facts['count']})" if facts["count"] > 1 else ""
         return Check("GPU", "ok", f"{props.name}{count}, {facts['memory_gib']} GiB, compute {capability[0]}."
@@ -233,7 +235,7 @@ class HardwareManager:
             props = torch.cuda.get_device_properties(0)
             self.compute_capability: Optional[tuple[int, int]] = (props.major, props.minor)
             self.bf16_supported = torch.cuda.is_bf16_supported()
-            self.fast_bf16 = self.compute_capability >= (8, 0)
+            self.fast_bf16 = fast_bf16(torch.device("cuda"))
             self.memory_available_bytes, self.memory_total_bytes = torch.cuda.mem_get_info()
         else:
             memory = psutil.virtual_memory()
@@ -275,7 +277,8 @@ class HardwareManager:
             model(ids, ids)
         return sum(sizes.values())
 
-    def activation_bytes_per_sequence(self, config: ModelConfig, seq_len: int) -> int:
+    def activation_bytes_per_sequence(self, config: ModelConfig, seq_len: int,
+                                      gradient_checkpointing: bool = False) -> int:
         """Measured activation memory of one training sequence in the precision
         `recommended_dtype` gives: the bytes autograd saves for backward at batch 1, plus the
         fp32 logits. Under autocast it is batch 2 minus batch 1, so the low-precision weight
@@ -285,22 +288,23 @@ class HardwareManager:
         if not 1 <= seq_len <= config.context_len:
             raise ValueError(f"seq_len={seq_len}: must be between 1 and context_len={config.context_len}")
 
-        def saved_per_sequence(shape: ModelConfig) -> int:
+        def saved_per_sequence(shape: ModelConfig, checkpointed: bool) -> int:
             with torch.random.fork_rng(devices=[0] if self.device == "cuda" else []):
                 model = Transformer(shape).to(self.device).train()
+                model.set_runtime(gradient_checkpointing=checkpointed)
                 if self.recommended_dtype() == "float32":
                     return self._saved_bytes(model, 1, seq_len)
                 return self._saved_bytes(model, 2, seq_len) - self._saved_bytes(model, 1, seq_len)
 
-        def per_layer(shape: ModelConfig) -> tuple[int, int]:  # (bytes outside the blocks, bytes per block)
-            one = saved_per_sequence(replace(shape, num_layers=1))
-            two = saved_per_sequence(replace(shape, num_layers=2))
+        def per_layer(checkpointed: bool) -> tuple[int, int]:  # (bytes outside the blocks, bytes per block)
+            one = saved_per_sequence(replace(config, num_layers=1), checkpointed)
+            two = saved_per_sequence(replace(config, num_layers=2), checkpointed)
             return one - (two - one), two - one
 
-        outside, block = per_layer(config)
+        outside, block = per_layer(gradient_checkpointing)
         saved = outside + config.num_layers * block
-        if config.gradient_checkpointing:  # backward recomputes one block at a time and holds its activations
-            saved += per_layer(replace(config, gradient_checkpointing=False))[1]
+        if gradient_checkpointing:  # backward recomputes one block at a time and holds its activations
+            saved += per_layer(False)[1]
         if self.device == "cuda":
             torch.cuda.empty_cache()
         return saved + seq_len * config.vocab_size * 4

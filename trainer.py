@@ -1,10 +1,10 @@
-"""Training: `TrainerConfig`, the `ThreadedDataLoader` and the `Trainer`.
+"""Training: `TrainerConfig`, `TrainState` and the `Trainer`.
 
 The trainer accumulates gradients, picks the precision for the device, clips, schedules
 the learning rate, evaluates, stops early or on a deadline, survives out-of-memory
 (smaller micro-batches, then the CPU) without losing a sample, and saves checkpoints it
-can resume from exactly. It never draws anything: it emits events (dicts) through a
-callback and appends them to `metrics.jsonl` in the run directory.
+can resume from exactly. It never draws and never writes logs: it hands typed events
+(events.py) to its callbacks.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -28,6 +28,8 @@ import torch
 
 import checkpoint
 from config_io import ConfigIO, described
+from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, EpochEnd, Eval, Event, Fallback,
+                    Finished, Interrupt, NonFinite, Resumed, Start, Step, Stopped)
 from loader import ThreadedDataLoader
 from model import Transformer
 
@@ -36,10 +38,12 @@ from model import Transformer
 class TrainerConfig(ConfigIO):
     """How to train. Field names follow LightLM's TrainerConfig, plus what a real trainer needs."""
 
-    num_epochs: int = described(1, "passes over the training data")
-    batch_size: int = described(8, "sequences per micro-batch")
+    section: ClassVar[str] = "trainer"
+
+    num_epochs: int = described(1, "passes over the training data (0 = no limit: max_steps or time_limit_s ends the run)")
+    batch_size: int = described(16, "sequences per micro-batch")
     accumulation_steps: int = described(1, "micro-batches per optimizer step")
-    max_seq_len: int = described(256, "tokens per training sequence")
+    max_seq_len: int = described(128, "tokens per training sequence")
     learning_rate: float = described(1e-3, "peak learning rate")
     min_lr: float = described(1e-4, "learning rate at the end of the decay")
     lr_schedule: str = described("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
@@ -55,15 +59,12 @@ class TrainerConfig(ConfigIO):
     use_dtype: str = described("auto", "compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
                                                           choices=("auto", "float32", "bfloat16", "float16"))
     use_compile: bool = described(False, "torch.compile the model (off by default on CPU)")
-    use_flash: bool = described(True, "attention through scaled_dot_product_attention", mirrors="model.use_flash",
-                                leads=True)
-    gradient_checkpointing: bool = described(False, "recompute activations in backward to save memory",
-                                             mirrors="model.gradient_checkpointing", leads=True)
+    use_flash: bool = described(True, "attention through scaled_dot_product_attention (flash / memory-efficient "
+                                      "kernels on CUDA) instead of explicit matmul-softmax; also model.use_flash")
+    gradient_checkpointing: bool = described(False, "recompute each block's activations in backward to save memory; "
+                                                    "also model.gradient_checkpointing")
     clean_cuda_cache: bool = described(False, "empty the CUDA cache after each evaluation")
     use_ddp: bool = described(False, "DistributedDataParallel under torchrun")
-    use_moe: bool = described(False, "the model is a mixture of experts", mirrors="model.use_moe")
-    use_lossfreebalance: bool = described(False, "loss-free MoE balancing: a selection bias updated after each step",
-                                          mirrors="model.use_lossfreebalance")
     path_to_checkpoints: str = described("checkpoints", "root folder of run directories")
     log_interval: int = described(10, "optimizer steps between memory readings and log flushes")
     eval_interval: int = described(0, "optimizer steps between evaluations (0 = only at epoch end)")
@@ -79,13 +80,13 @@ class TrainerConfig(ConfigIO):
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        positive = ("num_epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "eval_steps",
+        positive = ("batch_size", "accumulation_steps", "max_seq_len", "log_interval", "eval_steps",
                     "max_nonfinite_steps")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainerConfig.{name}={value!r}: must be a positive integer")
-        for name in ("eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed"):
+        for name in ("num_epochs", "eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainerConfig.{name}={value!r}: must be an integer >= 0")
@@ -105,10 +106,18 @@ class TrainerConfig(ConfigIO):
             raise ValueError(f"TrainerConfig.betas={self.betas!r}: must be two numbers in [0, 1)")
         if self.schedule_by == "time" and not self.time_limit_s:
             raise ValueError("TrainerConfig.schedule_by='time' needs time_limit_s > 0")
+        if self.num_epochs == 0 and not self.max_steps and not (self.schedule_by == "time" and self.time_limit_s):
+            raise ValueError("TrainerConfig.num_epochs=0 (no epoch limit) needs max_steps > 0, or schedule_by='time' "
+                             "with time_limit_s > 0")
         for name in ("lr_schedule", "schedule_by", "optimizer", "device", "use_dtype"):
             choices = self.choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step on one process: micro-batch x accumulation x sequence."""
+        return self.batch_size * self.accumulation_steps * self.max_seq_len
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -183,13 +192,23 @@ def resolve_device(config: TrainerConfig) -> torch.device:
     return torch.device(config.device)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on `device`: CUDA from compute capability 8.0 (Ampere),
+    where it runs natively; before that it is emulated, and on the CPU bf16 matmuls are far
+    slower than fp32. The one place this rule lives (training and the system check)."""
+    if device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device.index or 0)
+    return (props.major, props.minor) >= (8, 0)
+
+
 def resolve_dtype(config: TrainerConfig, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (its bf16 matmuls are slower here); bf16 autocast on CUDA where
-    supported, else fp16 with a GradScaler; `use_dtype` forces a choice."""
+    """fp32 on CPU; bf16 autocast on CUDA where it is fast, else fp16 with a GradScaler;
+    `use_dtype` forces a choice."""
     if config.use_dtype != "auto":
         return getattr(torch, config.use_dtype)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if fast_bf16(device) else torch.float16
     return torch.float32
 
 
@@ -272,20 +291,69 @@ class TrainResult:
     tokens_seen: int
 
 
+@dataclass
+class TrainState:
+    """A run's progress: what a checkpoint saves (`trainer_state.json`) and a resume
+    restores, as one object."""
+
+    global_step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training seconds of all sessions of this run
+    loader: dict = field(default_factory=dict)  # ThreadedDataLoader.state_dict(): epoch, position, seed
+    micro_splits: int = 1  # each loader batch is cut into this many micro-batches (grows on OOM)
+    device: str = "cpu"
+    best_val_loss: Optional[float] = None
+    best_checkpoint: Optional[str] = None
+    evals_without_improvement: int = 0
+    nonfinite_steps: int = 0
+    adapter_only: bool = False  # the checkpoint holds the trainable (LoRA) weights only
+    scaler: Optional[dict] = None  # fp16 GradScaler state
+    rng: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        """The JSON layout; `epoch` and `scheduler` are there for readers of the file."""
+        return {**dataclasses.asdict(self), "epoch": self.loader.get("epoch", 0),
+                "scheduler": {"step": self.global_step}}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class _Session:
+    """The loop's bookkeeping for one call of `fit` (nothing of it is saved)."""
+
+    started: float
+    deadline: Optional[float]
+    start_step: int
+    elapsed_before: float
+    stop_reason: Optional[str] = None
+    interrupts: int = 0
+    last_loss: Optional[float] = None
+    best_step: Optional[int] = None  # a checkpoint saved at this step becomes the best one
+    last_eval_step: Optional[int] = None
+    nonfinite_in_a_row: int = 0
+    window_started: float = 0.0  # the throughput window: its start and its tokens
+    window_tokens: int = 0
+
+
 class Trainer:
     """Trains `model` on `train_data` (a `data.PackedBlocks` / `data.MaskedSamples`).
 
-    `run_dir` receives `run.json` (`run_info`), the tokenizer, `metrics.jsonl` and the
-    checkpoints. `callback(event)` sees every event. `fault_hook(step, micro_batch_size)`
-    runs before each micro-batch's forward pass; tests make it raise out-of-memory.
+    Constructing one writes nothing and changes nothing it was given: the model is placed
+    on the device and gets the runtime switches (`use_flash`, `gradient_checkpointing`)
+    when training or a resume starts. Checkpoints go to `run_dir`; every event goes to each
+    of `callbacks` (a display, `events.MetricsLog`, ...). `adapter_only` (LoRA fine-tuning)
+    saves the trainable weights alone. `fault_hook(step, micro_batch_size)` runs before each
+    micro-batch's forward pass; tests make it raise out-of-memory.
     """
 
     def __init__(self, model: Transformer, config: TrainerConfig, train_data, val_data=None,
-                 run_dir: Optional[str | Path] = None, callback: Optional[Callable[[dict], None]] = None,
-                 tokenizer=None, run_info: Optional[dict] = None,
-                 fault_hook: Optional[Callable[[int, int], None]] = None, rank: int = 0, world_size: int = 1):
-        if config.use_moe and not model.config.use_moe:
-            raise ValueError("TrainerConfig.use_moe is on but the model has no mixture-of-experts layers")
+                 run_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
+                 adapter_only: bool = False, fault_hook: Optional[Callable[[int, int], None]] = None,
+                 rank: int = 0, world_size: int = 1):
         if config.use_ddp:
             import torch.distributed as dist
 
@@ -293,187 +361,132 @@ class Trainer:
                 raise ValueError("TrainerConfig.use_ddp needs torch.distributed: launch with "
                                  "torchrun --nproc_per_node=N train.py train trainer.use_ddp=yes ...")
             rank, world_size = dist.get_rank(), dist.get_world_size()
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
-        self.model = model
-        self.config = config
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.model, self.config = model, config
         self.train_data, self.val_data = train_data, val_data
-        self.callback = callback
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks = list(callbacks)
         self.fault_hook = fault_hook
         self.device = resolve_device(config)
         if config.use_ddp and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config, self.device)
-        self.micro_splits = 1  # each loader batch is cut into this many micro-batches (grows on OOM)
-        model.config.gradient_checkpointing = config.gradient_checkpointing
-        for module in model.modules():
-            if hasattr(module, "use_flash"):
-                module.use_flash = config.use_flash
-        if self.device.type == "cuda":
-            model.check_inputs = False  # the data pipeline guarantees ids < vocab; no per-step sync
-        self.model.to(self.device)
         self.loader = ThreadedDataLoader(dataset=train_data, batch_size=config.batch_size, seed=config.seed,
-                                         rank=rank, world_size=world_size,
-                                         pin_memory=self.device.type == "cuda")
+                                         rank=rank, world_size=world_size, pin_memory=self.device.type == "cuda")
         self.optimizer = build_optimizer(model, config, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(self.loader) / config.accumulation_steps)
-        total = self.steps_per_epoch * config.num_epochs
-        self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        self.step_model = model
-        if config.use_ddp:
+        self.total_steps = total_steps(config, self.steps_per_epoch)  # None: the deadline ends the run
+        self.state = TrainState(device=self.device.type, adapter_only=adapter_only)
+        self.last_checkpoint: Optional[str] = None
+        self.step_model: Optional[torch.nn.Module] = None  # the model as the step runs it (DDP, compiled)
+        self._session: Optional[_Session] = None
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    # ---- set-up when training starts --------------------------------------------------------
+    def _place_model(self) -> None:
+        """The model on the trainer's device with the runtime switches applied, wrapped for
+        DDP / torch.compile (once)."""
+        if self.step_model is not None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            self.model.check_inputs = False  # the data pipeline guarantees ids < vocab; no per-step sync
+        self.model.to(self.device)
+        self.model.set_runtime(use_flash=self.config.use_flash,
+                               gradient_checkpointing=self.config.gradient_checkpointing)
+        self.step_model = self.model
+        if self.config.use_ddp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.step_model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=model.config.use_moe)  # an expert may get no tokens on a rank
-        if config.use_compile:
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.model.config.use_moe)  # an expert may get no tokens on a rank
+        if self.config.use_compile:
             self.step_model = torch.compile(self.step_model)
-        self.global_step = 0
-        self.tokens_seen = 0
-        self.elapsed_before = 0.0  # training seconds of earlier sessions of this run (resume)
-        self.best_val_loss: Optional[float] = None
-        self.best_checkpoint: Optional[str] = None
-        self.evals_without_improvement = 0
-        self.nonfinite_steps = 0
-        self.nonfinite_in_a_row = 0
-        self.last_checkpoint: Optional[str] = None
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._metrics = None
-        self._stop_reason: Optional[str] = None
-        self._interrupts = 0
-        self._best_step: Optional[int] = None
-        self._last_eval_step: Optional[int] = None
-        self._start_step = 0
-        self._fit_started: Optional[float] = None
-        if self.run_dir is not None and self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if run_info is not None:
-                (self.run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-            if tokenizer is not None and not (self.run_dir / "tokenizer.json").exists():
-                tokenizer.save_pretrained(str(self.run_dir))
-        self._tensorboard = None
 
-    # ---- events --------------------------------------------------------------------------
-    def emit(self, kind: str, **values) -> None:
-        if not self.is_main:  # with DDP, rank 0 speaks for all
-            return
-        event = {"type": kind, "time": time.time(), **values}
-        if self.run_dir is not None:
-            if self._metrics is None:
-                self._metrics = open(self.run_dir / "metrics.jsonl", "a")
-            self._metrics.write(json.dumps(event) + "\n")
-            if kind != "step" or values.get("step", 0) % self.config.log_interval == 0:
-                self._metrics.flush()
-            self._log_tensorboard(kind, values)
-        if self.callback is not None:
-            self.callback(event)
-
-    def _log_tensorboard(self, kind: str, values: dict) -> None:
-        if self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._tensorboard = False
-                return
-            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if self._tensorboard is False:
-            return
-        step = values.get("step", self.global_step)
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
-            if isinstance(values.get(key), (int, float)):
-                self._tensorboard.add_scalar(f"{kind}/{key}", values[key], step)
+    def emit(self, event: Event) -> None:
+        if self.is_main:  # with DDP, rank 0 speaks for all
+            for callback in self.callbacks:
+                callback(event)
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def state(self) -> dict:
-        elapsed = self.elapsed_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
-        return {"epoch": self.loader.epoch, "global_step": self.global_step, "tokens_seen": self.tokens_seen,
-                "elapsed_s": elapsed,
-                "loader": self.loader.state_dict(), "scheduler": {"step": self.global_step, "total_steps": self.total_steps},
-                "micro_splits": self.micro_splits, "device": self.device.type,
-                "best_val_loss": self.best_val_loss, "best_checkpoint": self.best_checkpoint,
-                "evals_without_improvement": self.evals_without_improvement,
-                "nonfinite_steps": self.nonfinite_steps, "rng": rng_state(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+    def _snapshot(self) -> dict:
+        """The state to save now (elapsed time, loader position, RNG and scaler filled in)."""
+        self.state.loader = self.loader.state_dict()
+        self.state.device = self.device.type
+        session = self._session
+        if session is not None:
+            self.state.elapsed_s = session.elapsed_before + time.perf_counter() - session.started
+        self.state.rng = rng_state()
+        self.state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        return self.state.to_dict()
 
     def save_checkpoint(self, name: str) -> Optional[Path]:
         if self.run_dir is None or not self.is_main:
             self.last_checkpoint = name
             return None
-        if self._best_step == self.global_step:  # this checkpoint holds the best evaluated state
-            self.best_checkpoint = name
-        state = self.state()
-        state["adapter_only"] = self.adapter_only
+        if self._session is not None and self._session.best_step == self.global_step:
+            self.state.best_checkpoint = name  # this checkpoint holds the best evaluated state
         started = time.perf_counter()
-        path = checkpoint.save(self.run_dir / name, self.model_state(), self.optimizer.state_dict(), state)
+        path = checkpoint.save(self.run_dir / name, self.model_state(), self.optimizer.state_dict(), self._snapshot())
         self.last_checkpoint = name
-        removed = checkpoint.prune(self.run_dir, self.config.keep_last_n,
-                                   protect=(self.best_checkpoint,) if self.best_checkpoint else ())
-        self.emit("checkpoint", name=name, step=self.global_step, seconds=time.perf_counter() - started,
-                  removed=removed)
+        best = self.state.best_checkpoint
+        removed = checkpoint.prune(self.run_dir, self.config.keep_last_n, protect=(best,) if best else ())
+        self.emit(CheckpointSaved(name=name, step=self.global_step, seconds=time.perf_counter() - started,
+                                  removed=removed))
         return path
 
-    @property
-    def adapter_only(self) -> bool:
-        """Fine-tuning with LoRA: checkpoints hold the trainable weights only; the frozen
-        base is rebuilt from where it came from."""
-        from lora import lora_layers
-
-        return bool(lora_layers(self.model))
-
     def model_state(self) -> dict[str, torch.Tensor]:
-        if self.adapter_only:
+        if self.state.adapter_only:
             return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         return self.model.state_dict()
 
-    def _load_model_state(self, model_state: dict, state: dict, path) -> None:
-        if not state.get("adapter_only"):
+    def _load_model_state(self, model_state: dict, adapter_only: bool, path: Path) -> None:
+        if not adapter_only:
             self.model.load_state_dict(model_state)
             return
         result = self.model.load_state_dict(model_state, strict=False)
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         if result.unexpected_keys or trainable - set(model_state):
             raise checkpoint.CheckpointError(
-                f"{Path(path).name} holds adapter weights that do not fit this model "
+                f"{path.name} holds adapter weights that do not fit this model "
                 f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(trainable - set(model_state))[:3]})")
 
-    def _set_aside_later_checkpoints(self, path: Path, step: int) -> None:
-        """Resuming from an older checkpoint abandons the later ones: hide them (renamed,
-        not deleted) so `latest` and pruning never mistake them for this run's future."""
-        if self.run_dir is None or not self.is_main:
-            return
-        for other in checkpoint.candidates(self.run_dir):
-            if other != path and checkpoint.read_state(other).get("global_step", -1) > step:
-                other.rename(other.with_name(f".abandoned-{other.name}-{int(time.time())}"))
-                self.emit("checkpoint_set_aside", name=other.name, reason=f"resumed from {path.name}")
-
-    def load_checkpoint(self, path: str | Path) -> dict:
+    def load_checkpoint(self, path: str | Path) -> TrainState:
         """Restore model, optimizer, schedule position, counters, RNG and loader position."""
-        model_state, optimizer_state, state = checkpoint.load(path)
+        return self.restore(Path(path), *checkpoint.load(path))
+
+    def restore(self, path: Path, model_state: dict, optimizer_state: Optional[dict], saved: dict) -> TrainState:
+        """`load_checkpoint` from what `checkpoint.load` read of `path`."""
         try:
-            self._load_model_state(model_state, state, path)
-        except checkpoint.CheckpointError:
-            raise
+            state = TrainState.from_dict(saved)
+            int(state.loader["epoch"]), int(state.loader["position"])
+        except (KeyError, TypeError, ValueError):
+            raise checkpoint.CheckpointError(f"{path.name}: {checkpoint.STATE_FILE} is not a trainer state") from None
+        self._place_model()  # the optimizer state follows its parameters' device
+        try:
+            self._load_model_state(model_state, state.adapter_only, path)
         except RuntimeError as error:  # shapes that do not match the model
-            raise checkpoint.CheckpointError(f"{Path(path).name} does not fit this model: {str(error)[:300]}") from None
+            if isinstance(error, checkpoint.CheckpointError):
+                raise
+            raise checkpoint.CheckpointError(f"{path.name} does not fit this model: {str(error)[:300]}") from None
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
-        self.last_checkpoint = Path(path).name
-        self._set_aside_later_checkpoints(Path(path), state["global_step"])
-        self.global_step = state["global_step"]
-        self.tokens_seen = state.get("tokens_seen", 0)
-        self.elapsed_before = state.get("elapsed_s", 0.0)
-        self.loader.load_state_dict(state["loader"])
-        self.micro_splits = state.get("micro_splits", 1)
-        self.best_val_loss = state.get("best_val_loss")
-        self.best_checkpoint = state.get("best_checkpoint")
-        self.evals_without_improvement = state.get("evals_without_improvement", 0)
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.emit("resumed", checkpoint=Path(path).name, step=self.global_step, epoch=self.loader.epoch)
+        if self.run_dir is not None and self.is_main:
+            for name in checkpoint.set_aside_later(self.run_dir, path, state.global_step):
+                self.emit(CheckpointSetAside(name=name, reason=f"resumed from {path.name}"))
+        self.state = state
+        self.last_checkpoint = path.name
+        self.loader.load_state_dict(state.loader)
+        if state.scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state.scaler)
+        if state.rng is not None:
+            set_rng_state(state.rng)
+        self.emit(Resumed(checkpoint=path.name, step=self.global_step, epoch=self.loader.epoch))
         return state
 
     # ---- one optimizer step -------------------------------------------------------------
@@ -491,8 +504,8 @@ class Trainer:
         """Forward and backward over one optimizer step's batches, each cut into
         `micro_splits` micro-batches, the loss weighted so the update equals one over
         the whole group. Returns the group's mean loss (a tensor, no sync)."""
-        micro_batches = [(xs, ys) for x, y in group
-                         for xs, ys in zip(x.tensor_split(self.micro_splits), y.tensor_split(self.micro_splits))
+        splits = self.state.micro_splits
+        micro_batches = [(xs, ys) for x, y in group for xs, ys in zip(x.tensor_split(splits), y.tensor_split(splits))
                          if xs.size(0)]
         # Each micro-batch's loss is a mean over its target tokens; weighting by its share
         # of the group's target tokens makes the sum the mean over the whole group, however
@@ -524,18 +537,16 @@ class Trainer:
                     raise  # under DDP a rank retrying alone would hang the others
                 self.optimizer.zero_grad(set_to_none=True)
                 self._free_memory()
-                micro = math.ceil(self.config.batch_size / self.micro_splits)
-                if micro > 1:
-                    self.micro_splits = min(self.config.batch_size, self.micro_splits * 2)
-                    new_micro = math.ceil(self.config.batch_size / self.micro_splits)
-                    self.emit("fallback", action="halve_micro_batch", step=self.global_step,
-                              micro_batch_size=new_micro,
-                              accumulation=self.micro_splits * self.config.accumulation_steps,
-                              effective_batch=self.config.batch_size * self.config.accumulation_steps,
-                              error=str(error)[:200])
+                batch_size = self.config.batch_size
+                if math.ceil(batch_size / self.state.micro_splits) > 1:
+                    self.state.micro_splits = min(batch_size, self.state.micro_splits * 2)
+                    self.emit(Fallback(action="halve_micro_batch", step=self.global_step, error=str(error)[:200],
+                                       micro_batch_size=math.ceil(batch_size / self.state.micro_splits),
+                                       accumulation=self.state.micro_splits * self.config.accumulation_steps,
+                                       effective_batch=batch_size * self.config.accumulation_steps))
                 elif self.device.type != "cpu":
                     self._move_to_cpu()
-                    self.emit("fallback", action="move_to_cpu", step=self.global_step, error=str(error)[:200])
+                    self.emit(Fallback(action="move_to_cpu", step=self.global_step, error=str(error)[:200]))
                 else:
                     raise
 
@@ -558,7 +569,7 @@ class Trainer:
             if group.get("fused"):
                 group["fused"], group["foreach"] = False, True
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-        self.micro_splits = 1
+        self.state.micro_splits = 1
         self._free_memory()
 
     def _optimizer_step(self, lr: float) -> torch.Tensor:
@@ -569,79 +580,77 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        return grad_norm
+            return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train until the epochs, max_steps, the deadline, early stopping or Ctrl-C end it."""
         config = self.config
+        self._place_model()
         started = time.perf_counter()
-        self._fit_started = started
-        self._start_step = self.global_step
-        deadline = started + config.time_limit_s - self.elapsed_before if config.time_limit_s else None
+        elapsed_before = self.state.elapsed_s
+        deadline = started + config.time_limit_s - elapsed_before if config.time_limit_s else None
+        session = self._session = _Session(started, deadline, self.global_step, elapsed_before,
+                                           window_started=started)
         previous_handlers = self._install_signal_handlers()
         self.model.train()
         if self.loader.position >= len(self.loader):  # resumed from the end of an epoch
             self.loader.epoch, self.loader.position = self.loader.epoch + 1, 0
-        self.emit("start", total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                  step=self.global_step, epoch=self.loader.epoch,
-                  effective_batch=config.batch_size * config.accumulation_steps * self.loader.world_size,
-                  time_left_s=config.time_limit_s - self.elapsed_before if config.time_limit_s else None,
-                  schedule_by=config.schedule_by, device=self.device.type, dtype=str(self.dtype).removeprefix("torch."),
-                  params=sum(p.numel() for p in self.model.parameters()),
-                  trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
-        self._last_loss: Optional[float] = None
-        self._window = [time.perf_counter(), 0]  # start time and tokens of the throughput window
+        self.emit(Start(total_steps=self.total_steps or 0, steps_per_epoch=self.steps_per_epoch, step=self.global_step,
+                        epoch=self.loader.epoch, effective_batch=config.batch_size * config.accumulation_steps * self.world_size, time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s
+                        else None, schedule_by=config.schedule_by, device=self.device.type,
+                        dtype=str(self.dtype).removeprefix("torch."),
+                        params=sum(p.numel() for p in self.model.parameters()),
+                        trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad)))
         try:
-            while self._stop_reason is None and self.loader.epoch < config.num_epochs:
-                if self.global_step >= self.total_steps:
-                    break
+            while session.stop_reason is None and not self._steps_done() \
+                    and (config.num_epochs == 0 or self.loader.epoch < config.num_epochs):
                 epoch = self.loader.epoch
                 batches = iter(self.loader)
                 try:
-                    while self._stop_reason is None and self.loader.position < len(self.loader):
-                        if self.global_step >= self.total_steps:
-                            break
+                    while session.stop_reason is None and not self._steps_done() \
+                            and self.loader.position < len(self.loader):
                         size = min(config.accumulation_steps, len(self.loader) - self.loader.position)
-                        self._train_step(epoch, [next(batches) for _ in range(size)], started, deadline)
+                        self._train_step(epoch, [next(batches) for _ in range(size)])
                 finally:
                     batches.close()
-                if self._stop_reason != "nonfinite" and self.loader.position >= len(self.loader):
+                if session.stop_reason != "nonfinite" and self.loader.position >= len(self.loader):
                     self.loader.epoch, self.loader.position = epoch + 1, 0
-                    self.emit("epoch_end", epoch=epoch, step=self.global_step)
-                    if self._last_eval_step != self.global_step:
+                    self.emit(EpochEnd(epoch=epoch, step=self.global_step))
+                    if session.last_eval_step != self.global_step:
                         self._evaluate()
                     if config.use_epoch_checkpoints:
                         self.save_checkpoint(f"epoch_{epoch + 1}")
-            status = self._stop_reason or "finished"
-            if status in ("deadline", "max_steps", "finished") and self._last_eval_step != self.global_step:
+            status = session.stop_reason or "finished"
+            if status in ("deadline", "max_steps", "finished") and session.last_eval_step != self.global_step:
                 self._evaluate()
             if status != "nonfinite" and read_step(self.run_dir, self.last_checkpoint) != self.global_step:
                 self.save_checkpoint(f"step_{self.global_step}")
-            result = TrainResult(status, self.global_step, self.loader.epoch, self._last_loss, self.best_val_loss,
-                                 self.last_checkpoint, time.perf_counter() - started, self.tokens_seen)
-            self.emit("finished", **dataclasses.asdict(result))
+            result = TrainResult(status, self.global_step, self.loader.epoch, session.last_loss,
+                                 self.state.best_val_loss, self.last_checkpoint, time.perf_counter() - started,
+                                 self.state.tokens_seen)
+            self.emit(Finished(**dataclasses.asdict(result)))
             return result
         finally:
             self.loader.close()
             self._restore_signal_handlers(previous_handlers)
-            if self._metrics is not None:
-                self._metrics.close()
-                self._metrics = None
+            for callback in self.callbacks:
+                getattr(callback, "close", lambda: None)()
 
-    def _train_step(self, epoch: int, group: list, started: float, deadline: Optional[float]) -> None:
-        config = self.config
+    def _steps_done(self) -> bool:
+        return self.total_steps is not None and self.global_step >= self.total_steps
+
+    def _train_step(self, epoch: int, group: list) -> None:
+        config, session, state = self.config, self._session, self.state
         if config.schedule_by == "time":
-            lr = learning_rate_at_time(self.elapsed_before + time.perf_counter() - started, config)
+            lr = learning_rate_at_time(session.elapsed_before + time.perf_counter() - session.started, config)
         else:
             lr = learning_rate_at(self.global_step, self.total_steps, config)
         loss = self._step_with_fallback(group)
         grad_norm = self._optimizer_step(lr)
         stats = torch.stack([loss, grad_norm.to(loss.device).float()])
-        if self.config.use_ddp:  # the mean loss over ranks (the gradient norm is already shared)
+        if config.use_ddp:  # the mean loss over ranks (the gradient norm is already shared)
             import torch.distributed as dist
 
             dist.all_reduce(stats)
@@ -649,80 +658,83 @@ class Trainer:
         loss_value, norm_value = stats.tolist()  # one sync per step
         # With fp16 the GradScaler expects (and skips) steps with inf gradients; otherwise they are failures.
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not self.scaler.is_enabled()):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale)
-            self.nonfinite_steps += 1
-            self.nonfinite_in_a_row += 1
-            self.emit("nonfinite", step=self.global_step, loss=loss_value, grad_norm=norm_value,
-                      in_a_row=self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
-                self._stop_reason = "nonfinite"
-                self.emit("stopped", reason=f"{self.nonfinite_in_a_row} non-finite losses in a row; the last good "
-                          f"state is saved. Lower the learning rate or check the data.")
-                self.save_checkpoint(f"step_{self.global_step}")
+            self._skip_nonfinite(loss_value, norm_value)
             return
-        self.nonfinite_in_a_row = 0
+        session.nonfinite_in_a_row = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_moe_bias()
-        self.global_step += 1
-        tokens = sum(int(x.numel()) for x, _ in group) * self.loader.world_size
-        self.tokens_seen += tokens
-        self._window[1] += tokens
-        self._last_loss = loss_value
-        self._emit_step(epoch, loss_value, lr, norm_value, started)
+        state.global_step += 1
+        tokens = sum(int(x.numel()) for x, _ in group) * self.world_size
+        state.tokens_seen += tokens
+        session.window_tokens += tokens
+        session.last_loss = loss_value
+        self._emit_step(epoch, loss_value, lr, norm_value)
         if self.global_step % config.log_interval == 0:
-            self._window = [time.perf_counter(), 0]
-        self._after_step(deadline)
+            session.window_started, session.window_tokens = time.perf_counter(), 0
+        self._after_step()
 
-    def _emit_step(self, epoch: int, loss: float, lr: float, grad_norm: float, started: float) -> None:
-        elapsed = time.perf_counter() - self._window[0]
-        tokens_per_s = self._window[1] / elapsed if elapsed > 0 else 0.0
-        done = time.perf_counter() - started
-        steps_this_run = max(1, self.global_step - self._start_step)
-        eta = done / steps_this_run * max(0, self.total_steps - self.global_step)
-        if self.config.time_limit_s:
-            eta = min(eta, max(0.0, self.config.time_limit_s - done))
-        total_steps = self.total_steps
-        if self.config.schedule_by == "time" and done > 0:  # the deadline ends the run: estimate its steps
-            rate = steps_this_run / done
-            total_steps = min(total_steps, self.global_step + round(rate * max(0.0, self.config.time_limit_s
-                                                                                  - self.elapsed_before - done)))
-        values = dict(epoch=epoch, step=self.global_step, total_steps=total_steps, loss=loss, lr=lr,
-                      grad_norm=grad_norm, tokens_per_s=tokens_per_s, tokens_seen=self.tokens_seen, eta_s=eta)
-        if self.global_step % self.config.log_interval == 0:
-            values["memory"] = memory_stats(self.device)
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient: no update; too many in a row stop the run, saved."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale)
+        self.state.nonfinite_steps += 1
+        session = self._session
+        session.nonfinite_in_a_row += 1
+        self.emit(NonFinite(step=self.global_step, loss=loss, grad_norm=grad_norm, in_a_row=session.nonfinite_in_a_row))
+        if session.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            session.stop_reason = "nonfinite"
+            self.emit(Stopped(reason=f"{session.nonfinite_in_a_row} non-finite losses in a row; the last good state is "
+                                     f"saved. Lower the learning rate or check the data."))
+            self.save_checkpoint(f"step_{self.global_step}")
+
+    def _emit_step(self, epoch: int, loss: float, lr: float, grad_norm: float) -> None:
+        session, config = self._session, self.config
+        now = time.perf_counter()
+        tokens_per_s = session.window_tokens / (now - session.window_started) if now > session.window_started else 0.0
+        done = now - session.started
+        steps_this_run = max(1, self.global_step - session.start_step)
+        total, eta = self.total_steps, None
+        if total is not None:
+            eta = done / steps_this_run * max(0, total - self.global_step)
+        if config.time_limit_s:
+            time_left = max(0.0, config.time_limit_s - session.elapsed_before - done)
+            eta = time_left if eta is None else min(eta, time_left)
+            if config.schedule_by == "time" or total is None:  # the deadline ends the run: estimate its steps
+                estimate = self.global_step + round(steps_this_run / max(done, 1e-9) * time_left)
+                total = estimate if total is None else min(total, estimate)
         load = self.model.expert_load() if self.model.config.use_moe else None
-        if load is not None:
-            values["expert_load"] = load.tolist()
-        self.emit("step", **values)
+        self.emit(Step(epoch=epoch, step=self.global_step, total_steps=total, loss=loss, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=tokens_per_s, tokens_seen=self.state.tokens_seen, eta_s=eta,
+                       memory=memory_stats(self.device) if self.global_step % config.log_interval == 0 else None,
+                       expert_load=load.tolist() if load is not None else None))
 
-    def _after_step(self, deadline: Optional[float]) -> None:
-        config = self.config
+    def _after_step(self) -> None:
+        config, session = self.config, self._session
         if config.eval_interval and self.global_step % config.eval_interval == 0:
             self._evaluate()
-            if config.early_stopping_patience and self.evals_without_improvement >= config.early_stopping_patience:
-                self._stop_reason = "early_stop"
-                self.emit("early_stop", step=self.global_step, best_val_loss=self.best_val_loss,
-                          patience=config.early_stopping_patience)
+            if config.early_stopping_patience and self.state.evals_without_improvement >= config.early_stopping_patience:
+                session.stop_reason = "early_stop"
+                self.emit(EarlyStop(step=self.global_step, best_val_loss=self.state.best_val_loss,
+                                    patience=config.early_stopping_patience))
                 self.save_checkpoint(f"step_{self.global_step}")
                 return
         if config.save_every_n_steps and self.global_step % config.save_every_n_steps == 0:
             self.save_checkpoint(f"step_{self.global_step}")
         if config.max_steps and self.global_step >= config.max_steps:
-            self._stop_reason = "max_steps"
-        elif deadline is not None and time.perf_counter() >= deadline:
-            self._stop_reason = "deadline"
-        elif self._interrupts:
-            self._stop_reason = "interrupted"
+            session.stop_reason = "max_steps"
+        elif session.deadline is not None and time.perf_counter() >= session.deadline:
+            session.stop_reason = "deadline"
+        elif session.interrupts:
+            session.stop_reason = "interrupted"
         if config.use_ddp:  # every rank stops at the same step, for the first reason any rank has
             import torch.distributed as dist
 
             reasons = ["", "max_steps", "deadline", "interrupted"]
-            code = torch.tensor([reasons.index(self._stop_reason or "")], device=self.device)
+            code = torch.tensor([reasons.index(session.stop_reason or "")], device=self.device)
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
-            self._stop_reason = reasons[int(code)] or None
+            session.stop_reason = reasons[int(code)] or None
 
     def _evaluate(self) -> Optional[float]:
         if self.val_data is None or len(self.val_data) == 0:
@@ -730,18 +742,19 @@ class Trainer:
         started = time.perf_counter()
         val_loss = evaluate(self.model, self.val_data, self.config.batch_size, self.config.eval_steps,
                             self.device, self.dtype)
-        self._last_eval_step = self.global_step
-        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        state, session = self.state, self._session
+        session.last_eval_step = self.global_step
+        improved = state.best_val_loss is None or val_loss < state.best_val_loss
         if improved:
-            self.best_val_loss = val_loss
-            self._best_step = self.global_step  # a checkpoint saved at this step becomes the best one
-            self.evals_without_improvement = 0
+            state.best_val_loss = val_loss
+            session.best_step = self.global_step
+            state.evals_without_improvement = 0
         else:
-            self.evals_without_improvement += 1
+            state.evals_without_improvement += 1
         if self.config.clean_cuda_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.emit("eval", step=self.global_step, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50)),
-                  best_val_loss=self.best_val_loss, improved=improved, seconds=time.perf_counter() - started)
+        self.emit(Eval(step=self.global_step, val_loss=val_loss, best_val_loss=state.best_val_loss, improved=improved,
+                       seconds=time.perf_counter() - started))
         return val_loss
 
     # ---- Ctrl-C and SIGTERM --------------------------------------------------------------
@@ -750,10 +763,10 @@ class Trainer:
             return {}
 
         def handler(signum, frame):
-            self._interrupts += 1
-            if self._interrupts > 1:  # a second Ctrl-C: stop now, unsaved
+            self._session.interrupts += 1
+            if self._session.interrupts > 1:  # a second Ctrl-C: stop now, unsaved
                 raise KeyboardInterrupt
-            self.emit("interrupt", signal=signal.Signals(signum).name, step=self.global_step)
+            self.emit(Interrupt(signal=signal.Signals(signum).name, step=self.global_step))
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -766,10 +779,18 @@ class Trainer:
             signal.signal(signum, handler)
 
 
+def total_steps(config: TrainerConfig, steps_per_epoch: int) -> Optional[int]:
+    """Optimizer steps the epochs and max_steps allow; None when only the deadline ends the run."""
+    by_epochs = steps_per_epoch * config.num_epochs if config.num_epochs else None
+    if config.max_steps:
+        return min(by_epochs, config.max_steps) if by_epochs else config.max_steps
+    return by_epochs
+
+
 def read_step(run_dir: Optional[Path], name: Optional[str]) -> Optional[int]:
     if run_dir is None or name is None:
         return None
     try:
         return checkpoint.read_state(run_dir / name)["global_step"]
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None

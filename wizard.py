@@ -8,7 +8,6 @@ the whole wizard with `io.StringIO`. End of input (Ctrl-D) leaves cleanly from a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -28,13 +27,14 @@ from budget import CostModel, HardwareProfile, Plan, batch_tokens, parse_duratio
 from config_editor import ConfigEditor, ConfigError, EndOfInput, ask, choose, confirm, load_configs, \
     save_configs
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
-from display import LiveDisplay, PlainDisplay, format_bytes, format_seconds
+import runs
+from display import check_table, display_for, format_bytes, format_seconds, report_outcome
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
+from runs import chat_prompt, data_summary, default_configs, fit_model_to_data, list_runs, load_trained, stop_token, \
+    stream_text
 from system_check import HardwareManager, SystemCheck
 from trainer import TrainerConfig, resolve_dtype
-from train import check_table, cmd_finetune, data_summary, default_configs, evaluate_run, export_model, finish, fit, \
-    fit_model_to_data, load_trained, new_trainer, resume_run, stop_token, stream_text, chat_prompt
 
 MAIN_MENU = (("1", "Start training"), ("2", "Manage dataset/configuration"), ("3", "Exit"),
              ("4", "Resume a run"), ("5", "Fine-tune a model with LoRA / QLoRA"),
@@ -70,9 +70,8 @@ def derived_figures(configs: dict) -> list[tuple[str, str]]:
     model, trainer = configs["model"], configs["trainer"]
     figures = [("parameters", f"{model.num_params() / 1e6:.2f}M"
                               + (f" ({model.num_params(active=True) / 1e6:.2f}M active)" if model.use_moe else ""))]
-    tokens = trainer.batch_size * trainer.accumulation_steps * trainer.max_seq_len
-    figures.append(("tokens per optimizer step", f"{tokens:,} ({trainer.batch_size} x {trainer.accumulation_steps} "
-                                                 f"x {trainer.max_seq_len})"))
+    figures.append(("tokens per optimizer step", f"{trainer.tokens_per_step:,} ({trainer.batch_size} x "
+                                                 f"{trainer.accumulation_steps} x {trainer.max_seq_len})"))
     figures.append(("estimated training memory",
                     format_bytes(training_memory(model, trainer.batch_size, trainer.max_seq_len))))
     return figures
@@ -385,21 +384,21 @@ class Wizard:
             self.say("starting the accepted plan (the budget counts from now)")
         elif not self.confirm("Start training?", default=True):
             return
-        run_dir = self.runs_dir / time.strftime("run-%Y%m%d-%H%M%S")
-        data_config = prepared.config or self.configs["data"]
-        trainer = new_trainer(model_config, trainer_config, data_config, prepared, run_dir, callback=None)
-        result, history = fit(trainer, self.console, self.display())
-        finish(trainer, result, prepared, run_dir, self.console, history, resume_hint=RESUME_HINT)
+        run_dir = runs.new_run_dir(None, trainer_config, None)
+        self.run_operation(lambda _, display, say: runs.train_prepared(self.configs, prepared, run_dir, display),
+                           None)
         self.plan = None
 
-    def display(self):
-        if self.console.is_terminal:
-            return LiveDisplay(self.console)
-        return PlainDisplay(write=lambda text: self.console.print(text, markup=False))
+    def run_operation(self, operation, request) -> None:
+        """A training operation of runs.py under the live display, then its report."""
+        display = display_for(self.console)
+        with display:
+            outcome = operation(request, display, self.say)
+        report_outcome(self.console, outcome, display.history, resume_hint=RESUME_HINT)
 
     def summary_table(self, model_config: ModelConfig, trainer_config: TrainerConfig, prepared) -> Table:
         seq_len, batch = trainer_config.max_seq_len, trainer_config.batch_size
-        tokens_per_step = batch * trainer_config.accumulation_steps * seq_len
+        tokens_per_step = trainer_config.tokens_per_step
         memory = training_memory(model_config, batch, seq_len)
         if self.plan is not None:
             seconds, steps = self.plan.train_seconds, f"~{self.plan.steps:,} (the deadline ends the run)"
@@ -462,22 +461,22 @@ class Wizard:
     # ---- runs and models --------------------------------------------------------------------------
     def pick_model(self, what: str, runs_only: bool = False) -> Path:
         roots = list(dict.fromkeys([self.runs_dir, self.out_dir]))  # where runs go now, and the default
-        runs = [run for root in roots for run in find_runs(root)]
-        if runs:
+        found = [run for root in roots for run in list_runs(root)]
+        if found:
             table = Table(title=f"runs in {', '.join(map(str, roots))}", title_justify="left")
             for column in ("#", "run", "kind", "latest checkpoint", "step", "best val loss"):
                 table.add_column(column)
-            for index, run in enumerate(runs, 1):
-                table.add_row(str(index), run["name"], run["kind"], run["checkpoint"] or "-", str(run["step"]),
-                              f"{run['best_val_loss']:.3f}" if run["best_val_loss"] is not None else "-")
+            for index, run in enumerate(found, 1):
+                table.add_row(str(index), run.name, run.kind, run.checkpoint or "-", str(run.step),
+                              f"{run.best_val_loss:.3f}" if run.best_val_loss is not None else "-")
             self.console.print(table)
-        hint = "a number from the list or a path" if runs else "a path"
+        hint = "a number from the list or a path" if found else "a path"
         if not runs_only:
             hint += " (a run, a checkpoint or a Hugging Face model directory)"
         while True:
-            answer = self.ask(f"{what}: {hint}", default="1" if runs else None)
-            if answer.isdigit() and runs and 1 <= int(answer) <= len(runs):
-                return runs[int(answer) - 1]["path"]
+            answer = self.ask(f"{what}: {hint}", default="1" if found else None)
+            if answer.isdigit() and found and 1 <= int(answer) <= len(found):
+                return found[int(answer) - 1].path
             path = Path(answer).expanduser()
             if path.exists():
                 return path
@@ -485,7 +484,7 @@ class Wizard:
 
     def resume(self) -> None:
         run_dir = self.pick_model("Run to resume", runs_only=True)
-        resume_run(run_dir, None, [], self.console, self.display(), resume_hint=RESUME_HINT)
+        self.run_operation(runs.resume, runs.ResumeRequest(run_dir))
 
     def finetune(self) -> None:
         base = self.pick_model("Base model")
@@ -499,13 +498,12 @@ class Wizard:
                  f"targets {', '.join(lora.target_modules)}")
         rank = self._ask_int("LoRA rank", lora.rank)
         qlora = self.confirm("Quantize the frozen base to 4-bit NF4 (QLoRA)?", default=lora.quantize_base)
-        epochs = self._ask_int("Epochs", 3)
+        epochs = self._ask_int("Epochs", runs.FinetuneRequest.epochs)
         alpha = 2.0 * rank if lora.alpha == 2.0 * lora.rank else lora.alpha  # keep the scale alpha/r = 2
         self.configs["lora"] = dataclasses.replace(lora, rank=rank, alpha=alpha, quantize_base=qlora)
-        args = argparse.Namespace(base=str(base), data=str(data), merge=False, epochs=epochs, batch_size=8,
-                                  seq_len=None, out=str(self.runs_dir), name=None,
-                                  cache_dir=self.configs["data"].cache_dir, overrides=[])
-        cmd_finetune(args, self.console, self.display(), lora_config=self.configs["lora"])
+        request = runs.FinetuneRequest(base=str(base), data=str(data), epochs=epochs, out=str(self.runs_dir),
+                                       cache_dir=self.configs["data"].cache_dir, lora=self.configs["lora"])
+        self.run_operation(runs.finetune, request)
 
     def _ask_int(self, prompt: str, default: int) -> int:
         while True:
@@ -563,18 +561,19 @@ class Wizard:
     def evaluate(self) -> None:
         path = self.pick_model("Model to evaluate")
         with self.console.status("evaluating ..."):
-            loaded = load_trained(path)
-            result = evaluate_run(loaded, None, "val", 50, None, 16, self.configs["data"].cache_dir
-                                  if loaded.kind == "huggingface" else None)
-        self.say(f"{result['model']} ({result['checkpoint'] or loaded.kind}) on the validation split of "
-                 f"{result['data']}: loss [bold]{result['loss']:.4f}[/bold], perplexity {result['perplexity']:.2f} "
-                 f"({result['sequences']} sequences of {result['seq_len']} tokens)")
+            loaded = load_trained(path, say=self.say)
+            # The command line's defaults (the whole validation split), so both give the same figures.
+            cache_dir = self.configs["data"].cache_dir if loaded.kind == "huggingface" else None
+            result = runs.evaluate_model(runs.EvalRequest(path, cache_dir=cache_dir), loaded)
+        self.say(f"{result.model} ({result.checkpoint or loaded.kind}) on the validation split of "
+                 f"{result.data}: loss [bold]{result.loss:.4f}[/bold], perplexity {result.perplexity:.2f} "
+                 f"({result.sequences} sequences of {result.seq_len} tokens)")
 
     def export(self) -> None:
         path = self.pick_model("Model to export")
         out = Path(self.ask("Export to (a new directory)", default=f"exports/{path.name}")).expanduser()
         with self.console.status("exporting ..."):
-            exported = export_model(load_trained(path), out)
+            exported = runs.export_model(load_trained(path, say=self.say), out)
         self.say(f"✓ exported to {exported} (Hugging Face Llama layout: transformers.AutoModelForCausalLM loads it)")
 
 
@@ -606,23 +605,6 @@ def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool, max_batc
                               f"({the_plan.epochs:.2f} epochs), memory {format_bytes(the_plan.memory_bytes)}")
     table.add_row("why", the_plan.reasoning)
     return table
-
-
-def find_runs(root: Path) -> list[dict]:
-    """Run directories under `root`, newest first, with their latest checkpoint."""
-    runs = []
-    for info_file in sorted(Path(root).glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        run_dir = info_file.parent
-        latest = checkpoint.latest(run_dir)
-        state = checkpoint.read_state(latest) if latest else {}
-        try:
-            finetune = bool(json.loads(info_file.read_text()).get("finetune"))
-        except json.JSONDecodeError:
-            continue
-        runs.append({"path": run_dir, "name": run_dir.name, "kind": "fine-tune" if finetune else "pretrain",
-                     "checkpoint": latest.name if latest else None, "step": state.get("global_step", 0),
-                     "best_val_loss": state.get("best_val_loss")})
-    return runs
 
 
 def run_wizard(console: Console, stream: Optional[TextIO] = None, **options) -> int:

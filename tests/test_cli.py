@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import runs
 import train
 from conftest import write_corpus
 from data import MaskedSamples, PackedBlocks
@@ -55,7 +56,7 @@ def test_generate_streams_a_repeatable_continuation(run, capsys):
 def test_generate_matches_the_model_loaded_by_hand(run, capsys):
     """Greedy text from the CLI equals greedy decoding of the checkpoint's weights."""
     run_dir, _ = run
-    loaded = train.load_trained(run_dir)
+    loaded = runs.load_trained(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     model = Transformer(ModelConfig.from_dict(info["model"]))
     model.load_state_dict(checkpoint.load(checkpoint.latest(run_dir))[0])
@@ -169,7 +170,7 @@ def test_export_loads_in_transformers_with_the_same_logits(run, tmp_path, capsys
     out = tmp_path / "hf"
     assert train.main(["export", str(run_dir), "--out", str(out)]) == 0
     assert "AutoModelForCausalLM" in capsys.readouterr().out
-    ours = train.load_trained(run_dir).model.eval()
+    ours = runs.load_trained(run_dir).model.eval()
     theirs = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 10))
     with torch.no_grad():
@@ -235,7 +236,7 @@ def test_config_set_then_validate_then_train_reads_it(tmp_path, capsys, suffix):
     assert train.main(["config", "set", path, "data.subset_size=7"]) == 0  # updates, keeps the earlier values
     assert train.main(["config", "validate", path]) == 0
     assert "valid" in capsys.readouterr().out
-    configs = train.load_config_file(path, train.default_configs())
+    configs = runs.load_config_file(path, runs.default_configs())
     assert configs["model"].num_layers == 3
     assert configs["trainer"].learning_rate == 3e-4
     assert configs["data"].subset_size == 7

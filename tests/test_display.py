@@ -1,24 +1,28 @@
 """Rendering trainer events: the curves, the PNG, the plain and live displays."""
 
+import dataclasses
 import io
 
 import pytest
 from rich.console import Console
 
 from display import History, LiveDisplay, PlainDisplay, expert_shares, format_seconds, save_plot, text_curve
+from events import CheckpointSaved, Eval, Finished, Start, Step
 from model import ModelConfig, Transformer
 from test_trainer import blocks
 from trainer import Trainer, TrainerConfig
 
+START = Start(total_steps=4, steps_per_epoch=4, step=0, epoch=0, effective_batch=8, time_left_s=None,
+              schedule_by="steps", device="cpu", dtype="float32", params=2_000_000, trainable=2_000_000)
 EVENTS = [
-    {"type": "start", "total_steps": 4, "step": 0, "params": 2_000_000, "trainable": 2_000_000, "device": "cpu",
-     "dtype": "float32", "effective_batch": 8, "steps_per_epoch": 4, "epoch": 0},
-    *[{"type": "step", "step": s, "total_steps": 4, "loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0,
-       "eta_s": 4 - s, "epoch": 0, "grad_norm": 1.0, "tokens_seen": 64 * s,
-       **({"memory": {"rss_mb": 300.0}, "expert_load": [[48, 16], [40, 24]]} if s == 2 else {})} for s in range(1, 5)],
-    {"type": "eval", "step": 4, "val_loss": 1.5, "perplexity": 4.48, "improved": True},
-    {"type": "checkpoint", "name": "step_4", "step": 4, "seconds": 0.1},
-    {"type": "finished", "status": "finished", "global_step": 4},
+    START,
+    *[Step(epoch=0, step=s, total_steps=4, loss=5.0 - s, lr=1e-3, grad_norm=1.0, tokens_per_s=1000.0,
+           tokens_seen=64 * s, eta_s=4 - s, **(dict(memory={"rss_mb": 300.0}, expert_load=[[48, 16], [40, 24]])
+                                               if s == 2 else {})) for s in range(1, 5)],
+    Eval(step=4, val_loss=1.5, best_val_loss=1.5, improved=True, seconds=0.1),
+    CheckpointSaved(name="step_4", step=4, seconds=0.1, removed=[]),
+    Finished(status="finished", global_step=4, epoch=1, last_loss=1.0, best_val_loss=1.5, last_checkpoint="step_4",
+             elapsed_s=1.0, tokens_seen=256),
 ]
 
 
@@ -76,11 +80,11 @@ def test_format_seconds(seconds, text):
 
 
 def test_the_start_line_says_how_long_the_run_trains():
-    start = {**EVENTS[0], "total_steps": 4000}
+    start = dataclasses.replace(START, total_steps=4000)
     lines = []
     PlainDisplay(write=lines.append)(start)
-    PlainDisplay(write=lines.append)({**start, "time_left_s": 3.6, "schedule_by": "time"})
-    PlainDisplay(write=lines.append)({**start, "time_left_s": 90.0, "schedule_by": "steps"})
+    PlainDisplay(write=lines.append)(dataclasses.replace(start, time_left_s=3.6, schedule_by="time"))
+    PlainDisplay(write=lines.append)(dataclasses.replace(start, time_left_s=90.0, schedule_by="steps"))
     assert "4,000 optimizer steps" in lines[0]
     assert "3.6s of training (the deadline ends the run)" in lines[1] and "4,000" not in lines[1]
     assert "4,000 optimizer steps or 1m30s of training, whichever ends first" in lines[2]
@@ -91,8 +95,8 @@ def test_live_display_draws_the_expert_load_a_real_moe_trainer_reports():
     console = Console(file=output, width=160, color_system=None, force_terminal=True)
     config = ModelConfig.from_name("tiny", use_moe=True, moe_num_experts=4, moe_active_experts=2)
     display = LiveDisplay(console)
-    trainer = Trainer(Transformer(config), TrainerConfig(batch_size=4, max_seq_len=16, max_steps=3, use_moe=True,
-                                                         use_epoch_checkpoints=False), blocks(32), callback=display)
+    trainer = Trainer(Transformer(config), TrainerConfig(batch_size=4, max_seq_len=16, max_steps=3,
+                                                         use_epoch_checkpoints=False), blocks(32), callbacks=[display])
     with display:
         trainer.fit()
     load = display.metrics["expert_load"]
@@ -106,6 +110,6 @@ def test_an_interrupted_run_leaves_the_bar_where_it_stopped():
     with LiveDisplay(console) as display:
         for event in EVENTS[:3]:
             display(event)
-        display({"type": "finished", "status": "interrupted", "global_step": 2})
+        display(dataclasses.replace(EVENTS[-1], status="interrupted", global_step=2))
     task = display.progress.tasks[0]
     assert (task.completed, task.total) == (2, 4)

@@ -108,8 +108,7 @@ def test_gqa_sdpa_equals_explicit_attention(tiny, num_kv_heads):
     model = Transformer(config).eval()
     x = tokens(config)
     fast, _, _ = model(x)
-    for block in model.layers:
-        block.self_attn.use_flash = False
+    model.set_runtime(use_flash=False)
     explicit, _, _ = model(x)
     torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=0)
 
@@ -153,7 +152,8 @@ def test_init_scales_residual_projections(tiny):
 def test_gradient_checkpointing_gives_same_gradients(tiny):
     x, y = tokens(tiny), tokens(tiny)
     plain = Transformer(tiny)
-    checkpointed = Transformer(dataclasses.replace(tiny, gradient_checkpointing=True))
+    checkpointed = Transformer(tiny)
+    checkpointed.set_runtime(gradient_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     plain(x, y)[1].backward()
     checkpointed(x, y)[1].backward()
@@ -177,8 +177,9 @@ def test_tiny_model_overfits_one_batch(tiny):
 # ---- KV cache and generation ----------------------------------------------------------
 @pytest.mark.parametrize("use_flash", [True, False])
 def test_kv_cache_reproduces_uncached_forward(tiny, use_flash):
-    config = dataclasses.replace(tiny, use_flash=use_flash)
+    config = tiny
     model = Transformer(config).eval()
+    model.set_runtime(use_flash=use_flash)
     x = tokens(config)
     full, _, _ = model(x)
     model.setup_kv_cache(batch_size=2)

@@ -181,7 +181,7 @@ def test_gradient_checkpointing_keeps_less_but_counts_one_recomputed_block(tiny)
     hardware = HardwareManager("cpu")
     config = replace(tiny, num_layers=4)
     plain = hardware.activation_bytes_per_sequence(config, 16)
-    checkpointed = hardware.activation_bytes_per_sequence(replace(config, gradient_checkpointing=True), 16)
+    checkpointed = hardware.activation_bytes_per_sequence(config, 16, gradient_checkpointing=True)
     one_block = plain - hardware.activation_bytes_per_sequence(replace(config, num_layers=3), 16)
     assert one_block < checkpointed < plain - one_block
 

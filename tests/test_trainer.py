@@ -10,6 +10,7 @@ import torch
 import checkpoint
 from data import PackedBlocks
 from model import ModelConfig, Transformer
+from events import CheckpointSaved, CheckpointSetAside, EpochEnd, Eval, Fallback, MetricsLog, NonFinite, Step, Stopped
 from trainer import Trainer, TrainerConfig, learning_rate_at, parameter_groups
 
 
@@ -24,11 +25,11 @@ def make(tmp_path=None, model_seed: int = 0, data=None, val=None, callback=None,
     config = TrainerConfig(**{"batch_size": 4, "max_seq_len": 16, "learning_rate": 3e-3, "min_lr": 3e-4,
                               "warmup_ratio": 0.1, **overrides})
     return Trainer(model, config, data if data is not None else blocks(32), val if val is not None else blocks(4, seed=1),
-                   run_dir=tmp_path, callback=callback, fault_hook=fault_hook)
+                   run_dir=tmp_path, callbacks=[callback] if callback else [], fault_hook=fault_hook)
 
 
 def step_losses(events) -> list[float]:
-    return [e["loss"] for e in events if e["type"] == "step"]
+    return [e.loss for e in events if isinstance(e, Step)]
 
 
 def oom(*args):
@@ -124,11 +125,12 @@ def test_events_metrics_file_and_checkpoints(tmp_path):
     events = []
     trainer = make(tmp_path, callback=events.append, num_epochs=2, eval_interval=2, save_every_n_steps=3,
                    keep_last_n=2)
+    trainer.callbacks.append(MetricsLog(tmp_path / "metrics.jsonl"))
     result = trainer.fit()
-    kinds = [e["type"] for e in events]
+    kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finished"
     assert {"step", "eval", "checkpoint", "epoch_end"} <= set(kinds)
-    step = next(e for e in events if e["type"] == "step")
+    step = next(e.to_dict() for e in events if isinstance(e, Step))
     assert {"epoch", "step", "loss", "lr", "tokens_per_s", "grad_norm", "eta_s"} <= set(step)
     written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["type"] for e in written] == kinds
@@ -143,7 +145,7 @@ def test_best_checkpoint_is_never_pruned(tmp_path):
     trainer = make(tmp_path, num_epochs=3, keep_last_n=1, learning_rate=5e-2, min_lr=5e-2, warmup_ratio=0.0,
                    grad_clip=0.0)
     trainer.fit()
-    best = trainer.best_checkpoint
+    best = trainer.state.best_checkpoint
     assert best is not None and (tmp_path / best).exists()
     remaining = [p.name for p in checkpoint.candidates(tmp_path)]
     assert remaining[-1] == "epoch_3" and len(remaining) <= 2
@@ -155,20 +157,20 @@ def test_early_stopping(tmp_path):
                    grad_clip=0.0, eval_interval=1, early_stopping_patience=2)
     result = trainer.fit()
     assert result.status == "early_stop"
-    evals = [e for e in events if e["type"] == "eval"]
-    assert [e["improved"] for e in evals[-2:]] == [False, False]
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert [e.improved for e in evals[-2:]] == [False, False]
 
 
 def test_deadline_stops_within_one_step(tmp_path):
     events = []
     slow = lambda step, size: __import__("time").sleep(0.05)  # noqa: E731
-    trainer = make(tmp_path, callback=events.append, num_epochs=1000, time_limit_s=0.5, fault_hook=slow)
+    trainer = make(tmp_path, callback=events.append, num_epochs=0, schedule_by="time", time_limit_s=0.5, fault_hook=slow)
     result = trainer.fit()
     step_seconds = 0.05 * 1  # one micro-batch per step
     assert result.status == "deadline"
     assert result.elapsed_s < 0.5 + 10 * step_seconds + 1.0  # the step in flight, an evaluation and a save
     assert checkpoint.read_state(tmp_path / result.last_checkpoint)["global_step"] == result.global_step
-    assert any(e["type"] == "eval" and e["step"] == result.global_step for e in events)
+    assert any(isinstance(e, Eval) and e.step == result.global_step for e in events)
 
 
 # ---- out of memory ---------------------------------------------------------------------
@@ -184,9 +186,9 @@ def test_injected_oom_halves_the_micro_batch_without_losing_samples():
 
     trainer = make(callback=events.append, fault_hook=hook, batch_size=8, num_epochs=2, data=blocks(32))
     result = trainer.fit()
-    fallbacks = [e for e in events if e["type"] == "fallback"]
-    assert [f["micro_batch_size"] for f in fallbacks] == [4, 2]
-    assert all(f["effective_batch"] == 8 for f in fallbacks)
+    fallbacks = [e for e in events if isinstance(e, Fallback)]
+    assert [f.micro_batch_size for f in fallbacks] == [4, 2]
+    assert all(f.effective_batch == 8 for f in fallbacks)
     assert result.tokens_seen == 2 * 32 * 16  # every sample once per epoch, none twice
     np.testing.assert_allclose(step_losses(events), step_losses(reference_events), rtol=1e-4)
 
@@ -200,9 +202,10 @@ def test_oom_at_micro_batch_one_falls_back_to_cpu():
             oom()
 
     trainer.fault_hook = hook
-    trainer.device = torch.device("cuda")  # constructed only; the model is really on the CPU
+    trainer._place_model()  # on the CPU, for real
+    trainer.device = torch.device("cuda")  # then the trainer believes it is on a GPU
     result = trainer.fit()
-    actions = [e["action"] for e in events if e["type"] == "fallback"]
+    actions = [e.action for e in events if isinstance(e, Fallback)]
     assert actions == ["halve_micro_batch", "halve_micro_batch", "move_to_cpu"]
     assert trainer.device.type == "cpu" and result.global_step == 3
 
@@ -240,8 +243,8 @@ def test_nonfinite_loss_skips_the_step(tmp_path):
     trainer = make(callback=events.append, max_steps=4)
     poison(trainer, {2}, times=1)
     result = trainer.fit()
-    skipped = [e for e in events if e["type"] == "nonfinite"]
-    assert len(skipped) == 1 and trainer.nonfinite_steps == 1
+    skipped = [e for e in events if isinstance(e, NonFinite)]
+    assert len(skipped) == 1 and trainer.state.nonfinite_steps == 1
     assert result.global_step == 4 and all(math.isfinite(p.sum().item()) for p in trainer.model.parameters())
 
 
@@ -251,7 +254,7 @@ def test_repeated_nonfinite_losses_stop_and_save(tmp_path):
     poison(trainer, set(range(2, 100)))
     result = trainer.fit()
     assert result.status == "nonfinite" and result.global_step == 2
-    assert any(e["type"] == "stopped" and "non-finite" in e["reason"] for e in events)
+    assert any(isinstance(e, Stopped) and "non-finite" in e.reason for e in events)
     model_state, _, state = checkpoint.load(checkpoint.latest(tmp_path))
     assert state["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in model_state.values())
@@ -267,10 +270,10 @@ def test_resume_mid_epoch_reproduces_the_loss_curve(tmp_path):
 
     def interrupt_at_step_3(event):
         first_events.append(event)
-        if event["type"] == "step" and event["step"] == 3:
-            first._interrupts = 1  # what Ctrl-C does
+        if isinstance(event, Step) and event.step == 3:
+            first._session.interrupts = 1  # what Ctrl-C does
 
-    first.callback = interrupt_at_step_3
+    first.callbacks = [interrupt_at_step_3]
     assert first.fit().status == "interrupted"
     resumed_events = []
     second = make(tmp_path, model_seed=123, callback=resumed_events.append, num_epochs=2, accumulation_steps=2)
@@ -290,7 +293,7 @@ def test_resume_from_epoch_checkpoint_continues_next_epoch(tmp_path):
     trainer.load_checkpoint(tmp_path / "epoch_1")
     trainer.fit()
     # max_steps shortened the first run's schedule, so compare where the schedules agree: data order
-    assert [e["epoch"] for e in events if e["type"] == "step"] == [1] * 8 + [2] * 8
+    assert [e.epoch for e in events if isinstance(e, Step)] == [1] * 8 + [2] * 8
 
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path):
@@ -400,19 +403,29 @@ def test_moe_lossfree_bias_is_updated_and_load_reported():
     torch.manual_seed(0)
     config = ModelConfig.from_name("tiny", use_moe=True, moe_num_experts=4, moe_active_experts=1,
                                    use_lossfreebalance=True, moe_bias_update_rate=0.01)
-    trainer = Trainer(Transformer(config), TrainerConfig(batch_size=4, max_seq_len=16, max_steps=5, use_moe=True,
-                                                         use_lossfreebalance=True), blocks(32),
-                      callback=events.append)
+    trainer = Trainer(Transformer(config), TrainerConfig(batch_size=4, max_seq_len=16, max_steps=5), blocks(32),
+                      callbacks=[events.append])
     trainer.fit()
     bias = trainer.model.layers[0].mlp.expert_bias
     assert bias.abs().sum() > 0 and bias.abs().max() <= 5 * 0.01 + 1e-9
-    loads = [e["expert_load"] for e in events if e["type"] == "step"]
+    loads = [e.expert_load for e in events if isinstance(e, Step)]
     assert len(loads) == 5 and sum(loads[0][0]) == 4 * 16  # one expert per token
 
 
-def test_moe_flag_without_moe_model_is_an_error(tiny):
-    with pytest.raises(ValueError, match="use_moe"):
-        Trainer(Transformer(tiny), TrainerConfig(use_moe=True), blocks(8))
+def test_constructing_a_trainer_writes_nothing_and_changes_nothing_it_was_given(tmp_path, tiny):
+    model = Transformer(tiny)
+    model_config, weights = dataclasses.replace(tiny), {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainerConfig(batch_size=4, max_seq_len=16, max_steps=1, use_flash=False, gradient_checkpointing=True)
+    run_dir = tmp_path / "run"
+    trainer = Trainer(model, config, blocks(8), run_dir=run_dir)
+    assert not run_dir.exists() and list(tmp_path.iterdir()) == []
+    assert model.config == model_config and config == TrainerConfig(batch_size=4, max_seq_len=16, max_steps=1,
+                                                                     use_flash=False, gradient_checkpointing=True)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert not model.gradient_checkpointing and all(block.self_attn.use_flash for block in model.layers)
+    trainer.fit()  # training applies the runtime switches to the model, and writes its checkpoint
+    assert model.gradient_checkpointing and not any(block.self_attn.use_flash for block in model.layers)
+    assert checkpoint.latest(run_dir).name == "step_1"
 
 
 def test_accumulation_weights_micro_batches_by_target_tokens():
@@ -449,7 +462,7 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
     trainer = make(tmp_path, callback=events.append, max_steps=4, save_every_n_steps=1, keep_last_n=0)
     trainer.load_checkpoint(tmp_path / "step_2")
     assert checkpoint.latest(tmp_path).name == "step_2"
-    assert sorted(e["name"] for e in events if e["type"] == "checkpoint_set_aside") == ["step_3", "step_4"]
+    assert sorted(e.name for e in events if isinstance(e, CheckpointSetAside)) == ["step_3", "step_4"]
     assert any(p.name.startswith(".abandoned-step_4") for p in tmp_path.iterdir())
 
 

@@ -1,5 +1,6 @@
 """The wizard driven in-process with scripted input (an injected console and stream)."""
 
+import dataclasses
 import io
 import json
 import re
@@ -8,6 +9,7 @@ import pytest
 from rich.console import Console
 
 import checkpoint
+import runs
 import train
 from conftest import write_corpus
 from system_check import HardwareManager
@@ -70,7 +72,7 @@ def test_editing_tables_rejects_bad_values_and_keeps_state(tmp_path):
     assert code == 0, out
     model, trainer = wizard.configs["model"], wizard.configs["trainer"]
     assert model.num_layers == 4 and trainer.learning_rate == 3e-4
-    assert model.num_kv_heads == train.default_configs()["model"].num_kv_heads
+    assert model.num_kv_heads == runs.default_configs()["model"].num_kv_heads
     assert "must divide" in out and "num_layerz" in out and "expected an integer" in out
     assert "learning_rate=-1" in out
 
@@ -97,7 +99,7 @@ def test_optimize_rereads_a_bad_duration_and_can_be_declined(tmp_path, corpus):
     code, wizard, out = drive(tmp_path, keys)
     assert code == 0, out
     assert "cannot read 'soon'" in out and "kept the current configuration" in out
-    assert wizard.plan is None and wizard.configs["model"].num_layers == train.default_configs()["model"].num_layers
+    assert wizard.plan is None and wizard.configs["model"].num_layers == runs.default_configs()["model"].num_layers
 
 
 def test_change_dataset_rechecks_paths_and_shows_a_preview_and_report(tmp_path, corpus):
@@ -151,6 +153,21 @@ def test_chat_evaluate_and_export_from_the_menu(tmp_path, trained):
     assert (tmp_path / "exported" / "config.json").exists()
 
 
+def test_evaluate_gives_the_figures_the_command_line_gives(tmp_path, trained, capsys, monkeypatch):
+    """The same run, the same settings: one number from either front end."""
+    requests = []
+    evaluate_model = runs.evaluate_model
+    monkeypatch.setattr(runs, "evaluate_model", lambda request, *rest: requests.append(request)
+                        or evaluate_model(request, *rest))
+    assert train.main(["eval", str(trained), "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    code, _, out = drive(tmp_path, ["7", "1", "3"])
+    assert code == 0, out
+    assert f"loss {cli['loss']:.4f}, perplexity {cli['perplexity']:.2f} ({cli['sequences']} sequences" in out
+    from_cli, from_wizard = requests
+    assert dataclasses.replace(from_wizard, model=str(from_wizard.model)) == from_cli
+
+
 def test_finetune_from_the_menu_uses_the_lora_table_and_fits_the_base_context(tmp_path, corpus):
     assert train.main(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "runs"),
                        "--name", "base", "--cache-dir", str(tmp_path / "cache"), "--seq-len", "48", "--batch-size", "4",
@@ -182,7 +199,7 @@ def test_ctrl_c_inside_an_action_returns_to_the_menu(tmp_path, monkeypatch):
     def interrupted(root):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("wizard.find_runs", interrupted)
+    monkeypatch.setattr("wizard.list_runs", interrupted)
     code, _, out = drive(tmp_path, ["4", "3"])
     assert code == 0
     assert "cancelled" in out and out.count("Training Setup") == 2
@@ -192,7 +209,7 @@ def test_an_unexpected_error_in_an_action_is_logged_and_the_menu_comes_back(tmp_
     def broken(root):
         raise TypeError("something nobody planned for")
 
-    monkeypatch.setattr("wizard.find_runs", broken)
+    monkeypatch.setattr("wizard.list_runs", broken)
     code, _, out = drive(tmp_path, ["4", "3"])
     assert code == 0 and out.count("Training Setup") == 2
     assert "unexpected TypeError in resume: something nobody planned for" in " ".join(out.split())
@@ -200,7 +217,7 @@ def test_an_unexpected_error_in_an_action_is_logged_and_the_menu_comes_back(tmp_
 
 
 def test_derived_figures_follow_the_configuration():
-    configs = train.default_configs("tiny")
+    configs = runs.default_configs("tiny")
     small = dict(derived_figures(configs))
     configs["model"] = configs["model"].__class__.from_name("2M")
     large = dict(derived_figures(configs))

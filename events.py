@@ -1,0 +1,226 @@
+"""What a training run reports: typed events, and the sinks that record them.
+
+The trainer calls each of its callbacks with these dataclasses; a front end renders them
+(display.py), `MetricsLog` appends them to `metrics.jsonl` and `TensorBoardLog` writes
+their scalars. A renamed field breaks its readers where a type checker or a test sees it,
+not when a display first draws it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Optional
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged loss gives a large finite number, not an overflow."""
+    return math.exp(min(loss, 50.0))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened in a run; `kind` names it in `metrics.jsonl`."""
+
+    kind: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Start(Event):
+    kind: ClassVar[str] = "start"
+    total_steps: int
+    steps_per_epoch: int
+    step: int
+    epoch: int
+    effective_batch: int
+    time_left_s: Optional[float]  # the deadline, when there is one
+    schedule_by: str
+    device: str
+    dtype: str
+    params: int
+    trainable: int
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    kind: ClassVar[str] = "step"
+    epoch: int
+    step: int
+    total_steps: int  # an estimate when the deadline ends the run
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    tokens_seen: int
+    eta_s: float
+    memory: Optional[dict] = None  # every log_interval steps
+    expert_load: Optional[list] = None  # (layers, experts) token counts of MoE models
+
+
+@dataclass(frozen=True)
+class Eval(Event):
+    kind: ClassVar[str] = "eval"
+    step: int
+    val_loss: float
+    best_val_loss: float
+    improved: bool
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.val_loss)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "perplexity": self.perplexity}
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint"
+    name: str
+    step: int
+    seconds: float
+    removed: list[str]
+
+
+@dataclass(frozen=True)
+class CheckpointSetAside(Event):
+    kind: ClassVar[str] = "checkpoint_set_aside"
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resumed(Event):
+    kind: ClassVar[str] = "resumed"
+    checkpoint: str
+    step: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class EpochEnd(Event):
+    kind: ClassVar[str] = "epoch_end"
+    epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Fallback(Event):
+    """Out of memory: the micro-batch was halved, or training moved to the CPU."""
+
+    kind: ClassVar[str] = "fallback"
+    action: str  # halve_micro_batch | move_to_cpu
+    step: int
+    error: str
+    micro_batch_size: Optional[int] = None
+    accumulation: Optional[int] = None
+    effective_batch: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class NonFinite(Event):
+    kind: ClassVar[str] = "nonfinite"
+    step: int
+    loss: float
+    grad_norm: float
+    in_a_row: int
+
+
+@dataclass(frozen=True)
+class Stopped(Event):
+    kind: ClassVar[str] = "stopped"
+    reason: str
+
+
+@dataclass(frozen=True)
+class EarlyStop(Event):
+    kind: ClassVar[str] = "early_stop"
+    step: int
+    best_val_loss: Optional[float]
+    patience: int
+
+
+@dataclass(frozen=True)
+class Interrupt(Event):
+    kind: ClassVar[str] = "interrupt"
+    signal: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    kind: ClassVar[str] = "finished"
+    status: str  # finished | deadline | max_steps | early_stop | interrupted | nonfinite
+    global_step: int
+    epoch: int
+    last_loss: Optional[float]
+    best_val_loss: Optional[float]
+    last_checkpoint: Optional[str]
+    elapsed_s: float
+    tokens_seen: int
+
+
+Callback = Callable[[Event], None]
+
+
+class MetricsLog:
+    """Appends every event to `metrics.jsonl` as one JSON line; step lines are flushed
+    every `flush_every` steps, everything else at once."""
+
+    def __init__(self, path: str | Path, flush_every: int = 10):
+        self.path = Path(path)
+        self.flush_every = flush_every
+        self._file = None
+
+    def __call__(self, event: Event) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
+        self._file.write(json.dumps(event.to_dict()) + "\n")
+        if not isinstance(event, Step) or event.step % self.flush_every == 0:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardLog:
+    """The scalars of step and eval events in a TensorBoard log (when tensorboard is installed)."""
+
+    SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss")
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._writer = None
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, (Step, Eval)):
+            return
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.directory))
+        if self._writer is False:
+            return
+        for key in self.SCALARS:
+            value = getattr(event, key, None)
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{event.kind}/{key}", value, event.step)
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+        self._writer = None

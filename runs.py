@@ -1,0 +1,627 @@
+"""The operations both front ends share: configurations, data, runs, training, fine-tuning,
+resuming, and the trained models (load, generate, evaluate, export, list).
+
+`train.py` (the command line) and `wizard.py` (the menus) call these with typed requests
+and render what comes back; nothing here prints, prompts or imports either of them.
+Progress goes through two callbacks: `say(text)` for a line of news, and the trainer's
+event callback (a display) for the run itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import psutil
+import torch
+
+import checkpoint
+from budget import HardwareProfile, Plan, parse_duration, plan, sequence_length
+from config_editor import ConfigError, apply_overrides, load_configs
+from config_io import move_aliases
+from data import BUILTIN, IM_END, DataConfig, DataError, PreparedData, load_pretrained_tokenizer, \
+    load_tokenizer_dir, prepare
+from events import Callback, MetricsLog, TensorBoardLog, perplexity
+from export import load_hf, merge_and_save, save_adapter, save_hf
+from lora import LoRAConfig, apply_lora, parameter_report
+from model import ModelConfig, Transformer
+from trainer import Trainer, TrainerConfig, TrainResult, evaluate, resolve_device
+
+DEFAULT_PRESET = "2M"  # the model of `train` without --budget or --preset
+DEFAULT_CACHE = ".cache/sprat"  # tokenized data and trained tokenizers
+FINISH_RESERVE_S = 6.0  # kept from a fixed model's budget for the last evaluation, the save and the sample
+SECTIONS = {"model": ModelConfig, "trainer": TrainerConfig, "data": DataConfig, "lora": LoRAConfig}
+RUNTIME_MODEL_FIELDS = ("use_cache",)  # how a model generates, not what it is: may change on resume
+# Fine-tuning starts from these trainer settings (a pretrained base wants a gentler schedule).
+FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03, batch_size=8)
+
+Say = Callable[[str], None]
+
+
+def _quiet(text: str) -> None:
+    return None
+
+
+def since_launch() -> float:
+    """Seconds since this process started (imports included)."""
+    return time.time() - psutil.Process().create_time()
+
+
+# ---- configurations ---------------------------------------------------------------------------
+def default_configs(preset: str = DEFAULT_PRESET, source: str = BUILTIN, cache_dir: str = DEFAULT_CACHE) -> dict:
+    """Where every run starts before files, options and overrides: the dataclasses' own
+    defaults, with the model of a preset."""
+    return {"model": ModelConfig.from_name(preset), "trainer": TrainerConfig(),
+            "data": DataConfig(source=source, cache_dir=cache_dir)}
+
+
+def load_config_file(path: str | Path, configs: dict) -> dict:
+    """Sections `model`, `trainer`, `data` (and `lora`) of a JSON or YAML file, such as a
+    run's run.json, over `configs`; unknown keys are errors here (the wizard warns)."""
+    if not Path(path).exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with_sections = dict(configs)
+    for section, cls in SECTIONS.items():
+        with_sections.setdefault(section, cls())
+    updated, unknown = load_configs(path, with_sections)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; sections are {', '.join(SECTIONS)} "
+                          f"(`python train.py config show` lists the fields)")
+    return {section: updated[section] for section in configs}
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """A run's run.json (its configs and, for fine-tunes, the base and LoRA settings)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no run.json)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ConfigError(f"{path}: not valid JSON ({str(error)[:200]}); the run's settings cannot be read") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise ConfigError(f"{path}: expected model / trainer / data sections")
+    return info
+
+
+def run_configs(info: dict, where: Path) -> dict:
+    """The model / trainer / data configs a run.json holds (files written before the four
+    LightLM switches had one home load as the run used them)."""
+    sections = move_aliases({name: info.get(name) or {} for name in ("model", "trainer", "data")})
+    try:
+        return {name: SECTIONS[name].from_dict(values) for name, values in sections.items()}
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where / 'run.json'}: {error}") from None
+
+
+# ---- data -------------------------------------------------------------------------------------
+def prepare_data(data_config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builtin: bool = True,
+                 say: Say = _quiet) -> PreparedData:
+    """The dataset tokenized and packed for `seq_len`, with a summary through `say`."""
+    say(f"preparing data from {data_config.source} ...")
+    prepared = prepare(data_config, seq_len, tokenizer=tokenizer, fallback_to_builtin=fallback_to_builtin)
+    for line in data_summary(prepared):
+        say(line)
+    return prepared
+
+
+def data_summary(prepared: PreparedData) -> list[str]:
+    report = prepared.report
+    lines = [f"note: {note}" for note in report.notes]
+    if report.format == "instruction":
+        lines.append(f"{report.source}: {report.documents_kept} samples ({report.train_documents} train, "
+                     f"{report.val_documents} validation), {report.train_tokens:,} response tokens; truncated "
+                     f"{report.truncated_samples}, dropped {report.dropped_samples}")
+    else:
+        lines.append(f"{report.source}: {report.documents_kept} documents, {report.train_tokens:,} training and "
+                     f"{report.val_tokens:,} validation tokens "
+                     f"({'from cache' if report.cached else f'{report.seconds:.1f} s'})")
+    return lines
+
+
+def fit_model_to_data(model_config: ModelConfig, trainer_config: TrainerConfig, prepared: PreparedData) -> ModelConfig:
+    """The model config with the tokenizer's vocabulary and room for the sequence length."""
+    if model_config.vocab_size != len(prepared.tokenizer):
+        model_config = dataclasses.replace(model_config, vocab_size=len(prepared.tokenizer))
+    if model_config.context_len < trainer_config.max_seq_len:
+        model_config = dataclasses.replace(model_config, context_len=trainer_config.max_seq_len)
+    return model_config
+
+
+# ---- runs -------------------------------------------------------------------------------------
+def run_info(model_config: ModelConfig, trainer_config: TrainerConfig, data_config: DataConfig, **extra) -> dict:
+    return {"model": model_config.to_dict(), "trainer": trainer_config.to_dict(), "data": data_config.to_dict(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, **extra}
+
+
+def new_run_dir(out: Optional[str], trainer_config: TrainerConfig, name: Optional[str], prefix: str = "run") -> Path:
+    return Path(out or trainer_config.path_to_checkpoints) / (name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+
+
+def create_run(run_dir: Path, info: dict, tokenizer) -> Path:
+    """A run directory holding run.json (its settings) and the tokenizer."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    if not (run_dir / "tokenizer.json").exists():
+        tokenizer.save_pretrained(str(run_dir))
+    return run_dir
+
+
+@dataclass
+class RunOutcome:
+    """What a training operation ends with, for a front end to render."""
+
+    result: TrainResult
+    run_dir: Path
+    is_main: bool = True  # False on the other ranks of a DDP run: they report nothing
+    notes: list[str] = field(default_factory=list)  # files written after training (adapter, merged model)
+    sample: Optional[str] = None  # the model's continuation of a prompt, when the run ended well
+
+
+def _fit(trainer: Trainer, display: Optional[Callback]) -> TrainResult:
+    """Train with the run's sinks (metrics.jsonl, TensorBoard) and `display` as callbacks."""
+    if trainer.run_dir is not None and trainer.is_main:
+        trainer.callbacks += [MetricsLog(trainer.run_dir / "metrics.jsonl", trainer.config.log_interval),
+                              TensorBoardLog(trainer.run_dir / "tensorboard")]
+    if display is not None:
+        trainer.callbacks.append(display)
+    return trainer.fit()
+
+
+def _outcome(trainer: Trainer, result: TrainResult, run_dir: Path, tokenizer, prompt: str,
+             notes: Optional[list[str]] = None) -> RunOutcome:
+    if trainer.config.use_ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    outcome = RunOutcome(result, run_dir, trainer.is_main, notes or [])
+    if trainer.is_main and result.status not in ("interrupted", "nonfinite"):
+        outcome.sample = sample_text(trainer.model, tokenizer, prompt)
+    return outcome
+
+
+def sample_prompt(prepared: PreparedData, tokens: int = 4) -> str:
+    """What the end-of-run sample continues: code for the built-in corpus (Python's
+    standard library), else the opening tokens of the first validation sequence."""
+    if (prepared.config and prepared.config.source == BUILTIN) or len(prepared.val) == 0:
+        return "def "
+    first, _ = prepared.val.batch(np.arange(1))
+    return prepared.tokenizer.decode(first[0, :tokens].tolist(), skip_special_tokens=True) or "def "
+
+
+def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display: Optional[Callback] = None,
+                   stop_at: Optional[float] = None) -> RunOutcome:
+    """Train a new model of `configs` (model, trainer, data) on prepared data in `run_dir`.
+    `stop_at` (seconds since launch) sets the deadline once the model is built, so
+    everything before it counts against a budget."""
+    model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
+    trainer_config = configs["trainer"]
+    torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
+    model = Transformer(model_config)
+    if stop_at is not None:
+        trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - since_launch()))
+    data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
+    trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir)
+    if trainer.is_main:
+        create_run(run_dir, run_info(model_config, trainer_config, data_config), prepared.tokenizer)
+    result = _fit(trainer, display)
+    return _outcome(trainer, result, run_dir, prepared.tokenizer, sample_prompt(prepared))
+
+
+@dataclass
+class TrainRequest:
+    """`train`: a model for a time budget (planned from measurements) or for its epochs."""
+
+    budget: Optional[str] = None  # 90s, 20m, 2h, or hours
+    data: str = BUILTIN
+    config_file: Optional[str] = None
+    preset: Optional[str] = None  # with a budget: skip planning and train this model until the deadline
+    out: Optional[str] = None
+    name: Optional[str] = None
+    cache_dir: str = DEFAULT_CACHE
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
+    """Resolve the configs (defaults < file < options < overrides), prepare the data, plan
+    for the budget when there is one, and train."""
+    budget = parse_duration(request.budget) if request.budget else None
+    planned = budget is not None and request.preset is None
+    configs = default_configs(request.preset or DEFAULT_PRESET, request.data, request.cache_dir)
+    if request.seq_len is not None or planned:
+        seq_len = request.seq_len if request.seq_len is not None else sequence_length(budget)
+        configs["trainer"] = dataclasses.replace(configs["trainer"], max_seq_len=seq_len)
+    if request.batch_size is not None:
+        configs["trainer"] = dataclasses.replace(configs["trainer"], batch_size=request.batch_size)
+    if request.config_file:
+        configs = load_config_file(request.config_file, configs)
+    configs = apply_overrides(configs, request.overrides)
+    if configs["trainer"].use_ddp:
+        if planned:
+            raise ConfigError("--budget plans on one process; with DDP pass --preset NAME (the budget then "
+                              "sets the deadline) or a planned configuration from `plan --budget B --json`")
+        start_distributed()
+    prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say)
+    configs["data"] = prepared.config or configs["data"]
+    stop_at = None
+    if planned:
+        trainer_config = configs["trainer"]
+        hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
+        the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
+                        spent_seconds=since_launch(), cache_dir=configs["data"].cache_dir,
+                        seq_len=trainer_config.max_seq_len)
+        say(the_plan.describe())
+        planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": configs["data"]}
+        if request.batch_size is not None:
+            planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=request.batch_size)
+        configs = apply_overrides(planned_configs, request.overrides)  # what the user set explicitly wins
+        stop_at = the_plan.train_seconds + since_launch()  # the plan's finishing costs come after
+    elif budget is not None:  # a fixed model under the budget's deadline
+        remaining = budget - since_launch() - FINISH_RESERVE_S
+        if remaining < 1.0:
+            raise ConfigError(f"a budget of {request.budget} leaves no time to train after start-up and data "
+                              f"preparation ({since_launch():.0f} s); give at least "
+                              f"{since_launch() + FINISH_RESERVE_S + 5:.0f}s")
+        configs["trainer"] = dataclasses.replace(configs["trainer"], time_limit_s=remaining, schedule_by="time",
+                                                 num_epochs=0, eval_steps=4, use_epoch_checkpoints=False)
+        stop_at = budget - FINISH_RESERVE_S
+    run_dir = new_run_dir(request.out, configs["trainer"], request.name)
+    return train_prepared(configs, prepared, run_dir, display, stop_at)
+
+
+def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE,
+                overrides: Optional[list[str]] = None) -> Plan:
+    """The configuration planned for `budget` on this machine and data, without training."""
+    seconds = parse_duration(budget)
+    data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
+    prepared = prepare(data_config, sequence_length(seconds), fallback_to_builtin=True)
+    return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
+                spent_seconds=since_launch(), cache_dir=data_config.cache_dir)
+
+
+def start_distributed() -> None:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError("trainer.use_ddp=yes needs several processes: launch with "
+                          "torchrun --nproc_per_node=N train.py train trainer.use_ddp=yes ...")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------
+@dataclass
+class FinetuneRequest:
+    """`finetune`: LoRA / QLoRA on instruction data. `lora` (the wizard's LoRA table)
+    replaces `rank` / `qlora`."""
+
+    base: str
+    data: str
+    rank: int = 16
+    qlora: bool = False
+    merge: bool = False
+    epochs: int = 3
+    batch_size: int = FINETUNE_TRAINER["batch_size"]
+    seq_len: Optional[int] = None  # default: 128, or the base's context if shorter
+    out: Optional[str] = None
+    name: Optional[str] = None
+    cache_dir: str = DEFAULT_CACHE
+    overrides: list[str] = field(default_factory=list)
+    lora: Optional[LoRAConfig] = None
+
+
+def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
+    model, tokenizer = load_base(request.base)
+    seq_len = min(TrainerConfig().max_seq_len, model.config.context_len) if request.seq_len is None \
+        else request.seq_len
+    trainer_defaults = {**FINETUNE_TRAINER, "batch_size": request.batch_size}
+    configs = {"model": model.config,
+               "trainer": TrainerConfig(max_seq_len=seq_len, num_epochs=request.epochs, **trainer_defaults),
+               "data": DataConfig(source=request.data, cache_dir=request.cache_dir, format="instruction"),
+               "lora": request.lora or LoRAConfig(rank=request.rank, alpha=2.0 * request.rank,
+                                                  quantize_base=request.qlora)}
+    configs = apply_overrides(configs, request.overrides)
+    if configs["model"] != model.config:
+        raise ConfigError("a fine-tune keeps its base model's shape; model.* settings cannot change")
+    trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
+    if trainer_config.max_seq_len > model.config.context_len:
+        raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
+                          f"({model.config.context_len})")
+    prepared = prepare_data(data_config, trainer_config.max_seq_len, tokenizer=tokenizer, fallback_to_builtin=False,
+                            say=say)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base model only {model.config.vocab_size}")
+    apply_lora(model, lora_config)
+    counts = parameter_report(model)
+    say(f"LoRA rank {lora_config.rank}{' on a 4-bit NF4 base (QLoRA)' if lora_config.quantize_base else ''}: "
+        f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['share']:.2%})")
+    run_dir = new_run_dir(request.out, trainer_config, request.name, prefix="finetune")
+    trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, adapter_only=True)
+    if trainer.is_main:
+        info = run_info(model.config, trainer_config, data_config,
+                        finetune={"base": str(Path(request.base).resolve()), "lora": lora_config.to_dict()})
+        create_run(run_dir, info, tokenizer)
+    result = _fit(trainer, display)
+    return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, request.base, request.merge)
+
+
+def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, tokenizer, lora_config: LoRAConfig,
+                     base: str, merge: bool) -> RunOutcome:
+    notes = []
+    if trainer.is_main and result.status != "interrupted":
+        adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
+        notes.append(f"adapter saved to {adapter} (PEFT format)")
+        if merge:
+            merged = merge_and_save(trainer.model, run_dir / "merged", tokenizer)
+            notes.append(f"merged model saved to {merged} (Hugging Face layout)")
+    return _outcome(trainer, result, run_dir, tokenizer, chat_prompt(tokenizer, "Hello"), notes)
+
+
+def load_base(base: str) -> tuple[Transformer, object]:
+    """A base model and its tokenizer: a Sprat run directory (its latest checkpoint) or a
+    Llama-architecture directory saved by `transformers`."""
+    path = Path(base)
+    if (path / "run.json").exists() and read_run_info(path).get("finetune"):
+        raise ConfigError(f"{path} is a fine-tuning run; fine-tune its merged model (finetune --merge) instead")
+    loaded = load_trained(path)
+    return loaded.model, loaded.tokenizer
+
+
+def _rebuild_finetune(info: dict) -> tuple[Transformer, object, LoRAConfig]:
+    """A fine-tuning run's model before its adapter weights: the base with LoRA layers."""
+    model, tokenizer = load_base(info["finetune"]["base"])
+    lora_config = LoRAConfig.from_dict(info["finetune"]["lora"])
+    apply_lora(model, lora_config)
+    return model, tokenizer, lora_config
+
+
+# ---- resume -----------------------------------------------------------------------------------
+@dataclass
+class ResumeRequest:
+    run_dir: str | Path
+    checkpoint: Optional[str] = None  # default: the latest complete one
+    overrides: list[str] = field(default_factory=list)  # trainer / data settings; not the model's shape
+
+
+def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
+    run_dir = Path(request.run_dir)
+    info = read_run_info(run_dir)
+    saved = run_configs(info, run_dir)
+    configs = apply_overrides(saved, request.overrides)
+    reshaped = [f"model.{name}" for name, value in configs["model"].to_dict().items()
+                if name not in RUNTIME_MODEL_FIELDS and value != getattr(saved["model"], name)]
+    if reshaped:
+        raise ConfigError(f"the model of a run cannot change on resume ({', '.join(reshaped)}: its checkpoints hold "
+                          f"that model); start a new run instead")
+    if configs["trainer"].use_ddp:
+        start_distributed()
+    finetuned = bool(info.get("finetune"))
+    if finetuned:
+        model, tokenizer, lora_config = _rebuild_finetune(info)
+    else:
+        model, tokenizer = Transformer(configs["model"]), load_tokenizer_dir(run_dir)
+    if configs["trainer"].max_seq_len > model.config.context_len:
+        raise ConfigError(f"trainer.max_seq_len={configs['trainer'].max_seq_len} exceeds the model's context "
+                          f"({model.config.context_len})")
+    path, *saved_state = checkpoint.load_latest(run_dir, request.checkpoint, on_skip=say)
+    prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, tokenizer=tokenizer,
+                            fallback_to_builtin=False, say=say)
+    trainer = Trainer(model, configs["trainer"], prepared.train, prepared.val, run_dir=run_dir, adapter_only=finetuned)
+    trainer.restore(path, *saved_state)
+    say(f"resuming {run_dir} from {path.name} (step {trainer.global_step})")
+    result = _fit(trainer, display)
+    if finetuned:
+        return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, info["finetune"]["base"], False)
+    return _outcome(trainer, result, run_dir, tokenizer, sample_prompt(prepared))
+
+
+# ---- trained models: load, generate, evaluate, export ---------------------------------------
+@dataclass
+class Loaded:
+    """A trained model ready to use, and where it came from."""
+
+    model: Transformer
+    tokenizer: object
+    source: Path
+    kind: str  # pretrained | finetuned | huggingface
+    checkpoint: Optional[str] = None
+    info: Optional[dict] = None
+
+
+def load_trained(path: str | Path, checkpoint_name: Optional[str] = None, say: Say = _quiet) -> Loaded:
+    """The model of a Sprat run directory (its latest or a named checkpoint; fine-tuning
+    runs rebuild their base and add the adapter), of one of its checkpoint directories, or
+    of a Hugging Face Llama directory. The checkpoint is verified once, as it is read."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run or model directory")
+    if (path / checkpoint.MANIFEST_FILE).exists() and (path.parent / "run.json").exists():  # a checkpoint directory
+        path, checkpoint_name = path.parent, path.name
+    if (path / "run.json").exists():
+        info = read_run_info(path)
+        if info.get("finetune"):
+            model, tokenizer, _ = _rebuild_finetune(info)
+            found, model_state, _, _ = checkpoint.load_latest(path, checkpoint_name, on_skip=say, with_optimizer=False)
+            result = model.load_state_dict(model_state, strict=False)
+            if result.unexpected_keys:
+                raise ConfigError(f"{found} does not fit the model rebuilt from {info['finetune']['base']}")
+            return Loaded(model, tokenizer, path, "finetuned", found.name, info)
+        model = Transformer(run_configs(info, path)["model"])
+        found, model_state, _, _ = checkpoint.load_latest(path, checkpoint_name, on_skip=say, with_optimizer=False)
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as error:
+            raise checkpoint.CheckpointError(f"{found} does not fit the model of {path / 'run.json'}: "
+                                             f"{str(error)[:300]}") from None
+        return Loaded(model, load_tokenizer_dir(path), path, "pretrained", found.name, info)
+    if (path / "config.json").exists():
+        return Loaded(load_hf(path), load_pretrained_tokenizer(str(path)), path, "huggingface")
+    raise ConfigError(f"{path}: not a Sprat run directory (run.json), one of its checkpoints, nor a Hugging Face "
+                      f"model directory (config.json)")
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def sample_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 60, temperature: float = 0.8,
+                top_k: Optional[int] = 40) -> str:
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k)
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+                top_k: Optional[int], top_p: Optional[float], stop_at: Optional[int] = None,
+                seed: Optional[int] = None) -> Iterator[str]:
+    """The continuation of `prompt`, yielded as text pieces while it is generated (a
+    piece is held back while it ends inside a multi-byte character)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    if len(ids) > model.config.context_len:
+        ids = ids[-model.config.context_len:]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    new: list[int] = []
+    shown = ""
+    for token in model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, eos_token_id=stop_at, generator=generator):
+        if stop_at is not None and int(token[0]) == stop_at:
+            break
+        new.append(int(token[0]))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def stop_token(loaded: Loaded) -> Optional[int]:
+    """Where a reply ends: `<|im_end|>` for chat models, end-of-text otherwise."""
+    if loaded.kind == "finetuned":
+        ids = loaded.tokenizer.convert_tokens_to_ids([IM_END])
+        if ids and ids[0] is not None and ids[0] != loaded.tokenizer.unk_token_id:
+            return ids[0]
+    return loaded.tokenizer.eos_token_id
+
+
+@dataclass
+class EvalRequest:
+    """`eval`: loss and perplexity of a model on a split of its run's data, or of `data`.
+    The defaults are the command line's and the wizard's alike."""
+
+    model: str | Path
+    checkpoint: Optional[str] = None
+    data: Optional[str] = None
+    split: str = "val"
+    max_batches: Optional[int] = None  # None: the whole split
+    batch_size: int = 16
+    seq_len: Optional[int] = None  # default: the run's sequence length
+    cache_dir: Optional[str] = None  # default: the run's
+
+
+@dataclass
+class EvalResult:
+    model: str
+    checkpoint: Optional[str]
+    data: str
+    split: str
+    sequences: int
+    seq_len: int
+    loss: float
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "perplexity": self.perplexity}
+
+
+def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None) -> EvalResult:
+    """Loss and perplexity of a trained model (`loaded`, or loaded from request.model)."""
+    loaded = loaded or load_trained(request.model, request.checkpoint)
+    info = loaded.info or {}
+    data_config = run_configs(info, loaded.source)["data"] if "data" in info else DataConfig()
+    if request.data:
+        data_config = dataclasses.replace(data_config, source=request.data, subset_size=None)
+    if request.cache_dir:
+        data_config = dataclasses.replace(data_config, cache_dir=request.cache_dir)
+    context = loaded.model.config.context_len
+    seq_len = request.seq_len or info.get("trainer", {}).get("max_seq_len") or min(256, context)
+    if seq_len > context:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({context})")
+    prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
+    dataset = prepared.val if request.split == "val" else prepared.train
+    if len(dataset) == 0:
+        raise DataError(f"{data_config.source}: the {request.split} split is empty at sequence length {seq_len}")
+    device = resolve_device(TrainerConfig())
+    started = time.perf_counter()
+    loss = evaluate(loaded.model.to(device), dataset, request.batch_size, request.max_batches, device=device)
+    batches = math.ceil(len(dataset) / request.batch_size)
+    if request.max_batches is not None:
+        batches = min(batches, request.max_batches)
+    return EvalResult(str(loaded.source), loaded.checkpoint, data_config.source, request.split,
+                      min(len(dataset), batches * request.batch_size), seq_len, loss, time.perf_counter() - started)
+
+
+def export_model(loaded: Loaded, out: Path, fmt: str = "hf") -> Path:
+    """The model in the Hugging Face Llama layout (fine-tuned models with the adapter
+    merged in), with its tokenizer."""
+    if fmt != "hf":
+        raise ConfigError(f"export format {fmt!r} is not supported yet; use hf")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; export needs a new (or empty) directory")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new directory")
+    if loaded.kind == "finetuned":
+        return merge_and_save(loaded.model, out, loaded.tokenizer)
+    return save_hf(loaded.model, out, loaded.tokenizer)
+
+
+# ---- listing ----------------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    path: Path
+    name: str
+    kind: str  # pretrain | fine-tune
+    checkpoint: Optional[str]  # the newest complete-looking one (verified when it is loaded)
+    step: int
+    best_val_loss: Optional[float]
+
+
+def list_runs(root: str | Path) -> list[RunSummary]:
+    """Run directories under `root`, newest first, from their metadata alone: nothing is
+    hashed here (loading a checkpoint verifies it)."""
+    runs = []
+    for info_file in sorted(Path(root).glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        run_dir = info_file.parent
+        try:
+            info = read_run_info(run_dir)
+        except ConfigError:
+            continue
+        latest = checkpoint.latest(run_dir, verify_contents=False)
+        try:
+            state = checkpoint.read_state(latest) if latest else {}
+        except (OSError, ValueError):
+            state = {}
+        state = state if isinstance(state, dict) else {}
+        runs.append(RunSummary(run_dir, run_dir.name, "fine-tune" if info.get("finetune") else "pretrain",
+                               latest.name if latest else None, state.get("global_step", 0),
+                               state.get("best_val_loss")))
+    return runs
