@@ -1,133 +1,25 @@
-"""Listing, parsing, validating and setting config fields; loading and saving configs;
-the rich table editor screen.
+"""The config screens: the rich table editor (`ConfigEditor`, `render_table`) and the
+prompt helpers `ask` / `choose` / `confirm` the wizard shares.
 
-Everything is derived from the dataclasses' fields, types and metadata, so a new config
-field is listed, settable from the command line (`trainer.learning_rate=3e-4`) and
-editable in the table without changes here. Besides train.py this is the only module
-that draws on the terminal; its prompts take an injected `console` and input `stream`
-so the screens are tested with `io.StringIO`.
+Everything is derived from the dataclasses' fields, types and metadata (parsing, files and
+overrides live in config_io.py), so a new config field is listed and editable in the
+table without changes here. Prompts take an injected `console` and input `stream` so the
+screens are tested with `io.StringIO`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 import re
-import types
-import typing
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO, Union
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from config_io import ConfigIO, move_aliases, resolve_alias
-
-
-class ConfigError(ValueError):
-    """A config value or override the user has to fix."""
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(kind) -> tuple[Any, bool]:
-    origin = typing.get_origin(kind)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(kind)) == 2:
-            return args[0], True
-    return kind, False
-
-
-def parse_value(cls: type, name: str, text: str) -> Any:
-    """`text` as a value of field `name` of dataclass `cls`, by the field's type; a clear
-    ConfigError naming the field and what is allowed otherwise."""
-    hints = field_types(cls)
-    if name not in hints:
-        raise ConfigError(f"{cls.__name__} has no field {name!r}; fields: {', '.join(hints)}")
-    kind, optional = _unwrap_optional(hints[name])
-    raw = text.strip()
-    where = f"{cls.__name__}.{name}"
-    if optional and raw.lower() in ("", "none", "null", "-"):  # "-" is how format_value shows None
-        return None
-    if kind is bool:
-        lowered = raw.lower()
-        if lowered in ("true", "yes", "y", "1", "on"):
-            return True
-        if lowered in ("false", "no", "n", "0", "off"):
-            return False
-        raise ConfigError(f"{where}={raw!r}: expected yes/no (true/false)")
-    if kind is int:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{where}={raw!r}: expected an integer") from None
-        if not value.is_integer():
-            raise ConfigError(f"{where}={raw!r}: expected an integer")
-        return int(value)
-    if kind is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{where}={raw!r}: expected a number (e.g. 3e-4)") from None
-    if kind is str:
-        return raw
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        parts = [p.strip().strip("'\"") for p in raw.strip("()[] ").split(",") if p.strip()]
-        item_types = typing.get_args(kind)
-        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[X, ...]: any number of items
-            item_types = (item_types[0],) * len(parts)
-        if not parts or len(parts) != len(item_types):
-            raise ConfigError(f"{where}={raw!r}: expected {len(item_types)} comma-separated values")
-        try:
-            return tuple(t(p) for t, p in zip(item_types, parts))
-        except ValueError:
-            raise ConfigError(f"{where}={raw!r}: expected {len(item_types)} numbers") from None
-    if kind is dict or origin is dict:
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{where}={raw!r}: expected a JSON object") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={raw!r}: expected a JSON object")
-        return value
-    raise ConfigError(f"{where}: fields of type {kind} cannot be set from text")
-
-
-def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """New configs with `section.field=value` overrides applied, e.g. {"model": ModelConfig,
-    "trainer": TrainerConfig} and ["trainer.learning_rate=3e-4"]. Each section is
-    validated once, after all of its overrides; LightLM's aliases (`model.use_flash`, ...)
-    set their home field."""
-    changes: dict[str, dict[str, Any]] = {}
-    for override in overrides:
-        key, separator, value = override.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not separator or not dot or not name:
-            raise ConfigError(f"cannot read override {override!r}; write SECTION.FIELD=VALUE, "
-                              f"e.g. trainer.learning_rate=3e-4 (sections: {', '.join(configs)})")
-        section, name = resolve_alias(section, name)
-        if section not in configs:
-            raise ConfigError(f"unknown section {section!r} in {override!r}; sections: {', '.join(configs)}")
-        parsed = parse_value(type(configs[section]), name, value)
-        previous = changes.setdefault(section, {}).get(name, parsed)
-        if previous != parsed:
-            raise ConfigError(f"{section}.{name} is given two values ({format_value(previous)} and "
-                              f"{format_value(parsed)}, one of them through a LightLM alias); give it one")
-        changes[section][name] = parsed
-    updated = dict(configs)
-    for section, values in changes.items():
-        try:
-            updated[section] = dataclasses.replace(configs[section], **values)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    return updated
+from config_io import ConfigError, ConfigIO, field_types, fields_of, format_value, load_configs, parse_value, \
+    resolve_alias, save_configs, unwrap_optional
 
 
 # ---- input helpers (shared with the wizard) -------------------------------------------------
@@ -185,35 +77,12 @@ def confirm(console: Console, prompt: str, stream: Optional[TextIO] = None, defa
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
-def format_value(value: Any) -> str:
-    """A config value as the editor shows it and as `parse_value` reads it back: yes/no,
-    compact floats (0.0003, 1e-05), "0.9, 0.95" for tuples, "-" for None."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (tuple, list)):
-        return ", ".join(format_value(item) for item in value)
-    if isinstance(value, dict):
-        return json.dumps(value)
-    if value == "":
-        return '""'
-    return str(value)
-
-
 def format_count(count: float) -> str:
     """12_345_678 -> "12.3M"."""
     for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(count) >= limit:
             return f"{count / limit:.3g}{suffix}"
     return f"{count:g}"
-
-
-def fields_of(config: Any) -> list[dataclasses.Field]:
-    """The fields of a config dataclass (class or instance) in declaration order."""
-    return list(dataclasses.fields(config))
 
 
 def _help_text(field: dataclasses.Field) -> str:
@@ -253,121 +122,9 @@ def summary_figures(configs: dict[str, Any]) -> list[tuple[str, str]]:
             figures.append(("active parameters", format_count(model.num_params(active=True))))
         figures.append(("head dim", str(model.head_dim)))
     trainer = configs.get("trainer")
-    if trainer is not None and hasattr(trainer, "accumulation_steps"):
-        tokens = trainer.batch_size * trainer.accumulation_steps * trainer.max_seq_len
-        figures.append(("tokens per optimizer step", f"{tokens:,}"))
+    if trainer is not None and hasattr(trainer, "tokens_per_step"):
+        figures.append(("tokens per optimizer step", f"{trainer.tokens_per_step:,}"))
     return figures
-
-
-# ---- load / save ----------------------------------------------------------------------------
-BOOKKEEPING_KEYS = ("created", "torch", "finetune")  # top-level keys of a run's run.json that are not configs
-
-
-def _is_yaml(path: Path) -> bool:
-    return path.suffix.lower() in (".yaml", ".yml")
-
-
-def _yaml(path: Path):
-    try:
-        import yaml
-    except ImportError:
-        raise ConfigError(f"{path}: YAML needs PyYAML (pip install pyyaml); or use a .json file") from None
-    return yaml
-
-
-def save_configs(path: str | Path, configs: dict[str, ConfigIO]) -> Path:
-    """Write `configs` as one section per key ({"model": {...}, "trainer": {...}}): JSON for
-    .json, YAML for .yaml/.yml. Written to a temporary file and renamed into place; sections
-    that are None are left out."""
-    path = Path(path).expanduser()
-    data = {section: config.to_dict() for section, config in configs.items() if config is not None}
-    if _is_yaml(path):
-        text = _yaml(path).safe_dump(data, sort_keys=False, default_flow_style=False)
-    elif path.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        raise ConfigError(f"{path}: name the file .json, .yaml or .yml")
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
-    return path
-
-
-def _read_sections(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
-    if _is_yaml(path):
-        yaml = _yaml(path)
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
-    else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected sections such as model: {{...}}, trainer: {{...}}; "
-                          f"found {type(values).__name__}")
-    return values
-
-
-def _coerce(cls: type, name: str, value: Any) -> Any:
-    """A value read from a file, as field `name` of `cls` expects it: text through
-    parse_value (a YAML 3e-4 is a string), lists as tuples, whole floats as ints."""
-    kind, optional = _unwrap_optional(field_types(cls)[name])
-    if value is None:
-        return value
-    if isinstance(value, str) and kind is not str:
-        return parse_value(cls, name, value)
-    if isinstance(value, list) and typing.get_origin(kind) is tuple:
-        return tuple(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(kind)
-    if expected and (not isinstance(value, expected) or (kind is not bool and isinstance(value, bool))):
-        raise ConfigError(f"{cls.__name__}.{name}={value!r}: expected {kind.__name__}")
-    return value
-
-
-def load_configs(path: str | Path, configs: dict[str, ConfigIO]) -> tuple[dict[str, ConfigIO], list[str]]:
-    """The configs with each known section of the JSON/YAML file at `path` merged over them,
-    and the sorted keys of the file that were ignored ("section" for an unknown section,
-    "section.field" for an unknown field). A missing or broken file, or invalid values,
-    raise ConfigError naming the file and the reason."""
-    path = Path(path).expanduser()
-    values = move_aliases(_read_sections(path))
-    updated = dict(configs)
-    ignored = []
-    for section, section_values in values.items():
-        if section in BOOKKEEPING_KEYS or (section in configs and section_values is None):
-            continue
-        current = configs.get(section)
-        if current is None:
-            ignored.append(section)
-            continue
-        if not isinstance(section_values, dict):
-            raise ConfigError(f"{path}: section {section!r} must hold field: value pairs, "
-                              f"found {type(section_values).__name__}")
-        cls = type(current)
-        names = {field.name for field in fields_of(cls)}
-        ignored += [f"{section}.{name}" for name in section_values if name not in names]
-        try:
-            known = {name: _coerce(cls, name, value) for name, value in section_values.items() if name in names}
-            updated[section] = cls.from_dict({**current.to_dict(), **known})
-        except (ConfigError, ValueError, TypeError) as error:
-            raise ConfigError(f"{path}: {error}") from None
-    return updated, sorted(ignored)
 
 
 # ---- the table editor -----------------------------------------------------------------------
@@ -539,7 +296,7 @@ class ConfigEditor:
             if not text:
                 self.console.print(f"[dim]{field.name} unchanged.[/dim]")
                 return configs
-            if _ASSIGNMENT.match(text) and _unwrap_optional(field_types(type(config))[field.name])[0] is not str:
+            if _ASSIGNMENT.match(text) and unwrap_optional(field_types(type(config))[field.name])[0] is not str:
                 return self._assign(configs, section, text)  # `num_heads=6 num_kv_heads=3` typed here
             try:
                 value = self._value(config, field, text)

@@ -24,8 +24,7 @@ import torch
 
 import checkpoint
 from budget import HardwareProfile, Plan, parse_duration, plan, sequence_length
-from config_editor import ConfigError, apply_overrides, load_configs
-from config_io import move_aliases
+from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import BUILTIN, IM_END, DataConfig, DataError, PreparedData, load_pretrained_tokenizer, \
     load_tokenizer_dir, prepare
 from events import Callback, MetricsLog, TensorBoardLog, perplexity

@@ -22,7 +22,8 @@ from rich.console import Console
 
 import checkpoint
 import runs
-from config_editor import ConfigError, apply_overrides, render_table, save_configs
+from config_editor import render_table
+from config_io import ConfigError, apply_overrides, save_configs
 from data import BUILTIN, DataError
 from display import check_table, display_for, report_outcome
 from lora import LoRAConfig

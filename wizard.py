@@ -24,8 +24,8 @@ from rich.text import Text
 import checkpoint
 from budget import CostModel, HardwareProfile, Plan, batch_tokens, parse_duration, plan, probe, sequence_length, \
     training_memory
-from config_editor import ConfigEditor, ConfigError, EndOfInput, ask, choose, confirm, load_configs, \
-    save_configs
+from config_editor import ConfigEditor, EndOfInput, ask, choose, confirm
+from config_io import ConfigError, load_configs, save_configs
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
 import runs
 from display import check_table, display_for, format_bytes, format_seconds, report_outcome

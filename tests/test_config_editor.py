@@ -9,10 +9,9 @@ import sys
 import pytest
 from rich.console import Console
 
-from config_editor import (ConfigEditor, ConfigError, EndOfInput, apply_overrides, ask, choose, confirm,
-                           fields_of, format_value, load_configs, parse_value, render_table, save_configs,
-                           summary_figures)
-from config_io import ConfigIO, described
+from config_editor import ConfigEditor, EndOfInput, ask, choose, confirm, render_table, summary_figures
+from config_io import (ConfigError, ConfigIO, apply_overrides, described, fields_of, format_value, load_configs,
+                       parse_value, save_configs)
 from data import DataConfig
 from lora import LoRAConfig
 from model import ModelConfig
