@@ -298,33 +298,46 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     probe_seconds = 0.0 if cached else time.perf_counter() - probe_started
     cost = CostModel.fit(probes)
     eval_batches = 4
-    eval_tokens = eval_batches * batch_size * seq_len
     left = budget_seconds - spent_seconds - (probe_seconds if whole_run else 0.0)
     memory_limit = 0.6 * hardware.memory_bytes
-    best = None
-    for width in LADDER:
-        config = shape(width, vocab_size, seq_len)
-        memory = training_memory(config, batch_size, seq_len)
-        if memory > memory_limit:
-            continue
-        train_seconds = left - finish_seconds(config, cost, seq_len, eval_tokens, whole_run)
-        seconds_per_token = cost.seconds_per_token(config.flops_per_token(seq_len))
-        step_seconds = seconds_per_token * batch_size * seq_len
-        if train_seconds < 3 * step_seconds:
-            continue
-        tokens = train_seconds / seconds_per_token
-        useful = min(tokens, MAX_USEFUL_EPOCHS * dataset_tokens)
-        loss = predicted_loss(non_embedding_params(config), useful)
-        if best is None or loss < best[0]:
-            best = (loss, config, train_seconds, tokens, memory, step_seconds)
+
+    def best_shape(batch_size: int) -> Optional[tuple]:
+        """The ladder shape with the lowest predicted loss that fits three steps at this batch."""
+        best = None
+        eval_tokens = eval_batches * batch_size * seq_len
+        for width in LADDER:
+            config = shape(width, vocab_size, seq_len)
+            memory = training_memory(config, batch_size, seq_len)
+            if memory > memory_limit:
+                continue
+            train_seconds = left - finish_seconds(config, cost, seq_len, eval_tokens, whole_run)
+            seconds_per_token = cost.seconds_per_token(config.flops_per_token(seq_len))
+            step_seconds = seconds_per_token * batch_size * seq_len
+            if train_seconds < 3 * step_seconds:
+                continue
+            tokens = train_seconds / seconds_per_token
+            useful = min(tokens, MAX_USEFUL_EPOCHS * dataset_tokens)
+            loss = predicted_loss(non_embedding_params(config), useful)
+            if best is None or loss < best[0]:
+                best = (loss, config, train_seconds, tokens, memory, step_seconds)
+        return best
+
+    # A budget too short for three steps of the smallest shape gets smaller batches (a slow
+    # or busy machine still trains for LightLM's 3.6-second walkthrough) before it is refused.
+    planned_batch = batch_size
+    best = best_shape(batch_size)
+    while best is None and batch_size > 1:
+        batch_size //= 2
+        best = best_shape(batch_size)
     if best is None:
         smallest = shape(LADDER[0], vocab_size, seq_len)
         need = spent_seconds + (probe_seconds if whole_run else 0.0) + \
-            finish_seconds(smallest, cost, seq_len, eval_tokens, whole_run) + \
-            3 * cost.seconds_per_token(smallest.flops_per_token(seq_len)) * batch_size * seq_len
+            finish_seconds(smallest, cost, seq_len, eval_batches * planned_batch * seq_len, whole_run) + \
+            3 * cost.seconds_per_token(smallest.flops_per_token(seq_len)) * planned_batch * seq_len
         raise ValueError(f"a budget of {budget_seconds:.0f} s is too short: start-up and data preparation took "
                          f"{spent_seconds:.0f} s and the smallest model needs about {need - spent_seconds:.0f} s more; "
                          f"give at least {math.ceil(need * 1.1)} s")
+    eval_tokens = eval_batches * batch_size * seq_len
     _, config, train_seconds, tokens, memory, step_seconds = best
     steps = max(1, int(tokens // (batch_size * seq_len)))
     params = non_embedding_params(config)

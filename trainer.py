@@ -597,12 +597,14 @@ class Trainer:
         self.model.train()
         if self.loader.position >= len(self.loader):  # resumed from the end of an epoch
             self.loader.epoch, self.loader.position = self.loader.epoch + 1, 0
+        parameters = list(self.model.parameters())
         self.emit(Start(total_steps=self.total_steps or 0, steps_per_epoch=self.steps_per_epoch, step=self.global_step,
-                        epoch=self.loader.epoch, effective_batch=config.batch_size * config.accumulation_steps * self.world_size, time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s
-                        else None, schedule_by=config.schedule_by, device=self.device.type,
-                        dtype=str(self.dtype).removeprefix("torch."),
-                        params=sum(p.numel() for p in self.model.parameters()),
-                        trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad)))
+                        epoch=self.loader.epoch,
+                        effective_batch=config.batch_size * config.accumulation_steps * self.world_size,
+                        time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s else None,
+                        schedule_by=config.schedule_by, device=self.device.type,
+                        dtype=str(self.dtype).removeprefix("torch."), params=sum(p.numel() for p in parameters),
+                        trainable=sum(p.numel() for p in parameters if p.requires_grad)))
         try:
             while session.stop_reason is None and not self._steps_done() \
                     and (config.num_epochs == 0 or self.loader.epoch < config.num_epochs):

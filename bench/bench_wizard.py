@@ -86,7 +86,7 @@ def estimate(preset: str, steps: int, cache_dir: str, out_dir: Path) -> dict:
     text = screen.getvalue()
     rate = float(re.search(r"at ([\d,]+) tokens/s \(measured", text).group(1).replace(",", ""))
     model, trainer = wizard.configs["model"], wizard.configs["trainer"]
-    tokens = steps * trainer.batch_size * trainer.accumulation_steps * trainer.max_seq_len
+    tokens = steps * trainer.tokens_per_step
     probes, _ = probe(HardwareProfile.detect(), model.vocab_size, trainer.max_seq_len, 2, 0.3, cache_dir)
     cost_rate = 1.0 / CostModel.fit(probes).seconds_per_token(model.flops_per_token(trainer.max_seq_len))
     (run,) = (out_dir / preset).iterdir()

@@ -72,6 +72,15 @@ def test_a_small_dataset_is_not_repeated_for_many_epochs():
     assert "epochs" in small.reasoning
 
 
+def test_a_budget_too_short_at_the_planned_batch_trains_smaller_batches():
+    """What a busy or slow machine does to LightLM's 3.6-second walkthrough: three steps of
+    the smallest shape at the planned batch do not fit, at a smaller one they do."""
+    roomy = plan(2, HARDWARE, 10**9, 8192, probes=synthetic_probes(), whole_run=False)
+    slow = plan(2, HARDWARE, 10**9, 8192, probes=synthetic_probes(overhead=4e-5, per_flop=6e-11), whole_run=False)
+    assert roomy.trainer.batch_size == 16 and slow.trainer.batch_size < roomy.trainer.batch_size
+    assert slow.steps >= 3 and slow.trainer.time_limit_s <= 2
+
+
 def test_too_short_a_budget_names_the_minimum():
     with pytest.raises(ValueError, match=r"too short.*give at least \d+ s"):
         plan(8, HARDWARE, 10**9, 8192, spent_seconds=6, probes=synthetic_probes())
