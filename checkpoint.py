@@ -67,6 +67,7 @@ def save(directory: str | Path, model_state: dict[str, torch.Tensor], optimizer_
     """Write a checkpoint atomically to `directory`. `before_rename` (for tests) runs
     after the files are written and before the directory is renamed into place."""
     directory = Path(directory)
+    clean_stale(directory.parent)
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if temporary.exists():
         shutil.rmtree(temporary)
@@ -95,6 +96,34 @@ def save(directory: str | Path, model_state: dict[str, torch.Tensor], optimizer_
         temporary.rename(directory)
     _fsync(directory.parent)
     return directory
+
+
+STALE_PATTERN = re.compile(r"^\.(?:epoch|step)_\d+\.(?:tmp|old)-(\d+)$")  # a save's temporary directories
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(run_dir: str | Path) -> list[str]:
+    """Remove the temporary directories of saves whose process died (kill -9, a full disk);
+    returns their names. Those of live processes (another save under way) are left."""
+    run_dir = Path(run_dir)
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for path in run_dir.iterdir():
+        match = STALE_PATTERN.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def verify(directory: str | Path, skip: tuple[str, ...] = ()) -> Optional[str]:
@@ -205,7 +234,14 @@ def load_latest(run_dir: str | Path, name: Optional[str] = None, on_skip: Option
         if not path.is_dir():
             raise CheckpointError(f"{name}: no such checkpoint in {run_dir}")
         return (path, *load(path, with_optimizer=with_optimizer))
-    for path in reversed(candidates(run_dir)):
+    complete = []
+    for path in candidates(run_dir):  # every broken one is named, wherever it sorts
+        problem = looks_complete(path)
+        if problem is None:
+            complete.append(path)
+        elif on_skip is not None:
+            on_skip(f"skipping checkpoint {problem}")
+    for path in reversed(complete):
         try:
             return (path, *load(path, with_optimizer=with_optimizer))
         except CheckpointError as error:

@@ -9,6 +9,7 @@ event callback (a display) for the run itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -141,15 +142,106 @@ def run_info(model_config: ModelConfig, trainer_config: TrainerConfig, data_conf
 
 
 def new_run_dir(out: Optional[str], trainer_config: TrainerConfig, name: Optional[str], prefix: str = "run") -> Path:
-    return Path(out or trainer_config.path_to_checkpoints) / (name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+    """Where a new run goes: `name`, or a fresh `PREFIX-DATE-TIME` (with -2, -3, ... when
+    that one is taken)."""
+    root = Path(out or trainer_config.path_to_checkpoints)
+    if name:
+        return root / name
+    stamp = time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    path, count = root / stamp, 1
+    while path.exists():
+        count += 1
+        path = root / f"{stamp}-{count}"
+    return path
+
+
+class RunInUse(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+class RunLock:
+    """Ownership of a run directory while a process writes to it (train, resume, finetune):
+    an exclusive advisory lock on `run_dir/.lock`, which names the owner's PID. The kernel
+    drops it when the process ends, kill -9 included, so a lock is never stale."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        handle = open(self.run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise RunInUse(f"{self.run_dir} is in use by process {holder}, which is training in it; wait for it to "
+                           f"end (or stop it), or choose another --name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+
+def _owning(run_dir: Path):
+    """The run's lock on the process that writes it (rank 0 under DDP), nothing elsewhere."""
+    return RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Refuse a new run over an existing one before any work (unless `overwrite`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; choose another --name or --out")
+    if not overwrite and (run_dir / "run.json").exists():
+        raise ConfigError(f"{run_dir} already holds a run. Continue it with `python train.py resume {run_dir}`, pass "
+                          f"--overwrite to start over (the old run is moved aside, not deleted), or choose another "
+                          f"--name")
+
+
+@contextlib.contextmanager
+def new_run(run_dir: Path, overwrite: bool = False) -> Iterator[Optional[Path]]:
+    """Hold the empty, locked directory of a new run while the block runs; yields where an
+    old run there was moved (`overwrite`: nothing is deleted), or None. Of two processes
+    starting one name, one gets it and the other RunInUse or a refusal."""
+    check_new_run_dir(run_dir, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _owning(run_dir):
+        check_new_run_dir(run_dir, overwrite)  # another process may have created it meanwhile
+        leftovers = [path for path in run_dir.iterdir() if path.name != ".lock"]
+        moved = None
+        if leftovers:  # move the contents, not the directory: the lock stays where it is held
+            moved = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            moved.mkdir()
+            for path in leftovers:
+                path.rename(moved / path.name)
+        yield moved
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`text` in `path`, or the old file untouched: never a half-written one (a full disk)."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def create_run(run_dir: Path, info: dict, tokenizer) -> Path:
     """A run directory holding run.json (its settings) and the tokenizer."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    if not (run_dir / "tokenizer.json").exists():
-        tokenizer.save_pretrained(str(run_dir))
+    _write_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    tokenizer.save_pretrained(str(run_dir))
     return run_dir
 
 
@@ -196,22 +288,24 @@ def sample_prompt(prepared: PreparedData, tokens: int = 4) -> str:
 
 
 def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display: Optional[Callback] = None,
-                   stop_at: Optional[float] = None) -> RunOutcome:
+                   stop_at: Optional[float] = None, overwrite: bool = False) -> RunOutcome:
     """Train a new model of `configs` (model, trainer, data) on prepared data in `run_dir`.
     `stop_at` (seconds since launch) sets the deadline once the model is built, so
-    everything before it counts against a budget."""
+    everything before it counts against a budget. `overwrite` moves an old run there aside."""
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
-    torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
-    model = Transformer(model_config)
-    if stop_at is not None:
-        trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - since_launch()))
-    data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
-    trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir)
-    if trainer.is_main:
-        create_run(run_dir, run_info(model_config, trainer_config, data_config), prepared.tokenizer)
-    result = _fit(trainer, display)
-    return _outcome(trainer, result, run_dir, prepared.tokenizer, sample_prompt(prepared))
+    with new_run(run_dir, overwrite) as moved:
+        torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
+        model = Transformer(model_config)
+        if stop_at is not None:
+            trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - since_launch()))
+        data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
+        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir)
+        if trainer.is_main:
+            create_run(run_dir, run_info(model_config, trainer_config, data_config), prepared.tokenizer)
+        result = _fit(trainer, display)
+    notes = [f"the run that was in {run_dir} is now in {moved}"] if moved else []
+    return _outcome(trainer, result, run_dir, prepared.tokenizer, sample_prompt(prepared), notes)
 
 
 @dataclass
@@ -228,6 +322,7 @@ class TrainRequest:
     batch_size: Optional[int] = None
     seq_len: Optional[int] = None
     overrides: list[str] = field(default_factory=list)
+    overwrite: bool = False  # a run already at out/name is moved aside (else: refused)
 
 
 def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
@@ -244,6 +339,8 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
     if request.config_file:
         configs = load_config_file(request.config_file, configs)
     configs = apply_overrides(configs, request.overrides)
+    if request.name:  # refuse an existing run before any work
+        check_new_run_dir(new_run_dir(request.out, configs["trainer"], request.name), request.overwrite)
     if configs["trainer"].use_ddp:
         if planned:
             raise ConfigError("--budget plans on one process; with DDP pass --preset NAME (the budget then "
@@ -274,7 +371,7 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
                                                  num_epochs=0, eval_steps=4, use_epoch_checkpoints=False)
         stop_at = budget - FINISH_RESERVE_S
     run_dir = new_run_dir(request.out, configs["trainer"], request.name)
-    return train_prepared(configs, prepared, run_dir, display, stop_at)
+    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite)
 
 
 def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE,
@@ -317,6 +414,7 @@ class FinetuneRequest:
     cache_dir: str = DEFAULT_CACHE
     overrides: list[str] = field(default_factory=list)
     lora: Optional[LoRAConfig] = None
+    overwrite: bool = False
 
 
 def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
@@ -333,6 +431,8 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
     if configs["model"] != model.config:
         raise ConfigError("a fine-tune keeps its base model's shape; model.* settings cannot change")
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
+    if request.name:
+        check_new_run_dir(new_run_dir(request.out, trainer_config, request.name), request.overwrite)
     if trainer_config.max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
                           f"({model.config.context_len})")
@@ -345,13 +445,16 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
     say(f"LoRA rank {lora_config.rank}{' on a 4-bit NF4 base (QLoRA)' if lora_config.quantize_base else ''}: "
         f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['share']:.2%})")
     run_dir = new_run_dir(request.out, trainer_config, request.name, prefix="finetune")
-    trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, adapter_only=True)
-    if trainer.is_main:
-        info = run_info(model.config, trainer_config, data_config,
-                        finetune={"base": str(Path(request.base).resolve()), "lora": lora_config.to_dict()})
-        create_run(run_dir, info, tokenizer)
-    result = _fit(trainer, display)
-    return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, request.base, request.merge)
+    with new_run(run_dir, request.overwrite) as moved:
+        if moved:
+            say(f"the run that was in {run_dir} is now in {moved}")
+        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, adapter_only=True)
+        if trainer.is_main:
+            info = run_info(model.config, trainer_config, data_config,
+                            finetune={"base": str(Path(request.base).resolve()), "lora": lora_config.to_dict()})
+            create_run(run_dir, info, tokenizer)
+        result = _fit(trainer, display)
+        return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, request.base, request.merge)
 
 
 def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, tokenizer, lora_config: LoRAConfig,
@@ -412,13 +515,26 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
     if configs["trainer"].max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={configs['trainer'].max_seq_len} exceeds the model's context "
                           f"({model.config.context_len})")
-    path, *saved_state = checkpoint.load_latest(run_dir, request.checkpoint, on_skip=say)
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, tokenizer=tokenizer,
                             fallback_to_builtin=False, say=say)
     trainer = Trainer(model, configs["trainer"], prepared.train, prepared.val, run_dir=run_dir, adapter_only=finetuned)
-    trainer.restore(path, *saved_state)
-    say(f"resuming {run_dir} from {path.name} (step {trainer.global_step})")
-    result = _fit(trainer, display)
+    with _owning(run_dir):
+        for name in checkpoint.clean_stale(run_dir):
+            say(f"removed {name}, left by a save that did not finish")
+        path, *saved_state = checkpoint.load_latest(run_dir, request.checkpoint, on_skip=say)
+        trainer.restore(path, *saved_state)
+        say(f"resuming {run_dir} from {path.name} (step {trainer.global_step})")
+        done = trainer.done_reason()
+        if done is not None:
+            result = TrainResult(done, trainer.global_step, trainer.loader.epoch, None, trainer.state.best_val_loss,
+                                 path.name, 0.0, trainer.state.tokens_seen)
+            limit = {"max_steps": "trainer.max_steps", "deadline": "trainer.time_limit_s",
+                     "finished": "trainer.num_epochs or trainer.max_steps"}[done]
+            return RunOutcome(result, run_dir, trainer.is_main,
+                              [f"{run_dir} had already ended ({done}) at step {trainer.global_step}: nothing was "
+                               f"trained. To train on, raise {limit}, e.g. `python train.py resume {run_dir} "
+                               f"{limit.split()[0]}=...`"])
+        result = _fit(trainer, display)
     if finetuned:
         return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, info["finetune"]["base"], False)
     return _outcome(trainer, result, run_dir, tokenizer, sample_prompt(prepared))

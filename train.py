@@ -63,14 +63,15 @@ def run_with_display(console: Console, operation, request) -> int:
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     request = runs.TrainRequest(budget=args.budget, data=args.data, config_file=args.config, preset=args.preset,
                                 out=args.out, name=args.name, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                seq_len=args.seq_len, overrides=args.overrides)
+                                seq_len=args.seq_len, overrides=args.overrides, overwrite=args.overwrite)
     return run_with_display(console, runs.train, request)
 
 
 def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
     request = runs.FinetuneRequest(base=args.base, data=args.data, rank=args.rank, qlora=args.qlora, merge=args.merge,
                                    epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, out=args.out,
-                                   name=args.name, cache_dir=args.cache_dir, overrides=args.overrides)
+                                   name=args.name, cache_dir=args.cache_dir, overrides=args.overrides,
+                                   overwrite=args.overwrite)
     return run_with_display(console, runs.finetune, request)
 
 
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"planning (default: planned with --budget, else {DEFAULT_PRESET})")
     train.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     train.add_argument("--name", default=None, help="run directory name (default run-DATE-TIME)")
+    train.add_argument("--overwrite", action="store_true", help="start over where a run named --name exists (it is "
+                                                                 "moved to NAME.replaced-DATE, not deleted)")
     train.add_argument("--cache-dir", default=DEFAULT_CACHE, help="cache of tokenized data and trained tokenizers")
     train.add_argument("--batch-size", type=positive_int, default=None, help=f"sequences per micro-batch (default {TrainerConfig.batch_size}, or planned)")
     train.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per sequence (default {TrainerConfig.max_seq_len}, or planned)")
@@ -233,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"tokens per sample (default {TrainerConfig.max_seq_len}, or the base model's context if shorter)")
     finetune.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     finetune.add_argument("--name", default=None, help="run directory name (default finetune-DATE-TIME)")
+    finetune.add_argument("--overwrite", action="store_true", help="start over where a run named --name exists (it is "
+                                                                    "moved aside, not deleted)")
     finetune.add_argument("--cache-dir", default=DEFAULT_CACHE, help="cache of tokenized data")
     finetune.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     finetune.set_defaults(func=cmd_finetune)
@@ -342,6 +347,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, DataError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except runs.RunInUse as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except torch.OutOfMemoryError as error:
         print(f"error: out of memory outside the training step ({str(error).splitlines()[0]}); use a smaller "
               f"model or batch (model.num_layers=..., trainer.batch_size=..., trainer.eval_steps=...)", file=sys.stderr)

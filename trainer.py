@@ -593,6 +593,7 @@ class Trainer:
         deadline = started + config.time_limit_s - elapsed_before if config.time_limit_s else None
         session = self._session = _Session(started, deadline, self.global_step, elapsed_before,
                                            window_started=started)
+        session.stop_reason = self.done_reason()  # a resumed run that had already ended trains nothing
         previous_handlers = self._install_signal_handlers()
         self.model.train()
         if self.loader.position >= len(self.loader):  # resumed from the end of an epoch
@@ -625,9 +626,10 @@ class Trainer:
                     if config.use_epoch_checkpoints:
                         self.save_checkpoint(f"epoch_{epoch + 1}")
             status = session.stop_reason or "finished"
-            if status in ("deadline", "max_steps", "finished") and session.last_eval_step != self.global_step:
+            trained = self.global_step > session.start_step
+            if trained and status in ("deadline", "max_steps", "finished") and session.last_eval_step != self.global_step:
                 self._evaluate()
-            if status != "nonfinite" and read_step(self.run_dir, self.last_checkpoint) != self.global_step:
+            if trained and status != "nonfinite" and read_step(self.run_dir, self.last_checkpoint) != self.global_step:
                 self.save_checkpoint(f"step_{self.global_step}")
             result = TrainResult(status, self.global_step, self.loader.epoch, session.last_loss,
                                  self.state.best_val_loss, self.last_checkpoint, time.perf_counter() - started,
@@ -642,6 +644,19 @@ class Trainer:
 
     def _steps_done(self) -> bool:
         return self.total_steps is not None and self.global_step >= self.total_steps
+
+    def done_reason(self) -> Optional[str]:
+        """Why there is nothing left to train (a resumed run that had already ended:
+        max_steps, deadline, or its epochs finished), or None."""
+        config, state, loader = self.config, self.state, self.loader
+        if config.max_steps and state.global_step >= config.max_steps:
+            return "max_steps"
+        if config.time_limit_s and state.elapsed_s >= config.time_limit_s:
+            return "deadline"
+        epochs_done = loader.epoch + (1 if loader.position >= len(loader) else 0)
+        if self._steps_done() or (config.num_epochs and epochs_done >= config.num_epochs):
+            return "finished"
+        return None
 
     def _train_step(self, epoch: int, group: list) -> None:
         config, session, state = self.config, self._session, self.state

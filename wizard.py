@@ -14,7 +14,7 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import torch
 from rich.console import Console, Group
@@ -49,7 +49,8 @@ MANAGE_ACTIONS = {"1": "change_dataset", "2": "load_config", "3": "new_config", 
                   "5": "optimize", "6": "edit_config", "7": "back", "8": "exit"}
 RESUME_HINT = "menu 4 (Resume a run), or python train.py resume"
 MICRO_BATCH_LIMIT = 256  # the largest micro-batch the Optimize screen looks for
-RECOVERABLE = (ConfigError, DataError, ValueError, checkpoint.CheckpointError, FileNotFoundError, OSError)
+RECOVERABLE = (ConfigError, DataError, ValueError, checkpoint.CheckpointError, FileNotFoundError, OSError,
+               runs.RunInUse)
 
 
 class Quit(Exception):
@@ -385,15 +386,15 @@ class Wizard:
         elif not self.confirm("Start training?", default=True):
             return
         run_dir = runs.new_run_dir(None, trainer_config, None)
-        self.run_operation(lambda _, display, say: runs.train_prepared(self.configs, prepared, run_dir, display),
-                           None)
+        self.run_operation(lambda display: runs.train_prepared(self.configs, prepared, run_dir, display))
         self.plan = None
 
-    def run_operation(self, operation, request) -> None:
-        """A training operation of runs.py under the live display, then its report."""
+    def run_operation(self, operation: Callable[[object], runs.RunOutcome]) -> None:
+        """`operation(display)`, a training operation of runs.py, under the live display;
+        then its report."""
         display = display_for(self.console)
         with display:
-            outcome = operation(request, display, self.say)
+            outcome = operation(display)
         report_outcome(self.console, outcome, display.history, resume_hint=RESUME_HINT)
 
     def summary_table(self, model_config: ModelConfig, trainer_config: TrainerConfig, prepared) -> Table:
@@ -484,7 +485,7 @@ class Wizard:
 
     def resume(self) -> None:
         run_dir = self.pick_model("Run to resume", runs_only=True)
-        self.run_operation(runs.resume, runs.ResumeRequest(run_dir))
+        self.run_operation(lambda display: runs.resume(runs.ResumeRequest(run_dir), display, self.say))
 
     def finetune(self) -> None:
         base = self.pick_model("Base model")
@@ -503,7 +504,7 @@ class Wizard:
         self.configs["lora"] = dataclasses.replace(lora, rank=rank, alpha=alpha, quantize_base=qlora)
         request = runs.FinetuneRequest(base=str(base), data=str(data), epochs=epochs, out=str(self.runs_dir),
                                        cache_dir=self.configs["data"].cache_dir, lora=self.configs["lora"])
-        self.run_operation(runs.finetune, request)
+        self.run_operation(lambda display: runs.finetune(request, display, self.say))
 
     def _ask_int(self, prompt: str, default: int) -> int:
         while True:

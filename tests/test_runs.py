@@ -1,0 +1,108 @@
+"""Run operations (runs.py): who owns a run directory, and runs that survive debris."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import checkpoint
+import runs
+import train
+from conftest import write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def common(tmp_path) -> list[str]:
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    return ["--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "runs"), "--cache-dir",
+            str(tmp_path / "cache"), "--seq-len", "16", "--batch-size", "4", "data.vocab_size=300",
+            "trainer.max_steps=3", "trainer.save_every_n_steps=1", "trainer.keep_last_n=0"]
+
+
+def test_a_new_run_over_an_existing_one_is_refused_or_moved_aside(tmp_path, common, capsys):
+    run = tmp_path / "runs" / "r"
+    assert train.main(["train", "--name", "r", *common]) == 0
+    first = (run / "run.json").read_text()
+    assert train.main(["train", "--name", "r", *common, "trainer.seed=2"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume" in err and "--overwrite" in err
+    assert (run / "run.json").read_text() == first  # untouched
+
+    assert train.main(["train", "--name", "r", "--overwrite", *common, "trainer.seed=2"]) == 0
+    (moved,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("r.replaced-")]
+    assert (moved / "run.json").read_text() == first and checkpoint.latest(moved).name == "step_3"
+    assert json.loads((run / "run.json").read_text())["trainer"]["seed"] == 2
+    assert {p.name for p in checkpoint.candidates(run)} == {"step_1", "step_2", "step_3"}
+
+
+def test_a_run_in_use_is_refused_with_the_holders_pid(tmp_path, common, capsys):
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    with runs.RunLock(run):  # as a training process holds it
+        assert train.main(["resume", str(run), "trainer.max_steps=5"]) == 1
+        assert f"in use by process {os.getpid()}" in capsys.readouterr().err
+        assert train.main(["train", "--name", "r", "--overwrite", *common]) == 1
+    assert checkpoint.latest(run).name == "step_3"  # nothing renamed, nothing set aside
+
+
+def test_a_lock_dies_with_its_process(tmp_path):
+    """kill -9 of the owner leaves no stale lock: the kernel drops it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import runs, time\nwith runs.RunLock({str(run)!r}):\n"
+                               f"    print('held', flush=True)\n    time.sleep(60)"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(runs.RunInUse, match=str(holder.pid)):
+        runs.RunLock(run).__enter__()
+    holder.kill()
+    holder.wait(timeout=30)
+    with runs.RunLock(run):
+        pass
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_how_to_go_on(tmp_path, common, capsys):
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    capsys.readouterr()
+    assert train.main(["resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "had already ended (max_steps) at step 3: nothing was trained" in out and "trainer.max_steps=" in out
+    assert checkpoint.latest(run).name == "step_3" and "sample:" not in out
+    assert train.main(["resume", str(run), "trainer.max_steps=4"]) == 0
+    assert checkpoint.latest(run).name == "step_4"
+
+
+def test_resume_skips_broken_checkpoints_and_clears_dead_saves(tmp_path, common, capsys):
+    """What kill -9 during a save or a prune leaves: a checkpoint without its state file,
+    an empty one, a temporary directory of a dead process."""
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    (run / "step_3" / checkpoint.STATE_FILE).unlink()  # pruning or writing cut short
+    (run / "step_5").mkdir()  # a stray empty one
+    shutil.copytree(run / "step_2", run / ".step_9.tmp-999999999")  # a save whose process died
+    capsys.readouterr()
+    assert train.main(["resume", str(run), "trainer.max_steps=4"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping checkpoint step_3" in captured.out and "(step 2)" in captured.out
+    assert not (run / ".step_9.tmp-999999999").exists()
+    assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == 4
+
+
+def test_runs_are_listed_from_metadata_without_hashing(tmp_path, common, monkeypatch):
+    assert train.main(["train", "--name", "r", *common]) == 0
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "run.json").write_text("{not json")
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}")
+
+    monkeypatch.setattr(checkpoint, "_sha256", no_hashing)
+    (found,) = runs.list_runs(tmp_path / "runs")
+    assert (found.name, found.kind, found.checkpoint, found.step) == ("r", "pretrain", "step_3", 3)
