@@ -157,8 +157,9 @@ class Interrupt(Event):
 
 
 @dataclass(frozen=True)
-class Finished(Event):
-    kind: ClassVar[str] = "finished"
+class TrainResult:
+    """How a call of `Trainer.fit` ended."""
+
     status: str  # finished | deadline | max_steps | early_stop | interrupted | nonfinite
     global_step: int
     epoch: int
@@ -167,6 +168,13 @@ class Finished(Event):
     last_checkpoint: Optional[str]
     elapsed_s: float
     tokens_seen: int
+
+
+@dataclass(frozen=True)
+class Finished(TrainResult, Event):
+    """The run's last event: its `TrainResult`."""
+
+    kind: ClassVar[str] = "finished"
 
 
 Callback = Callable[[Event], None]

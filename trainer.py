@@ -29,7 +29,7 @@ import torch
 import checkpoint
 from config_io import ConfigIO, described
 from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, EpochEnd, Eval, Event, Fallback,
-                    Finished, Interrupt, NonFinite, Resumed, Start, Step, Stopped)
+                    Finished, Interrupt, NonFinite, Resumed, Start, Step, Stopped, TrainResult)
 from loader import ThreadedDataLoader
 from model import Transformer
 
@@ -279,18 +279,6 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
 
 
 # ---- the trainer ------------------------------------------------------------------------------
-@dataclass
-class TrainResult:
-    status: str  # finished | deadline | max_steps | early_stop | interrupted | nonfinite
-    global_step: int
-    epoch: int
-    last_loss: Optional[float]
-    best_val_loss: Optional[float]
-    last_checkpoint: Optional[str]
-    elapsed_s: float
-    tokens_seen: int
-
-
 @dataclass
 class TrainState:
     """A run's progress: what a checkpoint saves (`trainer_state.json`) and a resume
