@@ -264,6 +264,36 @@ def training_memory(config: ModelConfig, batch_size: int, seq_len: int) -> int:
     return 16 * params + activations + logits
 
 
+def memory_needed(config: ModelConfig, training: bool, seq_len: int = 1) -> int:
+    """Bytes a model needs before any batch: its fp32 weights (with gradients and AdamW
+    moments when `training`, plus one sequence of activations: the out-of-memory fallback
+    goes down to a micro-batch of one) and its RoPE tables."""
+    rope = 2 * 4 * config.context_len * config.head_dim
+    if training:
+        return training_memory(config, 1, seq_len) + rope
+    return 4 * config.num_params() + rope
+
+
+def available_memory(device: str = "cpu") -> int:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_memory(config: ModelConfig, training: bool, seq_len: int = 1, device: str = "cpu",
+                 fraction: float = 0.8) -> None:
+    """Refuse, before anything is allocated, a model that cannot fit in `fraction` of this
+    machine's available memory (a typo such as num_layers=10000, or a hostile run.json)."""
+    need, have = memory_needed(config, training, seq_len), available_memory(device)
+    if need > fraction * have:
+        raise ValueError(f"this model needs ~{need / 2**30:,.1f} GiB to {'train' if training else 'load'} "
+                         f"({config.num_params() / 1e6:,.1f}M parameters, context {config.context_len:,}) but "
+                         f"{device} has {have / 2**30:,.1f} GiB available; use a smaller model (model.num_layers, "
+                         f"model.num_dims, model.context_len)")
+
+
 def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_tokens: int,
                    whole_run: bool = True) -> float:
     """The final evaluation (forward only, ~1/3 of a training step per token) and the

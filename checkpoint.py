@@ -10,6 +10,7 @@ objects.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -71,20 +72,28 @@ def save(directory: str | Path, model_state: dict[str, torch.Tensor], optimizer_
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if temporary.exists():
         shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    unique, aliases = split_aliases(model_state)
-    save_file(unique, str(temporary / MODEL_FILE), metadata={"aliases": json.dumps(aliases)})
-    files = [MODEL_FILE]
-    if optimizer_state is not None:
-        torch.save(optimizer_state, temporary / OPTIMIZER_FILE)
-        files.append(OPTIMIZER_FILE)
-    (temporary / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-    files.append(STATE_FILE)
-    manifest = {name: _sha256(temporary / name) for name in files}
-    (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-    for name in files + [MANIFEST_FILE]:
-        _fsync(temporary / name)
-    _fsync(temporary)
+    try:
+        temporary.mkdir(parents=True)
+        unique, aliases = split_aliases(model_state)
+        save_file(unique, str(temporary / MODEL_FILE), metadata={"aliases": json.dumps(aliases)})
+        files = [MODEL_FILE]
+        if optimizer_state is not None:
+            torch.save(optimizer_state, temporary / OPTIMIZER_FILE)
+            files.append(OPTIMIZER_FILE)
+        (temporary / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        files.append(STATE_FILE)
+        manifest = {name: _sha256(temporary / name) for name in files}
+        (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        for name in files + [MANIFEST_FILE]:
+            _fsync(temporary / name)
+        _fsync(temporary)
+    except Exception as error:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
+        try:
+            full = shutil.disk_usage(directory.parent).free < (1 << 20)  # measured before the cleanup frees it
+        except OSError:
+            full = False
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise _write_error(directory, error, full) from None
     if before_rename is not None:
         before_rename(temporary)
     if directory.exists():  # replacing a checkpoint of the same name: move the old one aside first
@@ -126,6 +135,22 @@ def clean_stale(run_dir: str | Path) -> list[str]:
     return removed
 
 
+def _write_error(directory: Path, error: BaseException, disk_full: bool) -> OSError:
+    """A failed checkpoint write as an OSError that says what happened and that the earlier
+    checkpoints are intact (the disk filling up shows as a SafetensorError or a torch
+    RuntimeError, not always as ENOSPC)."""
+    number = getattr(error, "errno", None)
+    if disk_full or number == errno.ENOSPC or "no space" in str(error).lower():
+        reason = "the disk is full"
+    elif number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "the directory cannot be written (permissions, or a read-only file system)"
+    else:
+        reason = f"{type(error).__name__}: {str(error)[:200]}"
+    return OSError(number, f"cannot save checkpoint {directory.name}: {reason}. Nothing was half-written: the "
+                           f"earlier checkpoints are intact; free space (or fix the permissions) and resume",
+                   str(directory))
+
+
 def verify(directory: str | Path, skip: tuple[str, ...] = ()) -> Optional[str]:
     """None when every file of the checkpoint (but those in `skip`) matches its manifest;
     else what is wrong."""
@@ -137,6 +162,16 @@ def verify(directory: str | Path, skip: tuple[str, ...] = ()) -> Optional[str]:
         if name not in skip and _sha256(directory / name) != expected:
             return f"{directory.name}: {name} does not match its checksum (corrupt)"
     return None
+
+
+def _global_step(directory: Path) -> Optional[int]:
+    """The checkpoint's global step, or None when its state file cannot say."""
+    try:
+        state = read_state(directory)
+    except (OSError, ValueError, RecursionError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_state(directory: str | Path) -> dict:
@@ -183,10 +218,8 @@ def candidates(run_dir: str | Path) -> list[Path]:
     found = [p for p in run_dir.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)]
 
     def order(path: Path) -> tuple[int, int]:
-        try:
-            return int(read_state(path).get("global_step", -1)), path.stat().st_mtime_ns
-        except (OSError, json.JSONDecodeError):
-            return -1, 0
+        step = _global_step(path)
+        return (-1, 0) if step is None else (step, path.stat().st_mtime_ns)
 
     return sorted(found, key=order)
 
@@ -237,6 +270,8 @@ def load_latest(run_dir: str | Path, name: Optional[str] = None, on_skip: Option
     complete = []
     for path in candidates(run_dir):  # every broken one is named, wherever it sorts
         problem = looks_complete(path)
+        if problem is None and _global_step(path) is None:
+            problem = f"{path.name}: {STATE_FILE} holds no global_step"
         if problem is None:
             complete.append(path)
         elif on_skip is not None:

@@ -273,6 +273,8 @@ def _read_sections(path: Path) -> dict:
             values = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config file") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected sections such as model: {{...}}, trainer: {{...}}; "
                           f"found {type(values).__name__}")

@@ -168,12 +168,31 @@ def hub_reachable(timeout_s: float = 3.0, host: tuple[str, int] = HUB_HOST) -> b
         return False
 
 
+def read_text_file(path: Path, report: QualityReport) -> str:
+    """A text file as UTF-8. Binary or UTF-16 files (NUL bytes) are refused; bytes that are
+    not UTF-8 (a latin-1 file) become U+FFFD, and the report says how many."""
+    data = path.read_bytes()
+    if b"\x00" in data[:1 << 16]:
+        encoding = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "binary data"
+        raise DataError(f"{path}: looks like {encoding}, not UTF-8 text (it has NUL bytes); convert it to UTF-8 "
+                        f"(e.g. iconv -t UTF-8) or leave it out")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        report.notes.append(f"{path.name} is not valid UTF-8: {text.count(chr(0xFFFD)):,} undecodable bytes were "
+                            f"replaced with U+FFFD; convert it to UTF-8 (e.g. iconv -f latin1 -t UTF-8) to keep them")
+        return text
+
+
 def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS | RECORD_EXTENSIONS)
         if not files:
             raise DataError(f"{path} holds no supported files ({', '.join(sorted(TEXT_EXTENSIONS | RECORD_EXTENSIONS))})")
         return files
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket); Sprat reads only regular files")
     suffix = path.suffix.lower()
     if suffix not in TEXT_EXTENSIONS | RECORD_EXTENSIONS:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; supported: "
@@ -262,14 +281,26 @@ def read_source(config: DataConfig) -> tuple[list, QualityReport]:
     path = Path(source).expanduser()
     if path.exists():
         items: list = []
+        kinds: dict[str, str] = {}  # the first file of each kind of item: text, instruction records
         for file in _local_files(path):
             if limit is not None and len(items) >= limit:
                 break
             if file.suffix.lower() in TEXT_EXTENSIONS:
-                text = file.read_text(encoding="utf-8", errors="replace")
-                items.extend(re.split(r"\n\s*\n", text) if config.txt_unit == "paragraph" else [text])
+                if config.format == "instruction":
+                    raise DataError(f"{file}: plain text, but fine-tuning needs instruction records: a .json, "
+                                    f".jsonl, .csv or .parquet file with instruction/output, prompt/response or "
+                                    f"messages fields")
+                text = read_text_file(file, report)
+                new = re.split(r"\n\s*\n", text) if config.txt_unit == "paragraph" else [text]
             else:
-                items.extend(_records_to_items(_read_records(file), config, str(file)))
+                new = _records_to_items(_read_records(file), config, str(file))
+            for item in new[:1]:
+                kinds.setdefault("instruction records" if isinstance(item, dict) else "plain text", str(file))
+            items.extend(new)
+        if len(kinds) > 1:
+            raise DataError(f"{path} mixes plain text ({kinds['plain text']}, ...) and instruction records "
+                            f"({kinds['instruction records']}, ...): pretraining reads text, fine-tuning reads "
+                            f"records; put them in separate folders")
         return items[:limit] if limit is not None else items, report
     if _looks_like_path(source):
         raise DataError(f"{source}: no such file or folder")
@@ -350,13 +381,31 @@ def _wrap(backend):
     return tokenizer
 
 
+def refuse_remote_code(directory: Path) -> None:
+    """Sprat never runs code that comes with a model or tokenizer: a directory whose configs
+    name their own Python classes (`auto_map`) is refused before transformers reads it."""
+    for name in ("tokenizer_config.json", "config.json"):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            values = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:
+            raise DataError(f"{file}: not valid JSON ({str(error)[:120]})") from None
+        if isinstance(values, dict) and "auto_map" in values:
+            raise DataError(f"{file} names custom code (auto_map: {', '.join(map(str, values['auto_map']))[:120]}); "
+                            f"Sprat does not run code shipped with a model or tokenizer. Use a directory with "
+                            f"standard Llama files, or remove auto_map if you trust and do not need that code")
+
+
 def load_tokenizer_dir(path: str | Path):
     """A tokenizer saved by `save_pretrained` or a bare `tokenizer.json`."""
     path = Path(path)
     if path.is_dir() and (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
+        refuse_remote_code(path)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     file = path if path.is_file() else path / "tokenizer.json"
     if not file.exists():
         raise DataError(f"{path} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
@@ -375,7 +424,7 @@ def load_pretrained_tokenizer(name: str, timeout_s: float = 3.0):
     else:
         local_only = not hub_reachable(timeout_s)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=False)
         except Exception as error:
             where = "is not in the local cache and the hub is unreachable" if local_only else "could not be loaded"
             raise DataError(f"tokenizer {name!r} {where} ({type(error).__name__}). Use tokenizer 'bpe' to train "
@@ -572,7 +621,9 @@ def build_pretraining(documents: list[str], tokenizer, config: DataConfig, seq_l
         report.notes.append("one document: validation is its last "
                             f"{lengths[1]:,} tokens (a document-level split needs two or more documents; "
                             "txt_unit=paragraph makes one per paragraph)")
-    is_val = _split_documents(lengths, config, min_val_tokens=seq_len + 2)
+        is_val = np.array([False, True])  # the head trains, the tail validates
+    else:
+        is_val = _split_documents(lengths, config, min_val_tokens=seq_len + 2)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     eot = tokenizer.eos_token_id
     train_stream = _pack([ids for ids, v in zip(token_lists, is_val) if not v], eot, dtype)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from data import refuse_remote_code
 from model import ModelConfig, Transformer
 
 HEAD = "lm_head.weight"
@@ -170,6 +171,7 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    refuse_remote_code(path)
     config = config_from_hf(json.loads(config_file.read_text()), context_len)
     state = from_hf_state_dict(_read_weights(path), config.tie_embeddings)
     model = Transformer(config)

@@ -57,12 +57,12 @@ class ModelConfig(ConfigIO):
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive integer")
         for name in ("rmsnorm_eps", "rope_theta", "moe_eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive number")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a finite positive number")
         for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"ModelConfig.{name}={value!r}: must be a number >= 0")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a finite number >= 0")
         if self.num_dims % self.num_heads:
             raise ValueError(f"ModelConfig.num_dims={self.num_dims}: must be divisible by "
                              f"num_heads={self.num_heads}")

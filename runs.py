@@ -24,7 +24,7 @@ import psutil
 import torch
 
 import checkpoint
-from budget import HardwareProfile, Plan, parse_duration, plan, sequence_length
+from budget import HardwareProfile, Plan, check_memory, parse_duration, plan, sequence_length
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import BUILTIN, IM_END, DataConfig, DataError, PreparedData, load_pretrained_tokenizer, \
     load_tokenizer_dir, prepare
@@ -294,6 +294,7 @@ def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display
     everything before it counts against a budget. `overwrite` moves an old run there aside."""
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
+    check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
     with new_run(run_dir, overwrite) as moved:
         torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
         model = Transformer(model_config)
@@ -339,6 +340,8 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
     if request.config_file:
         configs = load_config_file(request.config_file, configs)
     configs = apply_overrides(configs, request.overrides)
+    if not planned:  # a model that cannot fit is refused before any work (the planner sizes its own)
+        check_memory(configs["model"], True, configs["trainer"].max_seq_len, resolve_device(configs["trainer"]).type)
     if request.name:  # refuse an existing run before any work
         check_new_run_dir(new_run_dir(request.out, configs["trainer"], request.name), request.overwrite)
     if configs["trainer"].use_ddp:
@@ -511,6 +514,7 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
     if finetuned:
         model, tokenizer, lora_config = _rebuild_finetune(info)
     else:
+        check_memory(configs["model"], True, configs["trainer"].max_seq_len, resolve_device(configs["trainer"]).type)
         model, tokenizer = Transformer(configs["model"]), load_tokenizer_dir(run_dir)
     if configs["trainer"].max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={configs['trainer'].max_seq_len} exceeds the model's context "
@@ -571,7 +575,9 @@ def load_trained(path: str | Path, checkpoint_name: Optional[str] = None, say: S
             if result.unexpected_keys:
                 raise ConfigError(f"{found} does not fit the model rebuilt from {info['finetune']['base']}")
             return Loaded(model, tokenizer, path, "finetuned", found.name, info)
-        model = Transformer(run_configs(info, path)["model"])
+        model_config = run_configs(info, path)["model"]
+        check_memory(model_config, False, device=resolve_device(TrainerConfig()).type)
+        model = Transformer(model_config)
         found, model_state, _, _ = checkpoint.load_latest(path, checkpoint_name, on_skip=say, with_optimizer=False)
         try:
             model.load_state_dict(model_state)

@@ -51,6 +51,11 @@ def say_to(console: Console):
     return lambda text: console.print(text, markup=False)
 
 
+def note(text: str) -> None:
+    """News beside a command's own output (generated text, JSON): on stderr."""
+    print(text, file=sys.stderr)
+
+
 def run_with_display(console: Console, operation, request) -> int:
     """A training operation with the live display (lines in a pipe), then its report."""
     display = display_for(console)
@@ -90,7 +95,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    loaded = runs.load_trained(args.run_dir, args.checkpoint, say=say_to(console))
+    loaded = runs.load_trained(args.run_dir, args.checkpoint, say=note)
     prompt = runs.chat_prompt(loaded.tokenizer, args.prompt) if args.chat else args.prompt
     if not args.chat:
         sys.stdout.write(args.prompt)
@@ -111,7 +116,7 @@ def eval_line(result: runs.EvalResult) -> str:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     request = runs.EvalRequest(args.run_dir, args.checkpoint, args.data, args.split, args.max_batches,
                                args.batch_size, args.seq_len, args.cache_dir)
-    result = runs.evaluate_model(request)
+    result = runs.evaluate_model(request, runs.load_trained(request.model, request.checkpoint, say=note))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -354,9 +359,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: out of memory outside the training step ({str(error).splitlines()[0]}); use a smaller "
               f"model or batch (model.num_layers=..., trainer.batch_size=..., trainer.eval_steps=...)", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`check --json | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except OSError as error:
         print(f"error: {error.strerror or error} ({getattr(error, 'filename', '') or 'I/O'})", file=sys.stderr)
         return 1
+    except RecursionError:
+        print("error: an input file is nested too deeply to read (hostile or broken JSON?)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nstopped without saving (interrupted twice, or outside training)", file=sys.stderr)
         return 130
