@@ -71,6 +71,9 @@ class DataConfig(ConfigIO):
     tokenizer: str = described("bpe", "'bpe' trains a byte-level BPE on the data; else a hub id or local directory")
     vocab_size: int = described(8192, "vocabulary of the trained BPE")
     bpe_sample_bytes: int = described(8_000_000, "train the BPE on at most this much text")
+    piece_chars: int = described(1_000_000, "documents longer than this are tokenized (and sampled for the BPE) "
+                                            "in pieces of this many characters, cut at a space: it bounds memory "
+                                            "for huge single-line files")
     overlong: str = described("truncate", "instruction samples longer than the sequence: truncate or drop",
                                                              choices=("truncate", "drop"))
     num_proc: int = described(0, "tokenizer processes (0 = one, in-process)")
@@ -91,6 +94,8 @@ class DataConfig(ConfigIO):
         if not isinstance(self.vocab_size, int) or not 300 <= self.vocab_size <= 1_000_000:
             raise ValueError(f"DataConfig.vocab_size={self.vocab_size!r}: must be an integer in [300, 1000000] "
                              f"(256 byte symbols plus merges and special tokens)")
+        if isinstance(self.piece_chars, bool) or not isinstance(self.piece_chars, int) or self.piece_chars < 1000:
+            raise ValueError(f"DataConfig.piece_chars={self.piece_chars!r}: must be an integer >= 1000")
         if not isinstance(self.num_proc, int) or self.num_proc < 0:
             raise ValueError(f"DataConfig.num_proc={self.num_proc!r}: must be an integer >= 0")
         if not self.source or not str(self.source).strip():
@@ -346,16 +351,31 @@ def _read_hub(config: DataConfig, report: QualityReport) -> tuple[list, QualityR
 
 
 # ---- tokenizer ----------------------------------------------------------------------------
-def _sample_texts(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+def pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters, each cut just before a
+    space where there is one in the second half of the piece. The byte-level BPE's
+    pre-tokenizer starts a word at a space, so the pieces encode to the ids of the whole."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        cut = cut if cut > start else start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _sample_texts(texts: Iterable[str], max_bytes: int, piece_chars: int) -> Iterator[str]:
     used = 0
     for text in texts:
-        if used >= max_bytes:
-            return
-        used += len(text.encode("utf-8", errors="replace"))
-        yield text
+        for piece in pieces(text, piece_chars):
+            if used >= max_bytes:
+                return
+            used += len(piece.encode("utf-8", errors="replace"))
+            yield piece
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 8192, max_bytes: int = 8_000_000):
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, max_bytes: int = 8_000_000,
+              piece_chars: int = 1_000_000):
     """A byte-level BPE trained with `tokenizers` on (a sample of) `texts`, as a
     `PreTrainedTokenizerFast` with end-of-text, pad and ChatML special tokens and a
     ChatML chat template. Any UTF-8 text round-trips exactly through encode/decode."""
@@ -366,7 +386,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, max_bytes: int = 8_0
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, PAD, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(_sample_texts(texts, max_bytes), trainer=trainer)
+    backend.train_from_iterator(_sample_texts(texts, max_bytes, piece_chars), trainer=trainer)
     return _wrap(backend)
 
 
@@ -462,7 +482,7 @@ def source_fingerprint(config: DataConfig) -> str:
         digest.update(f"hub:{config.source}:{config.hub_config}:{config.split}".encode())
     reading = {k: getattr(config, k) for k in ("hub_config", "split", "text_field", "format", "txt_unit",
                                                 "subset_size", "token_budget", "dedupe", "val_fraction", "seed",
-                                                "overlong")}
+                                                "overlong", "piece_chars")}
     digest.update(json.dumps(reading, sort_keys=True).encode())
     digest.update(str(FORMAT_VERSION).encode())
     return digest.hexdigest()[:16]
@@ -523,7 +543,14 @@ class PreparedData:
 
 
 # ---- pretraining text --------------------------------------------------------------------------
-def _tokenize(texts: list[str], tokenizer, num_proc: int) -> list[list[int]]:
+def _tokenize(texts: list[str], tokenizer, num_proc: int, piece_chars: int = 1_000_000) -> list:
+    """Token ids of each text; a text longer than `piece_chars` is encoded piece by piece
+    into a numpy array, so memory stays bounded however long a single line is."""
+    if any(len(text) > piece_chars for text in texts):
+        return [np.concatenate([np.asarray(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=np.int32)
+                                for piece in pieces(text, piece_chars)])
+                if len(text) > piece_chars else tokenizer(text, add_special_tokens=False)["input_ids"]
+                for text in texts]
     if num_proc > 1 and len(texts) > num_proc:
         import datasets
 
@@ -599,7 +626,7 @@ def build_pretraining(documents: list[str], tokenizer, config: DataConfig, seq_l
     if not documents:
         raise DataError(f"{config.source}: no documents left after dropping {report.empty_dropped} empty "
                         f"and {report.duplicates_dropped} duplicate ones")
-    token_lists = _tokenize(documents, tokenizer, config.num_proc)
+    token_lists = _tokenize(documents, tokenizer, config.num_proc, config.piece_chars)
     if config.token_budget is not None:
         total, keep = 0, 0
         for keep, ids in enumerate(token_lists, start=1):
@@ -744,7 +771,7 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
     trained_bpe = tokenizer is None
     if trained_bpe:
         texts = (json.dumps(item) if isinstance(item, dict) else item for item in items)
-        tokenizer = train_bpe(texts, config.vocab_size, config.bpe_sample_bytes)
+        tokenizer = train_bpe(texts, config.vocab_size, config.bpe_sample_bytes, config.piece_chars)
         bpe_file.parent.mkdir(parents=True, exist_ok=True)
         partial = bpe_file.with_name(f".{bpe_file.name}.{os.getpid()}")
         tokenizer.backend_tokenizer.save(str(partial))

@@ -254,3 +254,20 @@ def test_a_single_document_is_split_by_position(tmp_path, tokenizer):
     short.write_text("tiny")
     with pytest.raises(DataError, match="too small"):
         prepare(config(tmp_path, source=str(short)), seq_len=16, tokenizer=tokenizer)
+
+
+def test_huge_documents_are_read_in_pieces_that_encode_like_the_whole(tmp_path):
+    """A single-line file much longer than piece_chars: the pieces rebuild the text, and the
+    ids are those of encoding it whole (memory stays bounded by the piece size)."""
+    from data import _tokenize, pieces
+
+    rng = np.random.default_rng(0)
+    text = " ".join(f"w{i}" for i in rng.integers(0, 500, 40_000)) + "  double  spaces\tand\ttabs"
+    cut = list(pieces(text, 5_000))
+    assert "".join(cut) == text and max(map(len, cut)) <= 5_000 and len(cut) >= len(text) // 5_000
+    assert all(piece.startswith(" ") for piece in cut[1:-1])
+    tokenizer = data.train_bpe([text], vocab_size=400, piece_chars=5_000)
+    (ids,) = _tokenize([text], tokenizer, 0, piece_chars=5_000)
+    assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="piece_chars"):
+        DataConfig(piece_chars=10)
