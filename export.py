@@ -8,6 +8,7 @@ uses the same half-split layout as `transformers`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -94,7 +95,7 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
     dtype = next(iter(state.values())).dtype
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _save_shareable(state, out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
@@ -163,6 +164,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+def _save_shareable(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors writes its files 0600; an exported model gets the mode of the files
+    beside it (0666 less the umask), so others who may read the folder can load it."""
+    save_file(state, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def load_hf(path: str | Path, context_len: Optional[int] = None,
             dtype: Optional[torch.dtype] = None) -> Transformer:
     """Import a Llama-architecture directory saved by `transformers` (`save_pretrained`).
@@ -200,7 +210,7 @@ def save_adapter(model: Transformer, out_dir: str | Path, config, base_model: Op
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_shareable(adapter_state_dict(model), out_dir / "adapter_model.safetensors")
     (out_dir / "adapter_config.json").write_text(json.dumps(peft_config(config, base_model), indent=2) + "\n")
     return out_dir
 

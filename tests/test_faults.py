@@ -287,3 +287,9 @@ def test_two_writers_of_one_run(tmp_path, corpus):
     assert "in use by process" in refusal or "already holds a run" in refusal
     latest = checkpoint.latest(tmp_path / "runs" / "r")
     assert checkpoint.verify(latest) is None and checkpoint.read_state(latest)["global_step"] == 30
+
+
+def test_exported_files_all_get_the_folders_file_mode(run, tmp_path):
+    assert train.main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "exported").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
