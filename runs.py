@@ -378,11 +378,13 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
 
 
 def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE,
-                overrides: Optional[list[str]] = None) -> Plan:
-    """The configuration planned for `budget` on this machine and data, without training."""
+                overrides: Optional[list[str]] = None, say: Say = _quiet) -> Plan:
+    """The configuration planned for `budget` on this machine and data, without training
+    (what the data turned out to be, e.g. the built-in corpus when the hub is unreachable,
+    goes through `say`)."""
     seconds = parse_duration(budget)
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
-    prepared = prepare(data_config, sequence_length(seconds), fallback_to_builtin=True)
+    prepared = prepare_data(data_config, sequence_length(seconds), say=say)
     return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
                 spent_seconds=since_launch(), cache_dir=data_config.cache_dir)
 

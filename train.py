@@ -86,7 +86,8 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    the_plan = runs.plan_budget(args.budget, args.data, args.cache_dir, args.overrides)
+    the_plan = runs.plan_budget(args.budget, args.data, args.cache_dir, args.overrides,
+                                say=note if args.json else say_to(console))
     if args.json:
         print(json.dumps(the_plan.summary(), indent=2))
     else:
