@@ -127,6 +127,21 @@ def summary_figures(configs: dict[str, Any]) -> list[tuple[str, str]]:
     return figures
 
 
+def memory_problem(configs: dict[str, Any]) -> Optional[str]:
+    """Why the configured model cannot train in this machine's memory, or None."""
+    model, trainer = configs.get("model"), configs.get("trainer")
+    if model is None or not hasattr(model, "num_params"):
+        return None
+    from budget import check_memory
+
+    device = "cpu" if trainer is None or getattr(trainer, "device", "auto") == "cpu" else "cuda"
+    try:
+        check_memory(model, True, getattr(trainer, "max_seq_len", 1), device)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 # ---- the table editor -----------------------------------------------------------------------
 EDITOR_HELP = """\
 [bold]Commands[/bold]
@@ -259,10 +274,15 @@ class ConfigEditor:
             raise ConfigError(str(error)) from None
 
     def _accept(self, configs: dict[str, ConfigIO], updates: dict[str, ConfigIO]) -> dict[str, ConfigIO]:
-        """`updates` (section: new config) in place of the current ones, each change shown."""
+        """`updates` (section: new config) in place of the current ones, each change shown;
+        the configs unchanged (and why) when the model could not fit in this machine's memory."""
+        updated = {**configs, **updates}
+        problem = memory_problem(updated)
+        if problem and "model" in updates:
+            self._refuse(f"Not changed: {problem}")
+            return configs
         for section, new in updates.items():
             self._print_changes(configs[section], new)
-        updated = {**configs, **updates}
         self._print_figures(updated)
         return updated
 

@@ -441,3 +441,9 @@ def test_summary_figures_count_parameters_and_tokens(configs):
     assert figures["tokens per optimizer step"] == "2,048"
     assert figures["parameters"].endswith("K")
     assert "active parameters" in dict(summary_figures({"model": ModelConfig.from_name("tiny", use_moe=True)}))
+
+
+def test_the_editor_refuses_a_model_that_cannot_fit_in_memory(configs):
+    result, text = edit(configs, "model", "num_layers=10000000\n\n")
+    assert result["model"].num_layers == configs["model"].num_layers
+    assert "Not changed: this model needs" in " ".join(text.split()) and "GiB" in text
