@@ -40,7 +40,7 @@ FINISH_RESERVE_S = 6.0  # kept from a fixed model's budget for the last evaluati
 SECTIONS = {"model": ModelConfig, "trainer": TrainerConfig, "data": DataConfig, "lora": LoRAConfig}
 RUNTIME_MODEL_FIELDS = ("use_cache",)  # how a model generates, not what it is: may change on resume
 # Fine-tuning starts from these trainer settings (a pretrained base wants a gentler schedule).
-FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03, batch_size=8)
+FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03)
 
 Say = Callable[[str], None]
 
@@ -412,7 +412,7 @@ class FinetuneRequest:
     qlora: bool = False
     merge: bool = False
     epochs: int = 3
-    batch_size: int = FINETUNE_TRAINER["batch_size"]
+    batch_size: int = 8
     seq_len: Optional[int] = None  # default: 128, or the base's context if shorter
     out: Optional[str] = None
     name: Optional[str] = None
@@ -426,9 +426,9 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
     model, tokenizer = load_base(request.base)
     seq_len = min(TrainerConfig().max_seq_len, model.config.context_len) if request.seq_len is None \
         else request.seq_len
-    trainer_defaults = {**FINETUNE_TRAINER, "batch_size": request.batch_size}
     configs = {"model": model.config,
-               "trainer": TrainerConfig(max_seq_len=seq_len, num_epochs=request.epochs, **trainer_defaults),
+               "trainer": TrainerConfig(max_seq_len=seq_len, num_epochs=request.epochs, batch_size=request.batch_size,
+                                        **FINETUNE_TRAINER),
                "data": DataConfig(source=request.data, cache_dir=request.cache_dir, format="instruction"),
                "lora": request.lora or LoRAConfig(rank=request.rank, alpha=2.0 * request.rank,
                                                   quantize_base=request.qlora)}
