@@ -49,9 +49,10 @@ def _quiet(text: str) -> None:
     return None
 
 
-def since_launch() -> float:
-    """Seconds since this process started (imports included)."""
-    return time.time() - psutil.Process().create_time()
+def since_launch(started: Optional[float] = None) -> float:
+    """Seconds since `started` (a time.time()), by default since this process started
+    (imports included): where a budget's clock starts."""
+    return time.time() - (psutil.Process().create_time() if started is None else started)
 
 
 # ---- configurations ---------------------------------------------------------------------------
@@ -290,8 +291,8 @@ def sample_prompt(prepared: PreparedData, tokens: int = 4) -> str:
 def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display: Optional[Callback] = None,
                    stop_at: Optional[float] = None, overwrite: bool = False) -> RunOutcome:
     """Train a new model of `configs` (model, trainer, data) on prepared data in `run_dir`.
-    `stop_at` (seconds since launch) sets the deadline once the model is built, so
-    everything before it counts against a budget. `overwrite` moves an old run there aside."""
+    `stop_at` (a time.time()) sets the deadline once the model is built, so everything
+    before it counts against a budget. `overwrite` moves an old run there aside."""
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
     check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
@@ -299,7 +300,7 @@ def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display
         torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
         model = Transformer(model_config)
         if stop_at is not None:
-            trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - since_launch()))
+            trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
         data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
         trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir)
         if trainer.is_main:
@@ -324,6 +325,7 @@ class TrainRequest:
     seq_len: Optional[int] = None
     overrides: list[str] = field(default_factory=list)
     overwrite: bool = False  # a run already at out/name is moved aside (else: refused)
+    started: Optional[float] = None  # when the budget's clock started (a time.time()); None: process start
 
 
 def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
@@ -356,29 +358,29 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
         trainer_config = configs["trainer"]
         hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
         the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
-                        spent_seconds=since_launch(), cache_dir=configs["data"].cache_dir,
+                        spent_seconds=since_launch(request.started), cache_dir=configs["data"].cache_dir,
                         seq_len=trainer_config.max_seq_len)
         say(the_plan.describe())
         planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": configs["data"]}
         if request.batch_size is not None:
             planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=request.batch_size)
         configs = apply_overrides(planned_configs, request.overrides)  # what the user set explicitly wins
-        stop_at = the_plan.train_seconds + since_launch()  # the plan's finishing costs come after
+        stop_at = time.time() + the_plan.train_seconds  # the plan's finishing costs come after
     elif budget is not None:  # a fixed model under the budget's deadline
-        remaining = budget - since_launch() - FINISH_RESERVE_S
+        spent = since_launch(request.started)
+        remaining = budget - spent - FINISH_RESERVE_S
         if remaining < 1.0:
             raise ConfigError(f"a budget of {request.budget} leaves no time to train after start-up and data "
-                              f"preparation ({since_launch():.0f} s); give at least "
-                              f"{since_launch() + FINISH_RESERVE_S + 5:.0f}s")
+                              f"preparation ({spent:.0f} s); give at least {spent + FINISH_RESERVE_S + 5:.0f}s")
         configs["trainer"] = dataclasses.replace(configs["trainer"], time_limit_s=remaining, schedule_by="time",
                                                  num_epochs=0, eval_steps=4, use_epoch_checkpoints=False)
-        stop_at = budget - FINISH_RESERVE_S
+        stop_at = time.time() + remaining
     run_dir = new_run_dir(request.out, configs["trainer"], request.name)
     return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite)
 
 
 def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE,
-                overrides: Optional[list[str]] = None, say: Say = _quiet) -> Plan:
+                overrides: Optional[list[str]] = None, say: Say = _quiet, started: Optional[float] = None) -> Plan:
     """The configuration planned for `budget` on this machine and data, without training
     (what the data turned out to be, e.g. the built-in corpus when the hub is unreachable,
     goes through `say`)."""
@@ -386,7 +388,7 @@ def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
     prepared = prepare_data(data_config, sequence_length(seconds), say=say)
     return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
-                spent_seconds=since_launch(), cache_dir=data_config.cache_dir)
+                spent_seconds=since_launch(started), cache_dir=data_config.cache_dir)
 
 
 def start_distributed() -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +69,8 @@ def run_with_display(console: Console, operation, request) -> int:
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     request = runs.TrainRequest(budget=args.budget, data=args.data, config_file=args.config, preset=args.preset,
                                 out=args.out, name=args.name, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                seq_len=args.seq_len, overrides=args.overrides, overwrite=args.overwrite)
+                                seq_len=args.seq_len, overrides=args.overrides, overwrite=args.overwrite,
+                                started=args.started)
     return run_with_display(console, runs.train, request)
 
 
@@ -87,7 +89,7 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     the_plan = runs.plan_budget(args.budget, args.data, args.cache_dir, args.overrides,
-                                say=note if args.json else say_to(console))
+                                say=note if args.json else say_to(console), started=args.started)
     if args.json:
         print(json.dumps(the_plan.summary(), indent=2))
     else:
@@ -321,9 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command line. A budget counts from this process's start (imports included) when
+    it runs as `python train.py`, and from this call for a caller that passes `argv` (tests,
+    scripts in a long-lived process)."""
+    started = None if argv is None else time.time()
     parser = build_parser()
     # Overrides may sit between options (`train X=1 --budget 2m Y=2`): collect the stragglers.
     args, extra = parser.parse_known_args(argv)
+    args.started = started
     if args.command is None:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
