@@ -194,9 +194,14 @@ class RunLock:
             self._file = None
 
 
+def _is_writer() -> bool:
+    """Whether this process writes the run directory: rank 0 under DDP, else always."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _owning(run_dir: Path):
-    """The run's lock on the process that writes it (rank 0 under DDP), nothing elsewhere."""
-    return RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    """The run's lock on the process that writes it, nothing on the other DDP ranks."""
+    return RunLock(run_dir) if _is_writer() else contextlib.nullcontext()
 
 
 def check_new_run_dir(run_dir: Path, overwrite: bool = False) -> None:
@@ -214,9 +219,12 @@ def new_run(run_dir: Path, overwrite: bool = False) -> Iterator[Optional[Path]]:
     """Hold the empty, locked directory of a new run while the block runs; yields where an
     old run there was moved (`overwrite`: nothing is deleted), or None. Of two processes
     starting one name, one gets it and the other RunInUse or a refusal."""
+    if not _is_writer():  # under DDP, rank 0 alone creates and owns the run directory
+        yield None
+        return
     check_new_run_dir(run_dir, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _owning(run_dir):
+    with RunLock(run_dir):
         check_new_run_dir(run_dir, overwrite)  # another process may have created it meanwhile
         leftovers = [path for path in run_dir.iterdir() if path.name != ".lock"]
         moved = None
@@ -527,7 +535,7 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                             fallback_to_builtin=False, say=say)
     trainer = Trainer(model, configs["trainer"], prepared.train, prepared.val, run_dir=run_dir, adapter_only=finetuned)
     with _owning(run_dir):
-        for name in checkpoint.clean_stale(run_dir):
+        for name in checkpoint.clean_stale(run_dir) if _is_writer() else []:
             say(f"removed {name}, left by a save that did not finish")
         path, *saved_state = checkpoint.load_latest(run_dir, request.checkpoint, on_skip=say)
         trainer.restore(path, *saved_state)
