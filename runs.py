@@ -87,8 +87,13 @@ def read_run_info(run_dir: Path) -> dict:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ConfigError(f"{path}: not valid JSON ({str(error)[:200]}); the run's settings cannot be read") from None
-    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
-        raise ConfigError(f"{path}: expected model / trainer / data sections")
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict) or \
+            not all(isinstance(info.get(name, {}), dict) for name in ("trainer", "data")):
+        raise ConfigError(f"{path}: expected model / trainer / data sections (objects of field: value)")
+    finetune = info.get("finetune")
+    if finetune is not None and not (isinstance(finetune, dict) and isinstance(finetune.get("base"), str)
+                                     and isinstance(finetune.get("lora"), dict)):
+        raise ConfigError(f"{path}: 'finetune' must name its base (a path) and its lora settings")
     return info
 
 
@@ -98,7 +103,7 @@ def run_configs(info: dict, where: Path) -> dict:
     sections = move_aliases({name: info.get(name) or {} for name in ("model", "trainer", "data")})
     try:
         return {name: SECTIONS[name].from_dict(values) for name, values in sections.items()}
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, AttributeError) as error:
         raise ConfigError(f"{where / 'run.json'}: {error}") from None
 
 
@@ -147,13 +152,26 @@ def new_run_dir(out: Optional[str], trainer_config: TrainerConfig, name: Optiona
     that one is taken)."""
     root = Path(out or trainer_config.path_to_checkpoints)
     if name:
+        if name in (".", "..") or Path(name).name != name:
+            raise ConfigError(f"--name {name!r}: a run's name is one folder name (no '/', '.' or '..'); "
+                              f"--out chooses where runs go")
         return root / name
-    stamp = time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
-    path, count = root / stamp, 1
-    while path.exists():
-        count += 1
-        path = root / f"{stamp}-{count}"
-    return path
+    fresh = root / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    return _claim(fresh) if _is_writer(trainer_config.use_ddp) else fresh
+
+
+def _claim(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... : the first that this process creates (atomically,
+    so two processes starting in the same second get different ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, count = path, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            count += 1
+            candidate = path.with_name(f"{path.name}-{count}")
 
 
 class RunInUse(RuntimeError):
@@ -194,32 +212,35 @@ class RunLock:
             self._file = None
 
 
-def _is_writer() -> bool:
-    """Whether this process writes the run directory: rank 0 under DDP, else always."""
-    return int(os.environ.get("RANK", "0")) == 0
+def _is_writer(ddp: bool) -> bool:
+    """Whether this process writes the run directory: rank 0 under DDP, else always (a
+    RANK left in the environment by a launcher does not count without use_ddp)."""
+    return not ddp or int(os.environ.get("RANK", "0")) == 0
 
 
-def _owning(run_dir: Path):
+def _owning(run_dir: Path, ddp: bool):
     """The run's lock on the process that writes it, nothing on the other DDP ranks."""
-    return RunLock(run_dir) if _is_writer() else contextlib.nullcontext()
+    return RunLock(run_dir) if _is_writer(ddp) else contextlib.nullcontext()
 
 
 def check_new_run_dir(run_dir: Path, overwrite: bool = False) -> None:
     """Refuse a new run over an existing one before any work (unless `overwrite`)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file; choose another --name or --out")
-    if not overwrite and (run_dir / "run.json").exists():
-        raise ConfigError(f"{run_dir} already holds a run. Continue it with `python train.py resume {run_dir}`, pass "
+    holds = run_dir.is_dir() and any(path.name != ".lock" for path in run_dir.iterdir())
+    if not overwrite and holds:
+        what = "a run" if (run_dir / "run.json").exists() else "files"
+        raise ConfigError(f"{run_dir} already holds {what}. Continue it with `python train.py resume {run_dir}`, pass "
                           f"--overwrite to start over (the old run is moved aside, not deleted), or choose another "
                           f"--name")
 
 
 @contextlib.contextmanager
-def new_run(run_dir: Path, overwrite: bool = False) -> Iterator[Optional[Path]]:
+def new_run(run_dir: Path, overwrite: bool = False, ddp: bool = False) -> Iterator[Optional[Path]]:
     """Hold the empty, locked directory of a new run while the block runs; yields where an
     old run there was moved (`overwrite`: nothing is deleted), or None. Of two processes
     starting one name, one gets it and the other RunInUse or a refusal."""
-    if not _is_writer():  # under DDP, rank 0 alone creates and owns the run directory
+    if not _is_writer(ddp):  # under DDP, rank 0 alone creates and owns the run directory
         yield None
         return
     check_new_run_dir(run_dir, overwrite)
@@ -229,8 +250,7 @@ def new_run(run_dir: Path, overwrite: bool = False) -> Iterator[Optional[Path]]:
         leftovers = [path for path in run_dir.iterdir() if path.name != ".lock"]
         moved = None
         if leftovers:  # move the contents, not the directory: the lock stays where it is held
-            moved = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            moved.mkdir()
+            moved = _claim(run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
             for path in leftovers:
                 path.rename(moved / path.name)
         yield moved
@@ -265,14 +285,18 @@ class RunOutcome:
     sample: Optional[str] = None  # the model's continuation of a prompt, when the run ended well
 
 
-def _fit(trainer: Trainer, display: Optional[Callback]) -> TrainResult:
-    """Train with the run's sinks (metrics.jsonl, TensorBoard) and `display` as callbacks."""
+def _attach(trainer: Trainer, display: Optional[Callback]) -> Trainer:
+    """The run's sinks (metrics.jsonl, TensorBoard) and `display` as the trainer's callbacks."""
     if trainer.run_dir is not None and trainer.is_main:
         trainer.callbacks += [MetricsLog(trainer.run_dir / "metrics.jsonl", trainer.config.log_interval),
                               TensorBoardLog(trainer.run_dir / "tensorboard")]
     if display is not None:
         trainer.callbacks.append(display)
-    return trainer.fit()
+    return trainer
+
+
+def _fit(trainer: Trainer, display: Optional[Callback]) -> TrainResult:
+    return _attach(trainer, display).fit()
 
 
 def _outcome(trainer: Trainer, result: TrainResult, run_dir: Path, tokenizer, prompt: str,
@@ -304,7 +328,7 @@ def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
     check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
-    with new_run(run_dir, overwrite) as moved:
+    with new_run(run_dir, overwrite, trainer_config.use_ddp) as moved:
         torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
         model = Transformer(model_config)
         if stop_at is not None:
@@ -352,7 +376,7 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
     configs = apply_overrides(configs, request.overrides)
     if not planned:  # a model that cannot fit is refused before any work (the planner sizes its own)
         check_memory(configs["model"], True, configs["trainer"].max_seq_len, resolve_device(configs["trainer"]).type)
-    if request.name:  # refuse an existing run before any work
+    if request.name and _is_writer(configs["trainer"].use_ddp):  # refuse an existing run before any work
         check_new_run_dir(new_run_dir(request.out, configs["trainer"], request.name), request.overwrite)
     if configs["trainer"].use_ddp:
         if planned:
@@ -446,7 +470,7 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
     if configs["model"] != model.config:
         raise ConfigError("a fine-tune keeps its base model's shape; model.* settings cannot change")
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
-    if request.name:
+    if request.name and _is_writer(trainer_config.use_ddp):
         check_new_run_dir(new_run_dir(request.out, trainer_config, request.name), request.overwrite)
     if trainer_config.max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
@@ -460,7 +484,7 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
     say(f"LoRA rank {lora_config.rank}{' on a 4-bit NF4 base (QLoRA)' if lora_config.quantize_base else ''}: "
         f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['share']:.2%})")
     run_dir = new_run_dir(request.out, trainer_config, request.name, prefix="finetune")
-    with new_run(run_dir, request.overwrite) as moved:
+    with new_run(run_dir, request.overwrite, trainer_config.use_ddp) as moved:
         if moved:
             say(f"the run that was in {run_dir} is now in {moved}")
         trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, adapter_only=True)
@@ -534,11 +558,12 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, tokenizer=tokenizer,
                             fallback_to_builtin=False, say=say)
     trainer = Trainer(model, configs["trainer"], prepared.train, prepared.val, run_dir=run_dir, adapter_only=finetuned)
-    with _owning(run_dir):
-        for name in checkpoint.clean_stale(run_dir) if _is_writer() else []:
+    ddp = configs["trainer"].use_ddp
+    with _owning(run_dir, ddp):
+        for name in checkpoint.clean_stale(run_dir) if _is_writer(ddp) else []:
             say(f"removed {name}, left by a save that did not finish")
         path, *saved_state = checkpoint.load_latest(run_dir, request.checkpoint, on_skip=say)
-        trainer.restore(path, *saved_state)
+        _attach(trainer, display).restore(path, *saved_state)  # its events reach the sinks
         say(f"resuming {run_dir} from {path.name} (step {trainer.global_step})")
         done = trainer.done_reason()
         if done is not None:
@@ -550,9 +575,9 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                               [f"{run_dir} had already ended ({done}) at step {trainer.global_step}: nothing was "
                                f"trained. To train on, raise {limit}, e.g. `python train.py resume {run_dir} "
                                f"{limit.split()[0]}=...`"])
-        result = _fit(trainer, display)
-    if finetuned:
-        return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, info["finetune"]["base"], False)
+        result = trainer.fit()
+        if finetuned:  # the adapter is written while the run is still owned
+            return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, info["finetune"]["base"], False)
     return _outcome(trainer, result, run_dir, tokenizer, sample_prompt(prepared))
 
 

@@ -106,3 +106,48 @@ def test_runs_are_listed_from_metadata_without_hashing(tmp_path, common, monkeyp
     monkeypatch.setattr(checkpoint, "_sha256", no_hashing)
     (found,) = runs.list_runs(tmp_path / "runs")
     assert (found.name, found.kind, found.checkpoint, found.step) == ("r", "pretrain", "step_3", 3)
+
+
+def test_resume_events_reach_the_metrics_file(tmp_path, common):
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    assert train.main(["resume", str(run), "--checkpoint", "step_1", "trainer.max_steps=2"]) == 0
+    kinds = [json.loads(line)["type"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "resumed" in kinds and kinds.count("checkpoint_set_aside") == 2
+
+
+def test_names_that_are_not_one_folder_and_folders_with_files_are_refused(tmp_path, common, capsys):
+    for name in (".", "..", "a/b", str(tmp_path)):
+        assert train.main(["train", "--name", name, *common]) == 2
+        assert "one folder name" in capsys.readouterr().err
+    other = tmp_path / "runs" / "notes"
+    other.mkdir(parents=True)
+    (other / "keep.txt").write_text("mine")
+    assert train.main(["train", "--name", "notes", *common]) == 2
+    assert "already holds files" in capsys.readouterr().err and (other / "keep.txt").read_text() == "mine"
+
+
+def test_a_stray_rank_in_the_environment_does_not_skip_ownership(tmp_path, common, monkeypatch, capsys):
+    assert train.main(["train", "--name", "r", *common]) == 0
+    monkeypatch.setenv("RANK", "1")  # left by a launcher; this run does not use DDP
+    assert train.main(["train", "--name", "r", *common]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    from trainer import TrainerConfig
+
+    config = TrainerConfig(path_to_checkpoints=str(tmp_path))
+    first, second = runs.new_run_dir(None, config, None), runs.new_run_dir(None, config, None)
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+@pytest.mark.parametrize("change", [{"trainer": 5}, {"finetune": True}, {"finetune": {"lora": {}}}])
+def test_a_malformed_run_json_is_a_message(tmp_path, common, capsys, change):
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    info = {**json.loads((run / "run.json").read_text()), **change}
+    (run / "run.json").write_text(json.dumps(info))
+    for command in (["generate", str(run), "--prompt", "x"], ["resume", str(run)], ["eval", str(run)]):
+        assert train.main(command) == 2
+        assert "run.json" in capsys.readouterr().err
