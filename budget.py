@@ -276,7 +276,7 @@ def memory_needed(config: ModelConfig, training: bool, seq_len: int = 1) -> int:
 
 def available_memory(device: str = "cpu") -> int:
     if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
+        return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]  # this rank's GPU under torchrun
     import psutil
 
     return psutil.virtual_memory().available

@@ -107,7 +107,7 @@ def save(directory: str | Path, model_state: dict[str, torch.Tensor], optimizer_
     return directory
 
 
-STALE_PATTERN = re.compile(r"^\.(?:epoch|step)_\d+\.(?:tmp|old)-(\d+)$")  # a save's temporary directories
+STALE_PATTERN = re.compile(r"^\.((?:epoch|step)_\d+)\.(tmp|old)-(\d+)$")  # a save's temporary directories
 
 
 def _alive(pid: int) -> bool:
@@ -122,16 +122,23 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(run_dir: str | Path) -> list[str]:
     """Remove the temporary directories of saves whose process died (kill -9, a full disk);
-    returns their names. Those of live processes (another save under way) are left."""
+    returns their names. A save killed between its two renames (replacing a checkpoint of
+    the same name) left no `step_N` at all: the complete new copy, else the old one, is put
+    back in its place instead. Directories of live processes (a save under way) are left."""
     run_dir = Path(run_dir)
     removed = []
     if not run_dir.is_dir():
         return removed
-    for path in run_dir.iterdir():
-        match = STALE_PATTERN.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+    stale = [(path, STALE_PATTERN.match(path.name)) for path in run_dir.iterdir()]
+    stale = [(path, match) for path, match in stale
+             if match and int(match.group(3)) != os.getpid() and not _alive(int(match.group(3)))]
+    for path, match in sorted(stale, key=lambda item: item[1].group(2) != "tmp"):  # the new copy first
+        final = run_dir / match.group(1)
+        if not final.exists() and verify(path) is None:
+            path.rename(final)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
     return removed
 
 

@@ -151,3 +151,16 @@ def test_a_malformed_run_json_is_a_message(tmp_path, common, capsys, change):
     for command in (["generate", str(run), "--prompt", "x"], ["resume", str(run)], ["eval", str(run)]):
         assert train.main(command) == 2
         assert "run.json" in capsys.readouterr().err
+
+
+def test_a_save_killed_between_its_renames_is_put_back_not_deleted(tmp_path, common):
+    """Replacing step_N: step_N was moved to .step_N.old-PID, the new copy waits in
+    .step_N.tmp-PID, and the process died before renaming it into place."""
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    dead = 999_999_999
+    shutil.copytree(run / "step_3", run / f".step_3.tmp-{dead}")
+    (run / "step_3").rename(run / f".step_3.old-{dead}")
+    assert checkpoint.clean_stale(run) == [f".step_3.old-{dead}"]
+    assert checkpoint.verify(run / "step_3") is None
+    assert not [p for p in run.iterdir() if p.name.startswith(".step_3")]
