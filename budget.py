@@ -386,3 +386,114 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     finish = budget_seconds - (left - train_seconds - finish_seconds(config, cost, seq_len, eval_tokens, whole_run))
     return Plan(config, trainer, budget_seconds, train_seconds, tokens / train_seconds, int(tokens), steps, epochs,
                 config.num_params(), memory, finish, probe_seconds, cached, reasoning)
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------
+FINETUNE_EVAL_SHARE = 0.2  # of the training time, at most, spent on the guard's evaluations
+FINETUNE_MIN_STEPS = 8  # a micro-batch whose steps would be fewer than this is halved
+
+
+def measure_step(model: Transformer, dataset, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 steps: int = 2) -> float:
+    """Seconds per training step of `model` as it is (LoRA layers, NF4 base) on the first
+    batches of `dataset`: the median of `steps` after a warm-up step. The optimizer runs
+    with a learning rate of 0 and the gradients are dropped, so the weights do not change."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.0, weight_decay=0.0)
+    rng = torch.random.get_rng_state()  # LoRA dropout draws; the run's draws stay its own
+    was_training = model.training
+    model.train()
+    durations = []
+    try:
+        for step in range(steps + 1):
+            indices = np.arange(step * batch_size, (step + 1) * batch_size) % len(dataset)
+            x, y = (t.to(device) for t in dataset.batch(indices))
+            began = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                _, loss, _ = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step:
+                durations.append(time.perf_counter() - began)
+    finally:
+        torch.random.set_rng_state(rng)
+        model.train(was_training)
+    return statistics.median(durations)
+
+
+@dataclass
+class FinetunePlan:
+    """A fine-tune fitted to a budget from measurements of the actual base on this device."""
+
+    budget_s: float
+    spent_s: float  # loading the base, the data, the base's evaluation and the measurements
+    batch_size: int
+    seq_len: int
+    step_seconds: float
+    eval_seconds: float  # one guard evaluation (task + general text), measured on the base
+    finish_s: float  # after training: saving the adapter (and merged model) and the sample
+    train_seconds: float  # training steps plus the evaluations between them
+    evaluations: int
+    eval_interval: int
+    steps: int
+    epochs: float
+
+    def trainer_settings(self) -> dict:
+        """The TrainerConfig fields the plan sets: the deadline ends the run and the
+        learning rate follows the clock."""
+        return dict(batch_size=self.batch_size, max_seq_len=self.seq_len, num_epochs=0, schedule_by="time",
+                    time_limit_s=self.train_seconds, eval_interval=self.eval_interval, use_epoch_checkpoints=False,
+                    warmup_ratio=min(0.1, 2 / max(self.steps, 1)) if self.steps > 4 else 0.0,
+                    log_interval=max(1, self.steps // 50))
+
+    def describe(self) -> str:
+        return (f"plan for {self.budget_s:.0f} s: micro-batch {self.batch_size} x {self.seq_len} tokens, "
+                f"{self.step_seconds:.2f} s per step (measured) -> ~{self.steps} steps = {self.epochs:.1f} epochs in "
+                f"{self.train_seconds:.0f} s, evaluated every {self.eval_interval} steps ({self.eval_seconds:.1f} s "
+                f"each); {self.spent_s:.0f} s already spent on loading, measuring and the base's evaluation, "
+                f"{self.finish_s:.0f} s kept for saving and the sample")
+
+
+def plan_finetune(budget_s: float, spent_s: float, samples: int, seq_len: int, eval_seconds: float,
+                  step_seconds: dict[int, float], finish_s: float) -> FinetunePlan:
+    """The fine-tune that fits `budget_s` from launch to exit: `spent_s` are gone,
+    `finish_s` come after training, and the time between trains with the largest measured
+    micro-batch (of `step_seconds`: batch -> seconds per step) that still gives
+    FINETUNE_MIN_STEPS steps, evaluating the guard a few times (at most
+    FINETUNE_EVAL_SHARE of the time)."""
+    left = budget_s - spent_s - finish_s
+    if not step_seconds:
+        raise ValueError("plan_finetune: no measured step time")
+    smallest = min(step_seconds)
+    need = spent_s + finish_s + 2 * eval_seconds + FINETUNE_MIN_STEPS * step_seconds[smallest]
+    if left < 2 * eval_seconds + 2 * step_seconds[smallest]:
+        raise ValueError(f"a budget of {budget_s:.0f} s is too short for this fine-tune: loading, measuring and "
+                         f"evaluating the base took {spent_s:.0f} s, and a few steps with two evaluations need about "
+                         f"{need - spent_s:.0f} s more; give at least {math.ceil(need * 1.1)} s")
+    batch_size = max(b for b in step_seconds if b == smallest
+                     or (left * (1 - FINETUNE_EVAL_SHARE)) / step_seconds[b] >= FINETUNE_MIN_STEPS)
+    step = step_seconds[batch_size]
+    evaluations = int(min(10, max(2, FINETUNE_EVAL_SHARE * left // max(eval_seconds, 1e-6))))
+    evaluations = max(1, min(evaluations, int((left - 2 * step) // max(eval_seconds, 1e-6))))
+    steps = max(1, int((left - evaluations * eval_seconds) // step))
+    eval_interval = max(1, math.ceil(steps / evaluations))
+    return FinetunePlan(budget_s, spent_s, batch_size, seq_len, step, eval_seconds, finish_s, left, evaluations,
+                        eval_interval, steps, steps * batch_size / max(samples, 1))
+
+
+def finetune_seq_len(lengths: list[int], context_len: int, multiple: int = 8) -> tuple[int, int]:
+    """The sequence length for instruction samples of `lengths` tokens (prompt and answer):
+    the longest, rounded up to a multiple of 8, unless a few outliers would more than
+    double the 99th percentile's (then that); never beyond the context. Returns it and the
+    number of samples it cuts."""
+    if not lengths:
+        raise ValueError("finetune_seq_len: no samples")
+    needs = np.asarray(lengths) - 1  # a sample of n tokens is n - 1 inputs predicting n - 1 targets
+    longest = int(needs.max())
+    typical = int(np.percentile(needs, 99))
+    wanted = longest if longest <= 2 * max(typical, multiple) else typical
+    seq_len = min(context_len, max(multiple, math.ceil(wanted / multiple) * multiple))
+    return seq_len, int((needs > seq_len).sum())

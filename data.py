@@ -39,6 +39,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# For a tokenizer that has no chat template and no ChatML tokens: the Alpaca layout, each
+# answer ended by the tokenizer's own end-of-text token (so generation knows where to stop).
+ALPACA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
 HUB_HOST = ("huggingface.co", 443)
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 FORMAT_VERSION = 1  # bump when the cached arrays' meaning changes
@@ -454,8 +464,25 @@ def load_pretrained_tokenizer(name: str, timeout_s: float = 3.0):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.chat_template = default_chat_template(tokenizer)
     return tokenizer
+
+
+def default_chat_template(tokenizer) -> str:
+    """ChatML when the tokenizer has its tokens as single tokens, else the Alpaca layout
+    ending answers with the end-of-text token."""
+    ids = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+    if all(i is not None and i != tokenizer.unk_token_id for i in ids):
+        return CHATML_TEMPLATE
+    return ALPACA_TEMPLATE
+
+
+def template_note(tokenizer) -> Optional[str]:
+    """What a fine-tune should be told when the tokenizer came without a chat template."""
+    if tokenizer.chat_template == ALPACA_TEMPLATE:
+        return (f"the tokenizer has no chat template (nor ChatML tokens): conversations use the Alpaca layout "
+                f"(### Instruction / ### Response), each answer ending with {tokenizer.eos_token}")
+    return None
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -665,6 +692,46 @@ def build_pretraining(documents: list[str], tokenizer, config: DataConfig, seq_l
     return train, val
 
 
+def held_out_text(config: DataConfig, tokenizer, seq_len: int, sequences: int) -> PackedBlocks:
+    """Up to `sequences` blocks of `seq_len` tokens of general text from the documents
+    `config`'s split holds out first (its seeded validation order), so a model Sprat
+    pretrained on the same source never trained on them: what a fine-tune's guard
+    measures. The documents chosen are cached as text (reading a large source is slow)."""
+    cache = Path(config.cache_dir) / "held_out" / \
+        f"{source_fingerprint(config)}-{config.seed}-{config.val_fraction}-{sequences * (seq_len + 1)}.json"
+    if cache.exists():
+        texts = json.loads(cache.read_text(encoding="utf-8"))
+    else:
+        items, report = read_source(config)
+        if items and isinstance(items[0], dict):
+            raise DataError(f"{config.source}: instruction records; the general-text guard needs plain text")
+        documents = _clean(items, config, report)
+        if not documents:
+            raise DataError(f"{config.source}: no text for the general-text guard")
+        wanted_chars = 8 * sequences * (seq_len + 1)  # ~8 characters a token, generously
+        if len(documents) == 1:  # one document: its tail, as the split holds it out
+            texts = [documents[0][-wanted_chars:]]
+        else:
+            in_val = max(1, round(config.val_fraction * len(documents)))
+            texts, chars = [], 0
+            for index in np.random.default_rng(config.seed).permutation(len(documents))[:in_val]:
+                texts.append(documents[index])
+                chars += len(documents[index])
+                if chars >= wanted_chars:
+                    break
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}")
+        partial.write_text(json.dumps(texts), encoding="utf-8")
+        os.replace(partial, cache)
+    token_lists = _tokenize(texts, tokenizer, 1, config.piece_chars)
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    stream = _pack(token_lists, tokenizer.eos_token_id, dtype)[:sequences * (seq_len + 1) + 1]
+    blocks = PackedBlocks.from_stream(stream, seq_len)
+    if len(blocks) == 0:
+        raise DataError(f"{config.source}: too little held-out text for one block of {seq_len + 1} tokens")
+    return blocks
+
+
 # ---- instruction data --------------------------------------------------------------------------
 def to_messages(record: dict) -> list[dict]:
     """Alpaca, prompt/response and messages records as a list of chat messages."""
@@ -703,6 +770,22 @@ def encode_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
+def instruction_lengths(config: DataConfig, tokenizer) -> list[int]:
+    """Tokens per instruction record of `config.source` (prompt and answer, as rendered by
+    the tokenizer's chat template): what a fine-tune's sequence length is chosen from."""
+    config, _ = resolve_source(config, fallback_to_builtin=False)
+    items, _ = read_source(config)
+    lengths = []
+    for number, record in enumerate(items, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{config.source}: plain text, but fine-tuning needs instruction records")
+        try:
+            lengths.append(len(encode_chat(to_messages(record), tokenizer)[0]))
+        except DataError as error:
+            raise DataError(f"{config.source}, record {number}: {error}") from None
+    return lengths
+
+
 def build_instruction(records: list[dict], tokenizer, config: DataConfig, seq_len: int,
                       report: QualityReport) -> tuple[MaskedSamples, MaskedSamples]:
     report.format = "instruction"
@@ -715,6 +798,9 @@ def build_instruction(records: list[dict], tokenizer, config: DataConfig, seq_le
         except DataError as error:
             raise DataError(f"{config.source}, record {number}: {error}") from None
         lengths.append(len(ids))
+        if not any(message["content"].strip() for message in to_messages(record) if message["role"] == "assistant"):
+            report.empty_dropped += 1  # nothing to learn from: the loss would be on the end token alone
+            continue
         if len(ids) > seq_len + 1:
             if config.overlong == "drop":
                 report.dropped_samples += 1
@@ -729,9 +815,15 @@ def build_instruction(records: list[dict], tokenizer, config: DataConfig, seq_le
         rows_in.append(inputs + [pad] * (seq_len - len(inputs)))
         rows_out.append(targets + [-100] * (seq_len - len(targets)))
     _length_stats(lengths, report)
+    report.documents_kept = len(rows_in)
+    if report.empty_dropped:
+        report.notes.append(f"skipped {report.empty_dropped} record(s) with an empty response")
+    if report.truncated_samples:
+        report.notes.append(f"{report.truncated_samples} record(s) longer than {seq_len + 1} tokens were cut to it "
+                            f"(data.overlong=drop skips them instead)")
     if len(rows_in) < 2:
         raise DataError(f"{config.source}: {len(rows_in)} usable instruction sample(s) after dropping "
-                        f"{report.dropped_samples}; need at least 2 (one for validation)")
+                        f"{report.dropped_samples + report.empty_dropped}; need at least 2 (one for validation)")
     inputs, targets = np.asarray(rows_in, dtype=np.int32), np.asarray(rows_out, dtype=np.int32)
     is_val = _split_documents([1] * len(inputs), config, min_val_tokens=1)
     report.train_documents, report.val_documents = int((~is_val).sum()), int(is_val.sum())

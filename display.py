@@ -64,6 +64,20 @@ def format_bytes(count: float) -> str:
     return f"{count:.1f} GB"
 
 
+def size_line(start: Start) -> str:
+    """'139.4M parameters (base in NF4; 4.88M trainable)'."""
+    base = "; base in NF4" if start.quantized else ""
+    return f"{start.params / 1e6:.2f}M parameters ({start.trainable / 1e6:.2f}M trainable{base})"
+
+
+def guard_text(event: Eval) -> str:
+    """A fine-tune's general-text figure: ', general perplexity 12.3 (+1.2%, within the guard)'."""
+    if event.general_loss is None:
+        return ""
+    verdict = "within the guard" if event.within_guard else "over the guard"
+    return f", general perplexity {event.general_perplexity:.2f} ({event.general_rise:+.1%}, {verdict})"
+
+
 def length(start: Start) -> str:
     """How long a run will train, from its start event: a deadline that sets the schedule
     replaces the step count."""
@@ -148,9 +162,8 @@ class LiveDisplay:
         self.history.record(event)
         if isinstance(event, Start):
             self.progress.update(self.task, total=max(1, event.total_steps), completed=event.step)
-            self.console.print(f"{event.params / 1e6:.2f}M parameters ({event.trainable / 1e6:.2f}M trainable) "
-                               f"on {event.device} ({event.dtype}), {length(event)}, effective batch "
-                               f"{event.effective_batch}")
+            self.console.print(f"{size_line(event)} on {event.device} ({event.dtype}), {length(event)}, "
+                               f"effective batch {event.effective_batch}")
         elif isinstance(event, Step):
             self.metrics.update(loss=event.loss, lr=event.lr, tokens_per_s=event.tokens_per_s)
             if event.memory is not None:
@@ -162,7 +175,8 @@ class LiveDisplay:
         elif isinstance(event, Eval):
             self.metrics.update(val_loss=event.val_loss, perplexity=event.perplexity)
             self.console.print(f"eval at step {event.step}: validation loss {event.val_loss:.3f}, perplexity "
-                               f"{event.perplexity:.1f}{'  [green](best)[/green]' if event.improved else ''}")
+                               f"{event.perplexity:.1f}{guard_text(event)}"
+                               f"{'  [green](best)[/green]' if event.improved else ''}")
         elif isinstance(event, CheckpointSaved):
             self.console.print(f"[green]saved checkpoint {event.name}[/green] ({event.seconds:.1f} s)")
         elif isinstance(event, Interrupt):
@@ -196,15 +210,15 @@ class PlainDisplay:
     def __call__(self, event: Event) -> None:
         self.history.record(event)
         if isinstance(event, Start):
-            self.write(f"training: {event.params / 1e6:.2f}M parameters ({event.trainable / 1e6:.2f}M trainable) on "
-                       f"{event.device} ({event.dtype}), {length(event)}, effective batch {event.effective_batch}")
+            self.write(f"training: {size_line(event)} on {event.device} ({event.dtype}), {length(event)}, "
+                       f"effective batch {event.effective_batch}")
         elif isinstance(event, Step) and (event.step % self.every == 0 or event.step == event.total_steps):
             experts = f"  experts {load_text(event.expert_load)}" if event.expert_load else ""
             self.write(f"step {event.step:5d}/{event.total_steps}  loss {event.loss:.3f}  lr {event.lr:.2e}  "
                        f"{event.tokens_per_s:,.0f} tok/s  eta {event.eta_s:.0f}s{experts}")
         elif isinstance(event, Eval):
             self.write(f"eval  step {event.step:5d}  val loss {event.val_loss:.3f}  "
-                       f"perplexity {event.perplexity:.1f}{'  (best)' if event.improved else ''}")
+                       f"perplexity {event.perplexity:.1f}{guard_text(event)}{'  (best)' if event.improved else ''}")
         elif isinstance(event, CheckpointSaved):
             self.write(f"saved checkpoint {event.name} ({event.seconds:.1f} s)")
         elif isinstance(event, (Fallback, *NOTICES)):
@@ -312,9 +326,26 @@ def report_outcome(console: Console, outcome, history: Optional[History] = None,
             console.print(f"loss curves plotted in {plot}", markup=False)
     if result.status == "nonfinite":
         return 1
-    if outcome.sample is not None:
+    if outcome.comparison is not None:
+        console.print(comparison_text(outcome.comparison), markup=False)
+    if outcome.sample is not None and outcome.sample_prompt is not None:
+        console.print(f"held-out instruction: {outcome.sample_prompt}\nanswer: {outcome.sample}", markup=False)
+    elif outcome.sample is not None:
         console.print("sample:\n" + outcome.sample, markup=False)
     return 0
+
+
+def comparison_text(comparison) -> str:
+    """A `runs.Comparison` as an aligned table with its verdict."""
+    rows = [("", "base", "fine-tuned", "change")]
+    rows += [(name, f"{base:.4g}", f"{tuned:.4g}", f"{change:+.1%}") for name, base, tuned, change in comparison.rows()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    general = f"; general text: {comparison.general_data}" if comparison.general_data else ""
+    checkpoint = f" ({comparison.checkpoint})" if comparison.checkpoint else ""
+    return "\n".join([f"base {comparison.base} vs fine-tuned {comparison.tuned}{checkpoint}",
+                      f"task: validation split of {comparison.task_data}{general}", *lines, comparison.verdict()])
 
 
 def check_table(report, hardware) -> Table:

@@ -45,8 +45,9 @@ class Start(Event):
     schedule_by: str
     device: str
     dtype: str
-    params: int
+    params: int  # NF4 weights counted as the parameters they stand for
     trainable: int
+    quantized: int = 0  # of params, held in 4-bit NF4
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,23 @@ class Eval(Event):
     best_val_loss: float
     improved: bool
     seconds: float
+    general_loss: Optional[float] = None  # fine-tuning's guard: loss on held-out general text
+    general_rise: Optional[float] = None  # its perplexity's change from the base model's (0.05 = +5%)
+    within_guard: Optional[bool] = None
 
     @property
     def perplexity(self) -> float:
         return perplexity(self.val_loss)
 
+    @property
+    def general_perplexity(self) -> Optional[float]:
+        return None if self.general_loss is None else perplexity(self.general_loss)
+
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "perplexity": self.perplexity}
+        values = {**super().to_dict(), "perplexity": self.perplexity}
+        if self.general_loss is not None:
+            values["general_perplexity"] = self.general_perplexity
+        return values
 
 
 @dataclass(frozen=True)

@@ -404,9 +404,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def parameter_report(model: nn.Module) -> dict:
     """Trainable vs total parameters (NF4 weights counted as the parameters they stand for)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    return {"trainable": trainable, "total": total, "share": trainable / total if total else 0.0}
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    total = sum(p.numel() for p in model.parameters()) + quantized
+    return {"trainable": trainable, "total": total, "quantized": quantized, "share": trainable / total if total else 0.0}
 
 
 def merge_lora(model: nn.Module) -> None:

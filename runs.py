@@ -24,23 +24,28 @@ import psutil
 import torch
 
 import checkpoint
-from budget import HardwareProfile, Plan, check_memory, parse_duration, plan, sequence_length
+from budget import (FinetunePlan, HardwareProfile, Plan, check_memory, finetune_seq_len, measure_step, parse_duration,
+                    plan, plan_finetune, sequence_length)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
-from data import BUILTIN, IM_END, DataConfig, DataError, PreparedData, load_pretrained_tokenizer, \
-    load_tokenizer_dir, prepare
+from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
+                  instruction_lengths,
+                  load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note, tokenizer_hash)
 from events import Callback, MetricsLog, TensorBoardLog, perplexity
 from export import load_hf, merge_and_save, save_adapter, save_hf
 from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
-from trainer import Trainer, TrainerConfig, TrainResult, evaluate, resolve_device
+from trainer import Guard, Trainer, TrainerConfig, TrainResult, evaluate, resolve_device, resolve_dtype
 
 DEFAULT_PRESET = "2M"  # the model of `train` without --budget or --preset
 DEFAULT_CACHE = ".cache/sprat"  # tokenized data and trained tokenizers
 FINISH_RESERVE_S = 6.0  # kept from a fixed model's budget for the last evaluation, the save and the sample
 SECTIONS = {"model": ModelConfig, "trainer": TrainerConfig, "data": DataConfig, "lora": LoRAConfig}
 RUNTIME_MODEL_FIELDS = ("use_cache",)  # how a model generates, not what it is: may change on resume
-# Fine-tuning starts from these trainer settings (a pretrained base wants a gentler schedule).
-FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03)
+# Fine-tuning starts from these trainer settings (a pretrained base wants a gentler schedule;
+# measured in the README's "Fine-tuning defaults"): LoRA alpha = FINETUNE_ALPHA_PER_RANK x rank.
+FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03, early_stopping_patience=2)
+FINETUNE_ALPHA_PER_RANK = 2.0
+FINETUNE_VAL_SAMPLES = 256  # validation samples a fine-tune's evaluations read (the first ones)
 
 Say = Callable[[str], None]
 
@@ -283,6 +288,8 @@ class RunOutcome:
     is_main: bool = True  # False on the other ranks of a DDP run: they report nothing
     notes: list[str] = field(default_factory=list)  # files written after training (adapter, merged model)
     sample: Optional[str] = None  # the model's continuation of a prompt, when the run ended well
+    sample_prompt: Optional[str] = None  # a fine-tune's held-out instruction that `sample` answers
+    comparison: Optional["Comparison"] = None  # a fine-tune against its base
 
 
 def _attach(trainer: Trainer, display: Optional[Callback]) -> Trainer:
@@ -438,7 +445,10 @@ def start_distributed() -> None:
 @dataclass
 class FinetuneRequest:
     """`finetune`: LoRA / QLoRA on instruction data. `lora` (the wizard's LoRA table)
-    replaces `rank` / `qlora`."""
+    replaces `rank` / `qlora`. With a `budget` the micro-batch, the steps and the schedule
+    are planned from measurements of the base on this device; else `epochs` end the run.
+    The guard (on unless `general_data` is None) keeps the best checkpoint that improves
+    the task while perplexity on held-out general text rises by at most `max_general_rise`."""
 
     base: str
     data: str
@@ -446,25 +456,103 @@ class FinetuneRequest:
     qlora: bool = False
     merge: bool = False
     epochs: int = 3
-    batch_size: int = 8
-    seq_len: Optional[int] = None  # default: 128, or the base's context if shorter
+    budget: Optional[str] = None  # 90s, 5m, 1h
+    batch_size: Optional[int] = None  # default 8 (with a budget: planned)
+    seq_len: Optional[int] = None  # default: the data's longest record, within the base's context
+    general_data: Optional[str] = BUILTIN
+    max_general_rise: float = 0.05
     out: Optional[str] = None
     name: Optional[str] = None
     cache_dir: str = DEFAULT_CACHE
     overrides: list[str] = field(default_factory=list)
     lora: Optional[LoRAConfig] = None
     overwrite: bool = False
+    started: Optional[float] = None  # when the budget's clock started (a time.time()); None: process start
+
+
+@dataclass
+class Comparison:
+    """A fine-tuned model against its base: loss on the task's validation split and
+    perplexity on held-out general text, and whether the change is within the guard."""
+
+    base: str
+    tuned: str
+    task_data: str
+    base_task_loss: float
+    tuned_task_loss: float
+    general_data: Optional[str] = None
+    base_general_loss: Optional[float] = None
+    tuned_general_loss: Optional[float] = None
+    max_general_rise: float = 0.05
+    checkpoint: Optional[str] = None  # the fine-tune's checkpoint compared
+
+    @property
+    def general_rise(self) -> Optional[float]:
+        if self.base_general_loss is None or self.tuned_general_loss is None:
+            return None
+        return math.exp(self.tuned_general_loss - self.base_general_loss) - 1.0
+
+    @property
+    def improved_task(self) -> bool:
+        return self.tuned_task_loss < self.base_task_loss
+
+    @property
+    def within_guard(self) -> Optional[bool]:
+        rise = self.general_rise
+        return None if rise is None else self.improved_task and rise <= self.max_general_rise + 1e-9
+
+    def rows(self) -> list[tuple[str, float, float, float]]:
+        """(measure, base, fine-tuned, change as a fraction of the base)."""
+        rows = [("task loss", self.base_task_loss, self.tuned_task_loss),
+                ("task perplexity", perplexity(self.base_task_loss), perplexity(self.tuned_task_loss))]
+        if self.general_rise is not None:
+            rows.append(("general perplexity", perplexity(self.base_general_loss),
+                         perplexity(self.tuned_general_loss)))
+        return [(name, base, tuned, tuned / base - 1.0) for name, base, tuned in rows]
+
+    def verdict(self) -> str:
+        if self.within_guard is None:
+            return f"task loss {'improved' if self.improved_task else 'did not improve'} (no general-text measure)"
+        if self.within_guard:
+            return (f"within the guard: the task improved and general perplexity changed {self.general_rise:+.1%} "
+                    f"(limit +{self.max_general_rise:.0%})")
+        why = [] if self.improved_task else ["the task did not improve"]
+        if self.general_rise > self.max_general_rise:
+            why.append(f"general perplexity rose {self.general_rise:+.1%} (limit +{self.max_general_rise:.0%})")
+        return "NOT within the guard: " + " and ".join(why)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "general_rise": self.general_rise, "within_guard": self.within_guard}
+
+
+GUARD_SEQUENCES = 8  # general-text sequences per guard evaluation
+GUARD_SEQ_LEN = 256
+NF4_EVAL_SLOWDOWN = 1.3  # an evaluation through NF4 layers vs the base's, for planning (measured on CPU: ~1.2x)
+
+
+def general_text(source: str, tokenizer, cache_dir: str, context_len: int) -> PackedBlocks:
+    """Held-out general text for the guard, tokenized for the base: the first documents
+    `source`'s validation split holds out."""
+    return held_out_text(DataConfig(source=source, cache_dir=cache_dir, format="text"), tokenizer,
+                         min(GUARD_SEQ_LEN, context_len), GUARD_SEQUENCES)
 
 
 def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
+    budget = parse_duration(request.budget) if request.budget else None
+    if not 0 <= request.max_general_rise < 10:
+        raise ConfigError(f"max general rise {request.max_general_rise}: a fraction such as 0.05 (+5%)")
     model, tokenizer = load_base(request.base)
-    seq_len = min(TrainerConfig().max_seq_len, model.config.context_len) if request.seq_len is None \
-        else request.seq_len
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"{request.base}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+                          f"{model.config.vocab_size}: they do not belong together")
+    if template_note(tokenizer):
+        say(f"note: {template_note(tokenizer)}")
     configs = {"model": model.config,
-               "trainer": TrainerConfig(max_seq_len=seq_len, num_epochs=request.epochs, batch_size=request.batch_size,
+               "trainer": TrainerConfig(max_seq_len=min(TrainerConfig().max_seq_len, model.config.context_len),
+                                        num_epochs=request.epochs, batch_size=request.batch_size or 8,
                                         **FINETUNE_TRAINER),
                "data": DataConfig(source=request.data, cache_dir=request.cache_dir, format="instruction"),
-               "lora": request.lora or LoRAConfig(rank=request.rank, alpha=2.0 * request.rank,
+               "lora": request.lora or LoRAConfig(rank=request.rank, alpha=FINETUNE_ALPHA_PER_RANK * request.rank,
                                                   quantize_base=request.qlora)}
     configs = apply_overrides(configs, request.overrides)
     if configs["model"] != model.config:
@@ -472,40 +560,202 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
     if request.name and _is_writer(trainer_config.use_ddp):
         check_new_run_dir(new_run_dir(request.out, trainer_config, request.name), request.overwrite)
+    seq_len = request.seq_len or _overridden(request.overrides, "trainer.max_seq_len")
+    if seq_len is None:
+        lengths = instruction_lengths(data_config, tokenizer)
+        seq_len, cut = finetune_seq_len(lengths, model.config.context_len)
+        say(f"sequence length {seq_len}, from the data: records of {min(lengths)}-{max(lengths)} tokens"
+            + (f"; {cut} longer than {seq_len + 1} (the model's context or the outliers) are cut"
+               f"{' (data.overlong=drop skips them)' if data_config.overlong == 'truncate' else ''}" if cut else ""))
+        seq_len = int(trainer_config.max_seq_len if "trainer.max_seq_len" in request.overrides else seq_len)
+    trainer_config = dataclasses.replace(trainer_config, max_seq_len=int(seq_len))
     if trainer_config.max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
                           f"({model.config.context_len})")
     prepared = prepare_data(data_config, trainer_config.max_seq_len, tokenizer=tokenizer, fallback_to_builtin=False,
                             say=say)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base model only {model.config.vocab_size}")
+    task_val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)  # every evaluation reads these, whole
+    general = None
+    if request.general_data:
+        say(f"reading held-out general text from {request.general_data} for the guard ...")
+        general = general_text(request.general_data, tokenizer, request.cache_dir, model.config.context_len)
+    device = resolve_device(trainer_config)
+    dtype = resolve_dtype(trainer_config, device)
+    model.to(device)
+    eval_started = time.perf_counter()  # the base as the user has it (before NF4): what the guard compares with
+    base_task = evaluate(model, task_val, trainer_config.batch_size, None, device, dtype)
+    guard = None
+    if general is not None:
+        base_general = evaluate(model, general, GUARD_SEQUENCES, 1, device, dtype)
+        guard = Guard(general, base_general, base_task, request.max_general_rise, GUARD_SEQUENCES, 1,
+                      request.general_data)
+        say(f"base model: task validation loss {base_task:.3f}, general-text perplexity "
+            f"{perplexity(base_general):.2f} ({len(general)} x {general.seq_len} tokens of {request.general_data}); the guard keeps checkpoints within +{request.max_general_rise:.0%}")
+    else:
+        say(f"base model: task validation loss {base_task:.3f}; no general-text guard (--general-data none)")
+    eval_seconds = time.perf_counter() - eval_started
+    if lora_config.quantize_base:  # NF4 layers dequantize as they run: slower than the base just measured
+        eval_seconds *= NF4_EVAL_SLOWDOWN
+    model.to("cpu")
     apply_lora(model, lora_config)
     counts = parameter_report(model)
-    say(f"LoRA rank {lora_config.rank}{' on a 4-bit NF4 base (QLoRA)' if lora_config.quantize_base else ''}: "
-        f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['share']:.2%})")
+    say(f"LoRA rank {lora_config.rank}, alpha {lora_config.alpha:g}: {counts['trainable']:,} trainable of "
+        f"{counts['total']:,} parameters ({counts['share']:.2%})"
+        f"{'; base in 4-bit NF4 (QLoRA)' if lora_config.quantize_base else ''}")
+    stop_at = None
+    if budget is not None:
+        the_plan = _plan_finetune(request, budget, model, prepared, trainer_config, eval_seconds, device, dtype)
+        say(the_plan.describe())
+        planned = {**configs, "trainer": dataclasses.replace(trainer_config, **the_plan.trainer_settings(),
+                                                             early_stopping_patience=max(3, the_plan.evaluations // 2))}
+        trainer_config = apply_overrides(planned, request.overrides)["trainer"]  # what the user set wins
+        stop_at = time.time() + the_plan.train_seconds
     run_dir = new_run_dir(request.out, trainer_config, request.name, prefix="finetune")
     with new_run(run_dir, request.overwrite, trainer_config.use_ddp) as moved:
         if moved:
             say(f"the run that was in {run_dir} is now in {moved}")
-        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, adapter_only=True)
+        trainer_config = dataclasses.replace(trainer_config,
+                                             eval_steps=math.ceil(len(task_val) / trainer_config.batch_size))
+        if stop_at is not None:
+            trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
+        trainer = Trainer(model, trainer_config, prepared.train, task_val, run_dir=run_dir, adapter_only=True,
+                          guard=guard)
         if trainer.is_main:
             info = run_info(model.config, trainer_config, data_config,
-                            finetune={"base": str(Path(request.base).resolve()), "lora": lora_config.to_dict()})
+                            finetune={"base": str(Path(request.base).resolve()), "lora": lora_config.to_dict(),
+                                      "guard": _guard_info(request, guard)})
             create_run(run_dir, info, tokenizer)
         result = _fit(trainer, display)
-        return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, request.base, request.merge)
+        return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, request.base, request.merge,
+                                prepared, request.data)
+
+
+def first_samples(dataset: MaskedSamples, count: int) -> MaskedSamples:
+    return dataset if len(dataset) <= count else MaskedSamples(dataset.inputs[:count], dataset.targets[:count])
+
+
+def _overridden(overrides: list[str], key: str) -> Optional[str]:
+    values = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].strip() == key]
+    return values[-1] if values else None
+
+
+def _guard_info(request: FinetuneRequest, guard: Optional[Guard]) -> Optional[dict]:
+    if guard is None:
+        return None
+    return {"general_data": request.general_data, "max_general_rise": guard.max_rise,
+            "base_general_loss": guard.base_loss, "base_task_loss": guard.base_task_loss,
+            "sequences": min(guard.batch_size, len(guard.data)), "seq_len": guard.data.seq_len}
+
+
+def _rebuild_guard(info: dict, tokenizer, cache_dir: str, context_len: int) -> Optional[Guard]:
+    """A resumed fine-tune's guard, from the base figures its run.json recorded."""
+    saved = (info.get("finetune") or {}).get("guard")
+    if not isinstance(saved, dict):
+        return None
+    general = general_text(saved["general_data"], tokenizer, cache_dir, context_len)
+    return Guard(general, float(saved["base_general_loss"]), float(saved["base_task_loss"]),
+                 float(saved["max_general_rise"]), GUARD_SEQUENCES, 1, saved["general_data"])
+
+
+def _plan_finetune(request: FinetuneRequest, budget: float, model: Transformer, prepared: PreparedData,
+                   trainer_config: TrainerConfig, eval_seconds: float, device: torch.device,
+                   dtype: torch.dtype) -> FinetunePlan:
+    """Measure training steps of the LoRA model at the micro-batches the plan may choose
+    (largest first, halving while too few steps would fit) and plan the budget."""
+    model.to(device)
+    samples = len(prepared.train)
+    batch = min(request.batch_size or 8, samples)
+    measured: dict[int, float] = {}
+    sample_s = 60 * max(0.005, 2 * model.config.num_params() / 3e9)  # a 60-token answer, one token at a time
+    merge_s = 12 * model.config.num_params() / 200e6 if request.merge else 0.0
+    finish = eval_seconds + sample_s + merge_s + 2.0  # the last evaluation, saving, the sample and exit
+    while True:
+        measured[batch] = measure_step(model, prepared.train, batch, device, dtype)
+        left = budget - since_launch(request.started) - finish
+        if batch == 1 or request.batch_size or left * 0.8 / measured[batch] >= 8:
+            break
+        batch = max(1, batch // 2)
+    try:
+        return plan_finetune(budget, since_launch(request.started), samples, trainer_config.max_seq_len,
+                             eval_seconds, measured, finish)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def held_out_answer(model: Transformer, tokenizer, val, stop: Optional[int], max_new_tokens: int = 60,
+                    temperature: float = 0.0) -> tuple[str, str]:
+    """(instruction, answer) for the first validation sample: its prompt as the chat
+    template renders it, and the model's answer alone (greedy unless `temperature`)."""
+    inputs, targets = val.batch(np.arange(1))
+    answer_at = int((targets[0] != -100).nonzero()[0])  # the first answer token is predicted here
+    prompt = inputs[0, :answer_at + 1].tolist()
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=device), max_new_tokens, temperature=temperature,
+                         eos_token_id=stop)
+    new = out[0, len(prompt):].tolist()
+    if stop is not None and stop in new:
+        new = new[:new.index(stop)]
+    return _instruction_text(tokenizer, tokenizer.decode(prompt)), tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _instruction_text(tokenizer, rendered: str) -> str:
+    """The user's message out of a rendered prompt (the template's text around it removed)."""
+    marker = "\x00"
+    template = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    before, _, after = template.partition(marker)
+    start = rendered.rfind(before) + len(before) if before and before in rendered else 0
+    end = rendered.rfind(after) if after and rendered.endswith(after) else len(rendered)
+    return rendered[start:end].strip()
 
 
 def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, tokenizer, lora_config: LoRAConfig,
-                     base: str, merge: bool) -> RunOutcome:
-    notes = []
+                     base: str, merge: bool, prepared: Optional[PreparedData] = None,
+                     data: Optional[str] = None) -> RunOutcome:
+    """The adapter of the best guarded checkpoint (else the last state), the comparison
+    with the base, the merged model when asked, and a held-out instruction's answer."""
+    notes, comparison, guard = [], None, trainer.guard
+    state = trainer.state
     if trainer.is_main and result.status != "interrupted":
+        if guard is not None:
+            kept = state.best_checkpoint
+            if kept is not None and kept != trainer.last_checkpoint:
+                model_state, _, _ = checkpoint.load(run_dir / kept, with_optimizer=False)
+                trainer.model.load_state_dict(model_state, strict=False)
+            comparison = Comparison(str(base), str(run_dir), data or "", guard.base_task_loss,
+                                    state.best_val_loss if kept else trainer.last_eval[0], guard.source,
+                                    guard.base_loss, state.best_general_loss if kept else trainer.last_eval[1],
+                                    guard.max_rise, kept or trainer.last_checkpoint)
+            if kept is None:
+                notes.append(f"no checkpoint met the guard (task better than the base, general perplexity within "
+                             f"+{guard.max_rise:.0%}): the adapter below is the last state, {comparison.verdict()}. "
+                             f"Lower trainer.learning_rate or the rank, or shorten the run")
+            else:
+                notes.append(f"kept checkpoint {kept} (step {checkpoint.read_state(run_dir / kept)['global_step']}), "
+                             f"the best within the guard")
+            _record(run_dir, comparison)
         adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
         notes.append(f"adapter saved to {adapter} (PEFT format)")
         if merge:
             merged = merge_and_save(trainer.model, run_dir / "merged", tokenizer)
             notes.append(f"merged model saved to {merged} (Hugging Face layout)")
-    return _outcome(trainer, result, run_dir, tokenizer, chat_prompt(tokenizer, "Hello"), notes)
+    if trainer.config.use_ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    outcome = RunOutcome(result, run_dir, trainer.is_main, notes, comparison=comparison)
+    if trainer.is_main and result.status not in ("interrupted", "nonfinite") and prepared is not None \
+            and len(prepared.val):
+        outcome.sample_prompt, outcome.sample = held_out_answer(trainer.model, tokenizer, prepared.val,
+                                                                answer_stop(tokenizer))
+    return outcome
+
+
+def _record(run_dir: Path, comparison: Comparison) -> None:
+    """The guard's outcome in run.json's finetune section."""
+    info = read_run_info(run_dir)
+    info["finetune"]["result"] = comparison.to_dict()
+    _write_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
 def load_base(base: str) -> tuple[Transformer, object]:
@@ -557,7 +807,12 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                           f"({model.config.context_len})")
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, tokenizer=tokenizer,
                             fallback_to_builtin=False, say=say)
-    trainer = Trainer(model, configs["trainer"], prepared.train, prepared.val, run_dir=run_dir, adapter_only=finetuned)
+    val, guard = prepared.val, None
+    if finetuned:
+        val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)
+        guard = _rebuild_guard(info, tokenizer, configs["data"].cache_dir, model.config.context_len)
+    trainer = Trainer(model, configs["trainer"], prepared.train, val, run_dir=run_dir, adapter_only=finetuned,
+                      guard=guard)
     ddp = configs["trainer"].use_ddp
     with _owning(run_dir, ddp):
         for name in checkpoint.clean_stale(run_dir) if _is_writer(ddp) else []:
@@ -577,7 +832,8 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                                f"{limit.split()[0]}=...`"])
         result = trainer.fit()
         if finetuned:  # the adapter is written while the run is still owned
-            return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, info["finetune"]["base"], False)
+            return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, info["finetune"]["base"], False,
+                                    prepared, configs["data"].source)
     return _outcome(trainer, result, run_dir, tokenizer, sample_prompt(prepared))
 
 
@@ -669,12 +925,16 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int,
 
 
 def stop_token(loaded: Loaded) -> Optional[int]:
-    """Where a reply ends: `<|im_end|>` for chat models, end-of-text otherwise."""
-    if loaded.kind == "finetuned":
-        ids = loaded.tokenizer.convert_tokens_to_ids([IM_END])
-        if ids and ids[0] is not None and ids[0] != loaded.tokenizer.unk_token_id:
-            return ids[0]
-    return loaded.tokenizer.eos_token_id
+    """Where a reply ends: the chat template's end of turn for fine-tuned models, end-of-text otherwise."""
+    return answer_stop(loaded.tokenizer) if loaded.kind == "finetuned" else loaded.tokenizer.eos_token_id
+
+
+def answer_stop(tokenizer) -> Optional[int]:
+    """The token that ends an answer: `<|im_end|>` where the tokenizer has it, else end-of-text."""
+    ids = tokenizer.convert_tokens_to_ids([IM_END])
+    if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
+        return ids[0]
+    return tokenizer.eos_token_id
 
 
 @dataclass
@@ -736,6 +996,53 @@ def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None) -> Eva
         batches = min(batches, request.max_batches)
     return EvalResult(str(loaded.source), loaded.checkpoint, data_config.source, request.split,
                       min(len(dataset), batches * request.batch_size), seq_len, loss, time.perf_counter() - started)
+
+
+@dataclass
+class CompareRequest:
+    """`eval RUN --compare BASE`: a fine-tuned model against its base, as a fine-tune's
+    guard measures them (the task's validation split; held-out general text)."""
+
+    tuned: str | Path
+    base: str | Path
+    data: Optional[str] = None  # the task's data; default: the fine-tune's
+    general_data: Optional[str] = BUILTIN
+    max_general_rise: float = 0.05
+    checkpoint: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
+def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
+    tuned = load_trained(request.tuned, request.checkpoint, say=say)
+    base = load_trained(request.base, say=say)
+    info = tuned.info or {}
+    if request.data is None and "data" not in info:
+        raise ConfigError(f"{request.tuned} is not a Sprat run: name the task's data with --data")
+    data_config = run_configs(info, tuned.source)["data"] if "data" in info else DataConfig(format="instruction")
+    if request.data:
+        data_config = dataclasses.replace(data_config, source=request.data, subset_size=None)
+    if request.cache_dir:
+        data_config = dataclasses.replace(data_config, cache_dir=request.cache_dir)
+    if tokenizer_hash(tuned.tokenizer) != tokenizer_hash(base.tokenizer):
+        say("note: the two models have different tokenizers: their per-token losses are not directly comparable")
+    context = min(tuned.model.config.context_len, base.model.config.context_len)
+    seq_len = min(info.get("trainer", {}).get("max_seq_len") or 256, context)
+    device = resolve_device(TrainerConfig())
+    figures = []
+    for loaded in (base, tuned):
+        prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
+        model = loaded.model.to(device)
+        task = evaluate(model, prepared.val, GUARD_SEQUENCES, math.ceil(FINETUNE_VAL_SAMPLES / GUARD_SEQUENCES),
+                        device=device)
+        general = None
+        if request.general_data:
+            held_out = general_text(request.general_data, loaded.tokenizer, data_config.cache_dir, context)
+            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device=device)
+        figures.append((task, general))
+        model.to("cpu")
+    (base_task, base_general), (tuned_task, tuned_general) = figures
+    return Comparison(str(base.source), str(tuned.source), data_config.source, base_task, tuned_task,
+                      request.general_data, base_general, tuned_general, request.max_general_rise, tuned.checkpoint)
 
 
 def export_model(loaded: Loaded, out: Path, fmt: str = "hf") -> Path:

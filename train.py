@@ -26,7 +26,7 @@ import runs
 from config_editor import render_table
 from config_io import ConfigError, apply_overrides, save_configs
 from data import BUILTIN, DataError
-from display import check_table, display_for, report_outcome
+from display import check_table, comparison_text, display_for, report_outcome
 from lora import LoRAConfig
 from model import PRESETS
 from runs import DEFAULT_CACHE, DEFAULT_PRESET, SECTIONS, since_launch
@@ -76,9 +76,11 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
     request = runs.FinetuneRequest(base=args.base, data=args.data, rank=args.rank, qlora=args.qlora, merge=args.merge,
-                                   epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, out=args.out,
-                                   name=args.name, cache_dir=args.cache_dir, overrides=args.overrides,
-                                   overwrite=args.overwrite)
+                                   epochs=args.epochs, budget=args.budget, batch_size=args.batch_size,
+                                   seq_len=args.seq_len, general_data=general_source(args.general_data),
+                                   max_general_rise=args.max_general_rise, out=args.out, name=args.name,
+                                   cache_dir=args.cache_dir, overrides=args.overrides, overwrite=args.overwrite,
+                                   started=args.started)
     return run_with_display(console, runs.finetune, request)
 
 
@@ -116,7 +118,20 @@ def eval_line(result: runs.EvalResult) -> str:
             f"{result.seq_len} tokens, {result.seconds:.1f} s)")
 
 
+def general_source(value: str) -> Optional[str]:
+    return None if value.lower() in ("none", "off", "no") else value
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    if args.compare:
+        request = runs.CompareRequest(args.run_dir, args.compare, args.data, general_source(args.general_data),
+                                      args.max_general_rise, args.checkpoint, args.cache_dir)
+        comparison = runs.compare_models(request, say=note)
+        if args.json:
+            print(json.dumps(comparison.to_dict(), indent=2))
+        else:
+            console.print(comparison_text(comparison), markup=False)
+        return 0
     request = runs.EvalRequest(args.run_dir, args.checkpoint, args.data, args.split, args.max_batches,
                                args.batch_size, args.seq_len, args.cache_dir)
     result = runs.evaluate_model(request, runs.load_trained(request.model, request.checkpoint, say=note))
@@ -205,6 +220,21 @@ def probability(text: str) -> float:
     return value
 
 
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--general-data", default=BUILTIN,
+                        help="held-out general text whose perplexity the fine-tune must not raise ('builtin', a file "
+                             "or folder; 'none' turns the guard off)")
+    parser.add_argument("--max-general-rise", type=rise_fraction, default=runs.FinetuneRequest.max_general_rise,
+                        help="the guard's limit on the general-text perplexity rise (0.05 = 5%%, or 5%%)")
+
+
+def rise_fraction(text: str) -> float:
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction such as 0.05, or a percentage such as 5%")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Sprat: train and fine-tune small language models. Without a command, on a "
@@ -238,10 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--rank", type=positive_int, default=runs.FinetuneRequest.rank, help="LoRA rank (alpha defaults to 2 x rank)")
     finetune.add_argument("--qlora", action="store_true", help="quantize the frozen base to 4-bit NF4 (QLoRA)")
     finetune.add_argument("--merge", action="store_true", help="also write the model with the adapter folded in")
-    finetune.add_argument("--epochs", type=positive_int, default=runs.FinetuneRequest.epochs)
-    finetune.add_argument("--batch-size", type=positive_int, default=runs.FinetuneRequest.batch_size)
+    finetune.add_argument("--budget", default=None, help="time from launch to exit (90s, 5m, 1h): micro-batch, steps and "
+                                                         "schedule planned from measurements of BASE on this device")
+    finetune.add_argument("--epochs", type=positive_int, default=runs.FinetuneRequest.epochs, help="without --budget")
+    finetune.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch (default 8, "
+                                                                                "or planned)")
     finetune.add_argument("--seq-len", type=positive_int, default=None,
-                          help=f"tokens per sample (default {TrainerConfig.max_seq_len}, or the base model's context if shorter)")
+                          help="tokens per sample (default: the data's longest record, within the base's context)")
+    add_guard_arguments(finetune)
     finetune.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     finetune.add_argument("--name", default=None, help="run directory name (default finetune-DATE-TIME)")
     finetune.add_argument("--overwrite", action="store_true", help="start over where a run named --name exists (it is "
@@ -282,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--cache-dir", default=None, help="cache of tokenized data (default: the run's)")
     evaluation.add_argument("--checkpoint", default=None, help="checkpoint name (default: the latest)")
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluation.add_argument("--compare", metavar="BASE", default=None,
+                            help="compare RUN_DIR with BASE: task loss on the validation split and general-text "
+                                 "perplexity, base vs fine-tuned, change in %%")
+    add_guard_arguments(evaluation)
     evaluation.set_defaults(func=cmd_eval)
 
     export = commands.add_parser("export", help="export a trained model (Hugging Face Llama layout)",

@@ -31,6 +31,7 @@ from config_io import ConfigIO, described
 from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, EpochEnd, Eval, Event, Fallback,
                     Finished, Interrupt, NonFinite, Resumed, Start, Step, Stopped, TrainResult)
 from loader import ThreadedDataLoader
+from lora import parameter_report
 from model import Transformer
 
 
@@ -278,6 +279,30 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
     return total / tokens
 
 
+@dataclass
+class Guard:
+    """What a fine-tune must not damage: held-out general text. An evaluation counts as the
+    best so far only when the task loss beats the base model's and every earlier one, while
+    perplexity on `data` has risen by at most `max_rise` (0.05 = 5%) over the base's."""
+
+    data: object  # PackedBlocks of general text, tokenized for the base
+    base_loss: float  # the base model's loss on `data`
+    base_task_loss: float  # the base model's loss on the task's validation split
+    max_rise: float = 0.05
+    batch_size: int = 8
+    max_batches: Optional[int] = None
+    source: str = ""  # where the general text came from, for reports
+
+    @property
+    def limit(self) -> float:
+        """The highest general-text loss allowed (perplexity x (1 + max_rise))."""
+        return self.base_loss + math.log1p(self.max_rise)
+
+    def rise(self, loss: float) -> float:
+        """The change in general-text perplexity at `loss`, as a fraction of the base's."""
+        return math.exp(loss - self.base_loss) - 1.0
+
+
 # ---- the trainer ------------------------------------------------------------------------------
 @dataclass
 class TrainState:
@@ -291,6 +316,7 @@ class TrainState:
     micro_splits: int = 1  # each loader batch is cut into this many micro-batches (grows on OOM)
     device: str = "cpu"
     best_val_loss: Optional[float] = None
+    best_general_loss: Optional[float] = None  # the guard's general-text loss at the best evaluation
     best_checkpoint: Optional[str] = None
     evals_without_improvement: int = 0
     nonfinite_steps: int = 0
@@ -334,14 +360,16 @@ class Trainer:
     on the device and gets the runtime switches (`use_flash`, `gradient_checkpointing`)
     when training or a resume starts. Checkpoints go to `run_dir`; every event goes to each
     of `callbacks` (a display, `events.MetricsLog`, ...). `adapter_only` (LoRA fine-tuning)
-    saves the trainable weights alone. `fault_hook(step, micro_batch_size)` runs before each
+    saves the trainable weights alone. With a `guard` (fine-tuning), each evaluation also
+    measures general text, only evaluations within the guard can be the best, and the best
+    is saved when it is found. `fault_hook(step, micro_batch_size)` runs before each
     micro-batch's forward pass; tests make it raise out-of-memory.
     """
 
     def __init__(self, model: Transformer, config: TrainerConfig, train_data, val_data=None,
                  run_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
                  adapter_only: bool = False, fault_hook: Optional[Callable[[int, int], None]] = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None):
         if config.use_ddp:
             import torch.distributed as dist
 
@@ -355,6 +383,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
         self.fault_hook = fault_hook
+        self.guard = guard
         self.device = resolve_device(config)
         if config.use_ddp and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -367,6 +396,7 @@ class Trainer:
         self.total_steps = total_steps(config, self.steps_per_epoch)  # None: the deadline ends the run
         self.state = TrainState(device=self.device.type, adapter_only=adapter_only)
         self.last_checkpoint: Optional[str] = None
+        self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # task loss, general-text loss
         self.step_model: Optional[torch.nn.Module] = None  # the model as the step runs it (DDP, compiled)
         self._session: Optional[_Session] = None
 
@@ -586,14 +616,14 @@ class Trainer:
         self.model.train()
         if self.loader.position >= len(self.loader):  # resumed from the end of an epoch
             self.loader.epoch, self.loader.position = self.loader.epoch + 1, 0
-        parameters = list(self.model.parameters())
+        counts = parameter_report(self.model)  # NF4 weights count as the parameters they stand for
         self.emit(Start(total_steps=self.total_steps or 0, steps_per_epoch=self.steps_per_epoch, step=self.global_step,
                         epoch=self.loader.epoch,
                         effective_batch=config.batch_size * config.accumulation_steps * self.world_size,
                         time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s else None,
                         schedule_by=config.schedule_by, device=self.device.type,
-                        dtype=str(self.dtype).removeprefix("torch."), params=sum(p.numel() for p in parameters),
-                        trainable=sum(p.numel() for p in parameters if p.requires_grad)))
+                        dtype=str(self.dtype).removeprefix("torch."), params=counts["total"],
+                        trainable=counts["trainable"], quantized=counts["quantized"]))
         try:
             while session.stop_reason is None and not self._steps_done() \
                     and (config.num_epochs == 0 or self.loader.epoch < config.num_epochs):
@@ -611,8 +641,10 @@ class Trainer:
                     self.emit(EpochEnd(epoch=epoch, step=self.global_step))
                     if session.last_eval_step != self.global_step:
                         self._evaluate()
-                    if config.use_epoch_checkpoints:
+                    saved = read_step(self.run_dir, self.last_checkpoint) == self.global_step  # the guard's best
+                    if config.use_epoch_checkpoints and not saved:
                         self.save_checkpoint(f"epoch_{epoch + 1}")
+                    self._check_early_stop()
             status = session.stop_reason or "finished"
             trained = self.global_step > session.start_step
             if trained and status in ("deadline", "max_steps", "finished") and session.last_eval_step != self.global_step:
@@ -719,11 +751,7 @@ class Trainer:
         config, session = self.config, self._session
         if config.eval_interval and self.global_step % config.eval_interval == 0:
             self._evaluate()
-            if config.early_stopping_patience and self.state.evals_without_improvement >= config.early_stopping_patience:
-                session.stop_reason = "early_stop"
-                self.emit(EarlyStop(step=self.global_step, best_val_loss=self.state.best_val_loss,
-                                    patience=config.early_stopping_patience))
-                self.save_checkpoint(f"step_{self.global_step}")
+            if self._check_early_stop():
                 return
         if config.save_every_n_steps and self.global_step % config.save_every_n_steps == 0:
             self.save_checkpoint(f"step_{self.global_step}")
@@ -741,17 +769,38 @@ class Trainer:
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
             session.stop_reason = reasons[int(code)] or None
 
+    def _check_early_stop(self) -> bool:
+        """Stop (saved) after `early_stopping_patience` evaluations without a new best."""
+        config, session = self.config, self._session
+        if not config.early_stopping_patience or self.state.evals_without_improvement < config.early_stopping_patience \
+                or session.stop_reason is not None:
+            return False
+        session.stop_reason = "early_stop"
+        self.emit(EarlyStop(step=self.global_step, best_val_loss=self.state.best_val_loss,
+                            patience=config.early_stopping_patience))
+        if read_step(self.run_dir, self.last_checkpoint) != self.global_step:
+            self.save_checkpoint(f"step_{self.global_step}")
+        return True
+
     def _evaluate(self) -> Optional[float]:
         if self.val_data is None or len(self.val_data) == 0:
             return None
         started = time.perf_counter()
         val_loss = evaluate(self.model, self.val_data, self.config.batch_size, self.config.eval_steps,
                             self.device, self.dtype)
-        state, session = self.state, self._session
+        state, session, guard = self.state, self._session, self.guard
         session.last_eval_step = self.global_step
-        improved = state.best_val_loss is None or val_loss < state.best_val_loss
+        general_loss = None
+        if guard is not None:
+            general_loss = evaluate(self.model, guard.data, guard.batch_size, guard.max_batches, self.device,
+                                    self.dtype)
+        within = guard is None or general_loss <= guard.limit
+        best_before = state.best_val_loss if state.best_val_loss is not None or guard is None else guard.base_task_loss
+        improved = within and (best_before is None or val_loss < best_before)
+        self.last_eval = (val_loss, general_loss)
         if improved:
             state.best_val_loss = val_loss
+            state.best_general_loss = general_loss
             session.best_step = self.global_step
             state.evals_without_improvement = 0
         else:
@@ -759,7 +808,11 @@ class Trainer:
         if self.config.clean_cuda_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.emit(Eval(step=self.global_step, val_loss=val_loss, best_val_loss=state.best_val_loss, improved=improved,
-                       seconds=time.perf_counter() - started))
+                       seconds=time.perf_counter() - started, general_loss=general_loss,
+                       general_rise=guard.rise(general_loss) if guard is not None else None,
+                       within_guard=within if guard is not None else None))
+        if improved and guard is not None:  # the best guarded state is kept as it is found
+            self.save_checkpoint(f"step_{self.global_step}")
         return val_loss
 
     # ---- Ctrl-C and SIGTERM --------------------------------------------------------------
