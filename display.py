@@ -329,7 +329,8 @@ def report_outcome(console: Console, outcome, history: Optional[History] = None,
     if outcome.comparison is not None:
         console.print(comparison_text(outcome.comparison), markup=False)
     if outcome.sample is not None and outcome.sample_prompt is not None:
-        console.print(f"held-out instruction: {outcome.sample_prompt}\nanswer: {outcome.sample}", markup=False)
+        answer = outcome.sample or "(nothing: the model ended its answer at once)"
+        console.print(f"held-out instruction: {outcome.sample_prompt}\nanswer: {answer}", markup=False)
     elif outcome.sample is not None:
         console.print("sample:\n" + outcome.sample, markup=False)
     return 0

@@ -34,7 +34,7 @@ from events import Callback, MetricsLog, TensorBoardLog, perplexity
 from export import load_hf, merge_and_save, save_adapter, save_hf
 from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
-from trainer import Guard, Trainer, TrainerConfig, TrainResult, evaluate, resolve_device, resolve_dtype
+from trainer import Guard, Trainer, TrainerConfig, TrainResult, evaluate, guard_limit, resolve_device, resolve_dtype
 
 DEFAULT_PRESET = "2M"  # the model of `train` without --budget or --preset
 DEFAULT_CACHE = ".cache/sprat"  # tokenized data and trained tokenizers
@@ -485,6 +485,11 @@ class Comparison:
     tuned_general_loss: Optional[float] = None
     max_general_rise: float = 0.05
     checkpoint: Optional[str] = None  # the fine-tune's checkpoint compared
+    general_limit: Optional[float] = None  # the highest general-text loss within the guard
+
+    def __post_init__(self) -> None:
+        if self.general_limit is None and self.base_general_loss is not None:
+            self.general_limit = guard_limit(self.base_general_loss, self.max_general_rise)
 
     @property
     def general_rise(self) -> Optional[float]:
@@ -498,8 +503,9 @@ class Comparison:
 
     @property
     def within_guard(self) -> Optional[bool]:
-        rise = self.general_rise
-        return None if rise is None else self.improved_task and rise <= self.max_general_rise + 1e-9
+        if self.tuned_general_loss is None or self.general_limit is None:
+            return None
+        return self.improved_task and self.tuned_general_loss <= self.general_limit
 
     def rows(self) -> list[tuple[str, float, float, float]]:
         """(measure, base, fine-tuned, change as a fraction of the base)."""
@@ -517,7 +523,7 @@ class Comparison:
             return (f"within the guard: the task improved and general perplexity changed {self.general_rise:+.1%} "
                     f"(limit +{self.max_general_rise:.0%})")
         why = [] if self.improved_task else ["the task did not improve"]
-        if self.general_rise > self.max_general_rise:
+        if self.tuned_general_loss > self.general_limit:
             why.append(f"general perplexity rose {self.general_rise:+.1%} (limit +{self.max_general_rise:.0%})")
         return "NOT within the guard: " + " and ".join(why)
 
@@ -695,7 +701,7 @@ def held_out_answer(model: Transformer, tokenizer, val, stop: Optional[int], max
     new = out[0, len(prompt):].tolist()
     if stop is not None and stop in new:
         new = new[:new.index(stop)]
-    return _instruction_text(tokenizer, tokenizer.decode(prompt)), tokenizer.decode(new, skip_special_tokens=True)
+    return _instruction_text(tokenizer, tokenizer.decode(prompt)), tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def _instruction_text(tokenizer, rendered: str) -> str:
@@ -725,11 +731,11 @@ def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, token
             comparison = Comparison(str(base), str(run_dir), data or "", guard.base_task_loss,
                                     state.best_val_loss if kept else trainer.last_eval[0], guard.source,
                                     guard.base_loss, state.best_general_loss if kept else trainer.last_eval[1],
-                                    guard.max_rise, kept or trainer.last_checkpoint)
+                                    guard.max_rise, kept or trainer.last_checkpoint, guard.limit)
             if kept is None:
                 notes.append(f"no checkpoint met the guard (task better than the base, general perplexity within "
-                             f"+{guard.max_rise:.0%}): the adapter below is the last state, {comparison.verdict()}. "
-                             f"Lower trainer.learning_rate or the rank, or shorten the run")
+                             f"+{guard.max_rise:.0%}): the adapter saved is the last state. Lower "
+                             f"trainer.learning_rate or the rank, or shorten the run")
             else:
                 notes.append(f"kept checkpoint {kept} (step {checkpoint.read_state(run_dir / kept)['global_step']}), "
                              f"the best within the guard")

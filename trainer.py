@@ -279,6 +279,11 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
     return total / tokens
 
 
+def guard_limit(base_loss: float, max_rise: float) -> float:
+    """The highest general-text loss allowed: the base's perplexity x (1 + max_rise)."""
+    return base_loss + math.log1p(max_rise)
+
+
 @dataclass
 class Guard:
     """What a fine-tune must not damage: held-out general text. An evaluation counts as the
@@ -295,8 +300,7 @@ class Guard:
 
     @property
     def limit(self) -> float:
-        """The highest general-text loss allowed (perplexity x (1 + max_rise))."""
-        return self.base_loss + math.log1p(self.max_rise)
+        return guard_limit(self.base_loss, self.max_rise)
 
     def rise(self, loss: float) -> float:
         """The change in general-text perplexity at `loss`, as a fraction of the base's."""

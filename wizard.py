@@ -499,12 +499,30 @@ class Wizard:
                  f"targets {', '.join(lora.target_modules)}")
         rank = self._ask_int("LoRA rank", lora.rank)
         qlora = self.confirm("Quantize the frozen base to 4-bit NF4 (QLoRA)?", default=lora.quantize_base)
-        epochs = self._ask_int("Epochs", runs.FinetuneRequest.epochs)
+        budget, epochs = self._ask_budget(), runs.FinetuneRequest.epochs
+        if budget is None:
+            epochs = self._ask_int("Epochs", runs.FinetuneRequest.epochs)
+        general = self.ask("General text the fine-tune must not get worse on (the guard: 'builtin', a file or "
+                           "folder, or 'none')", default=BUILTIN)
         alpha = 2.0 * rank if lora.alpha == 2.0 * lora.rank else lora.alpha  # keep the scale alpha/r = 2
         self.configs["lora"] = dataclasses.replace(lora, rank=rank, alpha=alpha, quantize_base=qlora)
-        request = runs.FinetuneRequest(base=str(base), data=str(data), epochs=epochs, out=str(self.runs_dir),
-                                       cache_dir=self.configs["data"].cache_dir, lora=self.configs["lora"])
+        request = runs.FinetuneRequest(base=str(base), data=str(data), epochs=epochs, budget=budget,
+                                       general_data=None if general.lower() in ("none", "off", "no") else general,
+                                       out=str(self.runs_dir), cache_dir=self.configs["data"].cache_dir,
+                                       lora=self.configs["lora"], started=time.time())
         self.run_operation(lambda display: runs.finetune(request, display, self.say))
+
+    def _ask_budget(self) -> Optional[str]:
+        """A time budget ('5m'), or None to train by epochs."""
+        while True:
+            answer = self.ask("Time budget from now to the end (e.g. 90s, 5m, 1h; empty: by epochs)", default="").strip()
+            if not answer:
+                return None
+            try:
+                parse_duration(answer)
+                return answer
+            except ValueError as error:
+                self.error(str(error))
 
     def _ask_int(self, prompt: str, default: int) -> int:
         while True:

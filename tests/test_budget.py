@@ -109,3 +109,32 @@ def test_a_real_planned_run_finishes_inside_its_budget(tmp_path):
 def test_an_explicit_sequence_length_is_planned_for():
     the_plan = plan(600, HARDWARE, 10**9, 8192, probes=synthetic_probes(seq_len=64), seq_len=64)
     assert the_plan.trainer.max_seq_len == 64 and the_plan.model.context_len == 64
+
+
+def test_finetune_sequence_length_covers_the_data_but_not_its_outliers():
+    from budget import finetune_seq_len
+
+    assert finetune_seq_len([30, 41, 57], 512) == (56, 0)  # the longest (57 tokens = 56 inputs), to a multiple of 8
+    lengths = [60] * 199 + [1000]  # one outlier would make every batch 16 times as wide
+    seq_len, cut = finetune_seq_len(lengths, 2048)
+    assert seq_len == 64 and cut == 1
+    assert finetune_seq_len([5000, 6000], 1024) == (1024, 2)  # never beyond the context
+    with pytest.raises(ValueError):
+        finetune_seq_len([], 64)
+
+
+def test_finetune_plans_fit_the_budget_and_halve_the_batch_for_enough_steps():
+    from budget import FINETUNE_MIN_STEPS, plan_finetune
+
+    plan = plan_finetune(300, spent_s=20, samples=54, seq_len=96, eval_seconds=4.0, step_seconds={8: 2.0}, finish_s=8)
+    used = plan.spent_s + plan.evaluations * plan.eval_seconds + plan.steps * plan.step_seconds + plan.finish_s
+    assert used <= 300 and used > 0.95 * 300  # the time is used, not exceeded
+    assert plan.train_seconds == pytest.approx(300 - 20 - 8)
+    assert plan.eval_interval * plan.evaluations >= plan.steps and plan.evaluations >= 2
+    assert plan.trainer_settings()["schedule_by"] == "time"
+    # slow steps at 8: the smaller measured batch that gives enough steps wins
+    plan = plan_finetune(120, spent_s=20, samples=54, seq_len=96, eval_seconds=2.0,
+                         step_seconds={8: 30.0, 4: 8.0}, finish_s=5)
+    assert plan.batch_size == 4 and plan.steps >= FINETUNE_MIN_STEPS
+    with pytest.raises(ValueError, match="too short"):
+        plan_finetune(30, spent_s=25, samples=54, seq_len=96, eval_seconds=2.0, step_seconds={8: 2.0}, finish_s=5)

@@ -1,14 +1,19 @@
 """The fine-tuning flow end to end: `train.py finetune` on a local base and local data."""
 
 import json
+import math
+import re
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import runs
 import train
+from conftest import write_corpus
 from data import train_bpe
-from export import load_hf, save_hf
+from export import load_adapter, load_hf, save_hf
 from model import ModelConfig, Transformer
 
 RECORDS = [{"instruction": f"Repeat the word {word}", "output": f"{word} {word} {word}"}
@@ -23,7 +28,12 @@ def base_and_data(tmp_path):
     save_hf(model, tmp_path / "base", tokenizer)
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    write_corpus(tmp_path / "general.jsonl")  # the guard's general text (the built-in corpus is slower to read)
     return tmp_path / "base", data
+
+
+def general(tmp_path) -> list[str]:
+    return ["--general-data", str(tmp_path / "general.jsonl")]
 
 
 def losses(run, kind="step", key="loss"):
@@ -36,7 +46,8 @@ def test_finetune_lowers_the_response_loss_and_saves_an_adapter(tmp_path, base_a
     base, data = base_and_data
     args = ["finetune", str(base), "--data", str(data), "--rank", "8", "--epochs", "30", "--batch-size", "4",
             "--seq-len", "48", "--out", str(tmp_path / "runs"), "--name", "ft", "--cache-dir", str(tmp_path / "cache"),
-            "trainer.learning_rate=1e-2", "trainer.min_lr=1e-3", "data.val_fraction=0.2", "--merge"]
+            "trainer.learning_rate=1e-2", "trainer.min_lr=1e-3", "data.val_fraction=0.2", "--merge",
+            "--general-data", "none"]
     assert train.main(args + (["--qlora"] if qlora else [])) == 0
     run = tmp_path / "runs" / "ft"
     step_losses = losses(run)
@@ -55,7 +66,7 @@ def test_finetune_lowers_the_response_loss_and_saves_an_adapter(tmp_path, base_a
 
 def test_finetune_run_resumes(tmp_path, base_and_data):
     base, data = base_and_data
-    common = ["--out", str(tmp_path / "runs"), "--name", "ft", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--out", str(tmp_path / "runs"), "--name", "ft", "--cache-dir", str(tmp_path / "cache"), *general(tmp_path)]
     assert train.main(["finetune", str(base), "--data", str(data), "--rank", "2", "--epochs", "2", "--batch-size", "4",
                        "--seq-len", "48", "trainer.max_steps=2", *common]) == 0
     run = tmp_path / "runs" / "ft"
@@ -82,7 +93,7 @@ def test_a_finetuning_run_generates_evaluates_and_exports_merged(tmp_path, base_
     cache = str(tmp_path / "cache")
     assert train.main(["finetune", str(base), "--data", str(data), "--rank", "2", "--batch-size", "4",
                        "--seq-len", "48", "trainer.max_steps=3", "--merge", "--out", str(tmp_path / "runs"),
-                       "--name", "ft", "--cache-dir", cache]) == 0
+                       "--name", "ft", "--cache-dir", cache, *general(tmp_path)]) == 0
     run = tmp_path / "runs" / "ft"
     capsys.readouterr()
     assert train.main(["generate", str(run), "--chat", "--prompt", "Repeat the word fish", "--max-new-tokens", "4",
@@ -96,3 +107,166 @@ def test_a_finetuning_run_generates_evaluates_and_exports_merged(tmp_path, base_
     assert exported.keys() == merged.keys()
     for key in merged:
         assert (exported[key] == merged[key]).all(), key
+
+
+# ---- the quality guard, budgets, reports --------------------------------------------------------
+def finetune_args(tmp_path, base, data, *extra):
+    return ["finetune", str(base), "--data", str(data), "--rank", "4", "--batch-size", "4", "--out",
+            str(tmp_path / "runs"), "--name", "ft", "--cache-dir", str(tmp_path / "cache"), "data.val_fraction=0.25",
+            *general(tmp_path), *extra]
+
+
+def test_the_guard_keeps_the_best_checkpoint_within_it_and_eval_compare_prints_the_same_figures(
+        tmp_path, base_and_data, capsys):
+    base, data = base_and_data
+    assert train.main(finetune_args(tmp_path, base, data, "--epochs", "6", "trainer.learning_rate=1e-2")) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "ft"
+    info = json.loads((run / "run.json").read_text())
+    result, guard = info["finetune"]["result"], info["finetune"]["guard"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert evals and all(e["general_loss"] is not None for e in evals)
+    within = [e for e in evals if e["general_loss"] <= guard["base_general_loss"] + math.log1p(0.05)
+              and e["val_loss"] < guard["base_task_loss"]]
+    # the kept checkpoint is the best task loss among the evaluations within the guard
+    best = min(within, key=lambda e: e["val_loss"])
+    assert result["tuned_task_loss"] == pytest.approx(best["val_loss"])
+    assert result["tuned_general_loss"] == pytest.approx(best["general_loss"])
+    assert result["within_guard"] is True and f"step_{best['step']}" == result["checkpoint"]
+    # the adapter written at the end is that checkpoint's
+    kept, _, _ = checkpoint.load(run / result["checkpoint"], with_optimizer=False)
+    model = load_hf(base)
+    load_adapter(model, run / "adapter")
+    trained = {name: p for name, p in model.named_parameters() if name.endswith(("lora_A", "lora_B"))}
+    assert trained.keys() == kept.keys()
+    for key, value in kept.items():
+        assert torch.equal(trained[key], value), key
+    assert "task loss" in out and "general perplexity" in out and "within the guard" in out
+    # eval --compare measures the same two models the same way
+    assert train.main(["eval", str(run), "--compare", str(base), "--json", "--cache-dir", str(tmp_path / "cache"),
+                       *general(tmp_path)]) == 0
+    compared = json.loads(capsys.readouterr().out)
+    for key in ("base_task_loss", "tuned_task_loss", "base_general_loss", "tuned_general_loss"):
+        assert compared[key] == pytest.approx(result[key], rel=1e-4), key
+
+
+def test_when_no_checkpoint_meets_the_guard_it_says_so(tmp_path, base_and_data, capsys, monkeypatch):
+    from trainer import Guard
+
+    monkeypatch.setattr(Guard, "limit", property(lambda self: -1.0))  # no general-text loss is this low
+    base, data = base_and_data
+    assert train.main(finetune_args(tmp_path, base, data, "--epochs", "4")) == 0
+    out = capsys.readouterr().out
+    assert "no checkpoint met the guard" in out and "NOT within the guard" in out
+    info = json.loads((tmp_path / "runs" / "ft" / "run.json").read_text())
+    assert info["finetune"]["result"]["within_guard"] is False
+    events = [json.loads(line) for line in (tmp_path / "runs" / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(e["improved"] for e in events if e["type"] == "eval")
+    assert any(e["type"] == "early_stop" for e in events)  # nothing improves: it stops after the patience
+
+
+def test_a_budget_plans_from_measurements_and_runs_on_the_clock(tmp_path, base_and_data, capsys):
+    base, data = base_and_data
+    assert train.main(finetune_args(tmp_path, base, data, "--budget", "10m", "trainer.max_steps=6", "--qlora")) == 0
+    out = capsys.readouterr().out
+    assert "plan for 600 s: micro-batch" in out and "s per step (measured)" in out
+    info = json.loads((tmp_path / "runs" / "ft" / "run.json").read_text())
+    trainer = info["trainer"]
+    assert trainer["schedule_by"] == "time" and 0 < trainer["time_limit_s"] < 600 and trainer["num_epochs"] == 0
+    assert trainer["eval_interval"] >= 1
+    # the parameter count includes the NF4 weights (all of the base), and says the base is quantized
+    total = int(re.search(r"trainable of ([\d,]+) parameters", out).group(1).replace(",", ""))
+    assert total > ModelConfig(**info["model"]).num_params()
+    line = next(line for line in out.splitlines() if line.startswith("training:"))
+    assert f"{total / 1e6:.2f}M parameters" in line and "base in NF4" in line
+
+
+def test_a_budget_too_short_is_refused_before_a_run_directory_exists(tmp_path, base_and_data, capsys):
+    base, data = base_and_data
+    assert train.main(finetune_args(tmp_path, base, data, "--budget", "1s")) == 2
+    assert "too short" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "ft").exists()
+
+
+def test_the_sample_answers_a_held_out_instruction(tmp_path, base_and_data, capsys):
+    base, data = base_and_data
+    assert train.main(finetune_args(tmp_path, base, data, "trainer.max_steps=2")) == 0
+    out = capsys.readouterr().out
+    instructions = {r["instruction"] for r in RECORDS}
+    line = next(line for line in out.splitlines() if line.startswith("held-out instruction: "))
+    assert line.removeprefix("held-out instruction: ") in instructions
+    answer = out.split("\nanswer: ", 1)[1]
+    assert "<|im_start|>" not in answer and "\nassistant\n" not in answer and "sample:" not in out
+
+
+def test_the_sequence_length_comes_from_the_data_and_cuts_are_reported(tmp_path, base_and_data, capsys):
+    base, data = base_and_data
+    records = RECORDS + [{"instruction": "Write a long answer", "output": " ".join(["fish"] * 200)}]
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    assert train.main(finetune_args(tmp_path, base, data, "trainer.max_steps=1")) == 0
+    out = capsys.readouterr().out
+    # the long record is longer than the base's context of 64: cut there, and said so
+    assert "sequence length 64" in out and "1 longer than 65" in out and "are cut" in out
+    info = json.loads((tmp_path / "runs" / "ft" / "run.json").read_text())
+    assert info["trainer"]["max_seq_len"] == 64
+
+
+def test_bad_instruction_data_is_counted_or_refused(tmp_path, base_and_data, capsys):
+    base, data = base_and_data
+    records = RECORDS + [{"instruction": "Say nothing", "output": ""}, {"instruction": "Again", "output": "  "}]
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    assert train.main(finetune_args(tmp_path, base, data, "trainer.max_steps=1")) == 0
+    assert "skipped 2 record(s) with an empty response" in capsys.readouterr().out
+    # a base whose vocabulary is smaller than its tokenizer: refused, no run directory
+    config = json.loads((base / "config.json").read_text())
+    config["vocab_size"] = 100
+    small = tmp_path / "small"
+    small.mkdir()
+    for file in base.iterdir():
+        (small / file.name).write_bytes(file.read_bytes())
+    save_hf(Transformer(ModelConfig.from_name("tiny", vocab_size=100, context_len=64)), small,
+            load_hf_tokenizer(base))
+    args = finetune_args(tmp_path, small, data, "trainer.max_steps=1")
+    args[args.index("ft")] = "small-ft"
+    assert train.main(args) == 2
+    assert "do not belong together" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "small-ft").exists()
+
+
+def load_hf_tokenizer(path):
+    from data import load_pretrained_tokenizer
+
+    return load_pretrained_tokenizer(str(path))
+
+
+def test_a_tokenizer_without_a_chat_template_gets_one_that_ends_answers_with_its_end_token(tmp_path, base_and_data):
+    from data import ALPACA_TEMPLATE, encode_chat, template_note, to_messages
+
+    base, _ = base_and_data
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    config.pop("additional_special_tokens", None)
+    config.pop("extra_special_tokens", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    (base / "chat_template.json").unlink(missing_ok=True)
+    tokenizer = load_hf_tokenizer(base)
+    if tokenizer.convert_tokens_to_ids("<|im_end|>") not in (None, tokenizer.unk_token_id):
+        pytest.skip("the saved vocabulary still holds the ChatML tokens")
+    assert tokenizer.chat_template == ALPACA_TEMPLATE and "Alpaca layout" in template_note(tokenizer)
+    ids, labels = encode_chat(to_messages(RECORDS[0]), tokenizer)
+    answer = [i for i, label in zip(ids, labels) if label != -100]
+    assert answer[-1] == tokenizer.eos_token_id  # generation learns to stop where runs.answer_stop stops it
+    assert runs.answer_stop(tokenizer) == tokenizer.eos_token_id
+
+
+def test_a_guarded_finetune_resumes_with_its_guard(tmp_path, base_and_data):
+    base, data = base_and_data
+    assert train.main(finetune_args(tmp_path, base, data, "trainer.max_steps=2", "trainer.eval_interval=1")) == 0
+    run = tmp_path / "runs" / "ft"
+    assert train.main(["resume", str(run), "trainer.max_steps=4"]) == 0
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4] and all(e["general_loss"] is not None for e in evals)
+    assert json.loads((run / "run.json").read_text())["finetune"]["result"]["checkpoint"]

@@ -175,13 +175,15 @@ def test_finetune_from_the_menu_uses_the_lora_table_and_fits_the_base_context(tm
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": "say", "response": word}) for word in ("the", "model", "reads") * 8))
     keys = ["2", "6", "4", "dropout=0 target_modules=q_proj,v_proj", "", "7",
-            "5", "1", str(data), "4", "n", "1", "3"]
+            "5", "1", str(data), "4", "n", "", "1", str(corpus), "3"]
     code, wizard, out = drive(tmp_path, keys)
     assert code == 0, out
     assert "adapter saved" in out and "LoRA rank 4" in out
+    assert "general-text perplexity" in out and "fine-tuned" in out  # the guard measured the base, and the table
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("finetune-")]
     info = json.loads((run / "run.json").read_text())
-    assert info["trainer"]["max_seq_len"] == 48  # the base's context, not 128
+    assert info["trainer"]["max_seq_len"] <= 48  # from the data's lengths, within the base's context
+    assert "from the data" in out
     lora = info["finetune"]["lora"]
     assert (lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"]) == (4, 8.0, 0, ["q_proj", "v_proj"])
 
