@@ -45,7 +45,7 @@ ALPACA_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
     "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-    "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+    "{% else %}{{ '### Response:\n' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )

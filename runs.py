@@ -533,6 +533,7 @@ class Comparison:
 
 GUARD_SEQUENCES = 8  # general-text sequences per guard evaluation
 GUARD_SEQ_LEN = 256
+FINETUNE_EXIT_S = 5.0  # after the sample: the adapter, the loss plot, the report and the interpreter's exit
 NF4_EVAL_SLOWDOWN = 1.3  # an evaluation through NF4 layers vs the base's, for planning (measured on CPU: ~1.2x)
 
 
@@ -622,6 +623,10 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
             say(f"the run that was in {run_dir} is now in {moved}")
         trainer_config = dataclasses.replace(trainer_config,
                                              eval_steps=math.ceil(len(task_val) / trainer_config.batch_size))
+        if guard is not None and not trainer_config.eval_interval:  # by epochs: the guard looks 4 times an epoch
+            steps_per_epoch = math.ceil(len(prepared.train) / trainer_config.batch_size /
+                                        trainer_config.accumulation_steps)
+            trainer_config = dataclasses.replace(trainer_config, eval_interval=max(1, math.ceil(steps_per_epoch / 4)))
         if stop_at is not None:
             trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
         trainer = Trainer(model, trainer_config, prepared.train, task_val, run_dir=run_dir, adapter_only=True,
@@ -672,9 +677,11 @@ def _plan_finetune(request: FinetuneRequest, budget: float, model: Transformer, 
     samples = len(prepared.train)
     batch = min(request.batch_size or 8, samples)
     measured: dict[int, float] = {}
-    sample_s = 60 * max(0.005, 2 * model.config.num_params() / 3e9)  # a 60-token answer, one token at a time
+    began = time.perf_counter()  # the end-of-run answer: 4 tokens measured, 60 generated then
+    held_out_answer(model, prepared.tokenizer, prepared.val, None, max_new_tokens=4)
+    sample_s = (time.perf_counter() - began) * 15
     merge_s = 12 * model.config.num_params() / 200e6 if request.merge else 0.0
-    finish = eval_seconds + sample_s + merge_s + 2.0  # the last evaluation, saving, the sample and exit
+    finish = eval_seconds + sample_s + merge_s + FINETUNE_EXIT_S  # the last evaluation, the sample, saving, exit
     while True:
         measured[batch] = measure_step(model, prepared.train, batch, device, dtype)
         left = budget - since_launch(request.started) - finish

@@ -68,7 +68,8 @@ class TrainerConfig(ConfigIO):
     use_ddp: bool = described(False, "DistributedDataParallel under torchrun")
     path_to_checkpoints: str = described("checkpoints", "root folder of run directories")
     log_interval: int = described(10, "optimizer steps between memory readings and log flushes")
-    eval_interval: int = described(0, "optimizer steps between evaluations (0 = only at epoch end)")
+    eval_interval: int = described(0, "optimizer steps between evaluations (0 = at each epoch's end); the run's end "
+                                      "is always evaluated")
     eval_steps: int = described(20, "validation batches per evaluation")
     use_epoch_checkpoints: bool = described(True, "save a checkpoint at the end of every epoch")
     save_every_n_steps: int = described(0, "also save every N optimizer steps (0 = off)")
@@ -353,6 +354,7 @@ class _Session:
     best_step: Optional[int] = None  # a checkpoint saved at this step becomes the best one
     last_eval_step: Optional[int] = None
     nonfinite_in_a_row: int = 0
+    last_step_s: float = 0.0  # the latest optimizer step's duration: whether another fits before the deadline
     window_started: float = 0.0  # the throughput window: its start and its tokens
     window_tokens: int = 0
 
@@ -643,8 +645,8 @@ class Trainer:
                 if session.stop_reason != "nonfinite" and self.loader.position >= len(self.loader):
                     self.loader.epoch, self.loader.position = epoch + 1, 0
                     self.emit(EpochEnd(epoch=epoch, step=self.global_step))
-                    if session.last_eval_step != self.global_step:
-                        self._evaluate()
+                    if not config.eval_interval and session.last_eval_step != self.global_step:
+                        self._evaluate()  # with an eval_interval, evaluations keep to it (and the run's end)
                     saved = read_step(self.run_dir, self.last_checkpoint) == self.global_step  # the guard's best
                     if config.use_epoch_checkpoints and not saved:
                         self.save_checkpoint(f"epoch_{epoch + 1}")
@@ -684,6 +686,7 @@ class Trainer:
 
     def _train_step(self, epoch: int, group: list) -> None:
         config, session, state = self.config, self._session, self.state
+        began = time.perf_counter()
         if config.schedule_by == "time":
             lr = learning_rate_at_time(session.elapsed_before + time.perf_counter() - session.started, config)
         else:
@@ -711,6 +714,7 @@ class Trainer:
         state.tokens_seen += tokens
         session.window_tokens += tokens
         session.last_loss = loss_value
+        session.last_step_s = time.perf_counter() - began
         self._emit_step(epoch, loss_value, lr, norm_value)
         if self.global_step % config.log_interval == 0:
             session.window_started, session.window_tokens = time.perf_counter(), 0
@@ -761,7 +765,8 @@ class Trainer:
             self.save_checkpoint(f"step_{self.global_step}")
         if config.max_steps and self.global_step >= config.max_steps:
             session.stop_reason = "max_steps"
-        elif session.deadline is not None and time.perf_counter() >= session.deadline:
+        elif session.deadline is not None and time.perf_counter() + 0.5 * session.last_step_s >= session.deadline:
+            # the next step would end more than half past the deadline (a busy machine's steps are long)
             session.stop_reason = "deadline"
         elif session.interrupts:
             session.stop_reason = "interrupted"

@@ -240,25 +240,26 @@ def load_hf_tokenizer(path):
     return load_pretrained_tokenizer(str(path))
 
 
-def test_a_tokenizer_without_a_chat_template_gets_one_that_ends_answers_with_its_end_token(tmp_path, base_and_data):
-    from data import ALPACA_TEMPLATE, encode_chat, template_note, to_messages
+def test_a_tokenizer_without_a_chat_template_gets_one_that_ends_answers_with_its_end_token(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    base, _ = base_and_data
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    config.pop("additional_special_tokens", None)
-    config.pop("extra_special_tokens", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(config))
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    (base / "chat_template.json").unlink(missing_ok=True)
-    tokenizer = load_hf_tokenizer(base)
-    if tokenizer.convert_tokens_to_ids("<|im_end|>") not in (None, tokenizer.unk_token_id):
-        pytest.skip("the saved vocabulary still holds the ChatML tokens")
+    from data import ALPACA_TEMPLATE, encode_chat, load_pretrained_tokenizer, template_note, to_messages
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([json.dumps(r) for r in RECORDS] * 3,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>").save_pretrained(str(tmp_path / "plain"))
+    tokenizer = load_pretrained_tokenizer(str(tmp_path / "plain"))  # no template, no ChatML tokens
     assert tokenizer.chat_template == ALPACA_TEMPLATE and "Alpaca layout" in template_note(tokenizer)
     ids, labels = encode_chat(to_messages(RECORDS[0]), tokenizer)
     answer = [i for i, label in zip(ids, labels) if label != -100]
     assert answer[-1] == tokenizer.eos_token_id  # generation learns to stop where runs.answer_stop stops it
     assert runs.answer_stop(tokenizer) == tokenizer.eos_token_id
+    assert "### Response:" in tokenizer.decode(ids) and RECORDS[0]["output"] in tokenizer.decode(answer)
 
 
 def test_a_guarded_finetune_resumes_with_its_guard(tmp_path, base_and_data):
