@@ -167,28 +167,81 @@ def measure(config: ModelConfig, batch_size: int, seq_len: int, device: str, sec
     return statistics.median(durations) / (batch_size * seq_len)
 
 
+def probes_look_sane(probes: list[Probe]) -> bool:
+    """Wider shapes cost at least about as much per token: a probe slowed by something
+    else on the machine breaks this (and must not be cached)."""
+    ordered = sorted(probes, key=lambda p: p.flops_per_token)
+    return all(b.seconds_per_token >= 0.9 * a.seconds_per_token for a, b in zip(ordered, ordered[1:]))
+
+
+def machine_busy(threads: int) -> bool:
+    """Other processes hold the CPU: the last minute's load average exceeds our threads by half."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return False
+    return load > 1.5 * max(1, threads)
+
+
 def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: int, seconds_each: float,
-          cache_dir: Optional[str | Path] = None) -> tuple[list[Probe], bool]:
+          cache_dir: Optional[str | Path] = None, remeasure: bool = False) -> tuple[list[Probe], bool]:
     """Probes for the ladder's small, middle and large shapes, from the cache when this
-    machine, device, torch version, vocabulary and sequence length were measured before.
-    Returns (probes, came_from_cache)."""
+    machine, device, torch version, vocabulary and sequence length were measured before
+    (unless `remeasure`). A measurement that looks disturbed (a wider shape faster than a
+    narrower one) is taken once more; one taken while the machine was busy or still
+    disturbed is used for this plan but not cached, so one slow moment does not make every
+    later plan pessimistic. Returns (probes, came_from_cache)."""
     key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}|{PROBE_METHOD}"
     cache = Path(cache_dir) / "probes.json" if cache_dir else None
-    stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    if key in stored:
+    try:
+        stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    except ValueError:  # a damaged cache is measured again
+        stored = {}
+    if key in stored and not remeasure:
         return [Probe(**p) for p in stored[key]], True
-    probes = []
-    for width in PROBE_WIDTHS:
-        config = shape(width, vocab_size, seq_len)
-        probes.append(Probe(width, config.flops_per_token(seq_len),
-                            measure(config, min(batch_size, PROBE_BATCH), seq_len, hardware.device, seconds_each)))
-    if cache is not None:
+
+    def measure_all() -> list[Probe]:
+        probes = []
+        for width in PROBE_WIDTHS:
+            config = shape(width, vocab_size, seq_len)
+            probes.append(Probe(width, config.flops_per_token(seq_len),
+                                measure(config, min(batch_size, PROBE_BATCH), seq_len, hardware.device, seconds_each)))
+        return probes
+
+    probes = measure_all()
+    if not probes_look_sane(probes):
+        probes = measure_all()
+    trustworthy = probes_look_sane(probes) and (hardware.device != "cpu" or not machine_busy(hardware.threads))
+    if cache is not None and trustworthy:
         cache.parent.mkdir(parents=True, exist_ok=True)
         stored[key] = [asdict(p) for p in probes]
         partial = cache.with_name(f".probes.{os.getpid()}")
         partial.write_text(json.dumps(stored, indent=1))
         os.replace(partial, cache)
+    elif cache is not None:
+        stored.pop(key, None)  # a stale figure is not better than this one
     return probes, False
+
+
+def best_thread_count(device: str = "cpu", seq_len: int = 128, vocab_size: int = 8192) -> tuple[int, dict[int, float]]:
+    """Torch's thread count for training on this CPU, by measurement: one thread against all
+    the cores (on a busy machine one thread can be twice as fast). Returns the faster and
+    seconds per token of each."""
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if device != "cpu" or cores <= 1:
+        return torch.get_num_threads(), {}
+    config = shape(PROBE_WIDTHS[1], vocab_size, seq_len)
+    before = torch.get_num_threads()
+    timings = {}
+    try:
+        for threads in (cores, 1):
+            torch.set_num_threads(threads)
+            timings[threads] = measure(config, PROBE_BATCH, seq_len, device, seconds=0.2)
+    finally:
+        torch.set_num_threads(before)
+    return min(timings, key=timings.get), timings
 
 
 @dataclass
@@ -309,7 +362,8 @@ def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_toke
 
 def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
          spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
-         probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None, whole_run: bool = True) -> Plan:
+         probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None, whole_run: bool = True,
+         remeasure: bool = False) -> Plan:
     """The configuration expected to reach the lowest loss in `budget_seconds` of wall
     time, of which `spent_seconds` (start-up, data preparation) are already gone.
     `probes` skips measuring (tests pass synthetic ones); `seq_len` overrides the
@@ -324,7 +378,7 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     cached = probes is not None
     if probes is None:
         seconds_each = min(0.5, max(0.1, 0.005 * budget_seconds))  # ~5 s of probing at most
-        probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir)
+        probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir, remeasure)
     probe_seconds = 0.0 if cached else time.perf_counter() - probe_started
     cost = CostModel.fit(probes)
     eval_batches = 4

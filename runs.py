@@ -24,7 +24,7 @@ import psutil
 import torch
 
 import checkpoint
-from budget import (FinetunePlan, HardwareProfile, Plan, check_memory, finetune_seq_len, measure_step, parse_duration,
+from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, finetune_seq_len, measure_step, parse_duration,
                     plan, plan_finetune, sequence_length)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
@@ -365,11 +365,17 @@ class TrainRequest:
     overrides: list[str] = field(default_factory=list)
     overwrite: bool = False  # a run already at out/name is moved aside (else: refused)
     started: Optional[float] = None  # when the budget's clock started (a time.time()); None: process start
+    remeasure: bool = False  # measure this machine again instead of using cached probes
 
 
 def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
     """Resolve the configs (defaults < file < options < overrides), prepare the data, plan
-    for the budget when there is one, and train."""
+    for the budget when there is one (with torch's thread count measured), and train."""
+    with contextlib.ExitStack() as stack:
+        return _train(request, display, say, stack)
+
+
+def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: contextlib.ExitStack) -> RunOutcome:
     budget = parse_duration(request.budget) if request.budget else None
     planned = budget is not None and request.preset is None
     configs = default_configs(request.preset or DEFAULT_PRESET, request.data, request.cache_dir)
@@ -395,10 +401,11 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
     stop_at = None
     if planned:
         trainer_config = configs["trainer"]
+        stack.enter_context(chosen_threads(resolve_device(trainer_config).type, say))
         hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
         the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
                         spent_seconds=since_launch(request.started), cache_dir=configs["data"].cache_dir,
-                        seq_len=trainer_config.max_seq_len)
+                        seq_len=trainer_config.max_seq_len, remeasure=request.remeasure)
         say(the_plan.describe())
         planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": configs["data"]}
         if request.batch_size is not None:
@@ -418,16 +425,34 @@ def train(request: TrainRequest, display: Optional[Callback] = None, say: Say = 
     return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite)
 
 
+@contextlib.contextmanager
+def chosen_threads(device: str, say: Say = _quiet) -> Iterator[None]:
+    """Torch's thread count by measurement on a CPU while the block runs (1 thread beats
+    all cores when other processes hold them); the caller's count afterwards."""
+    before = torch.get_num_threads()
+    threads, timings = best_thread_count(device)
+    if len(timings) > 1:
+        rates = ", ".join(f"{n} thread{'s' if n > 1 else ''} {1 / t:,.0f}" for n, t in sorted(timings.items()))
+        say(f"torch threads: {threads} (measured tokens/s: {rates})")
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE,
-                overrides: Optional[list[str]] = None, say: Say = _quiet, started: Optional[float] = None) -> Plan:
+                overrides: Optional[list[str]] = None, say: Say = _quiet, started: Optional[float] = None,
+                remeasure: bool = False) -> Plan:
     """The configuration planned for `budget` on this machine and data, without training
     (what the data turned out to be, e.g. the built-in corpus when the hub is unreachable,
     goes through `say`)."""
     seconds = parse_duration(budget)
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
     prepared = prepare_data(data_config, sequence_length(seconds), say=say)
-    return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
-                spent_seconds=since_launch(started), cache_dir=data_config.cache_dir)
+    with chosen_threads(resolve_device(TrainerConfig()).type, say):
+        return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
+                    spent_seconds=since_launch(started), cache_dir=data_config.cache_dir, remeasure=remeasure)
 
 
 def start_distributed() -> None:

@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     request = runs.TrainRequest(budget=args.budget, data=args.data, config_file=args.config, preset=args.preset,
                                 out=args.out, name=args.name, cache_dir=args.cache_dir, batch_size=args.batch_size,
                                 seq_len=args.seq_len, overrides=args.overrides, overwrite=args.overwrite,
-                                started=args.started)
+                                started=args.started, remeasure=args.remeasure)
     return run_with_display(console, runs.train, request)
 
 
@@ -91,7 +91,8 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     the_plan = runs.plan_budget(args.budget, args.data, args.cache_dir, args.overrides,
-                                say=note if args.json else say_to(console), started=args.started)
+                                say=note if args.json else say_to(console), started=args.started,
+                                remeasure=args.remeasure)
     if args.json:
         print(json.dumps(the_plan.summary(), indent=2))
     else:
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a model. Any config field can be set as SECTION.FIELD=VALUE, "
                                             "e.g. model.num_layers=6 trainer.learning_rate=3e-4 data.subset_size=100.")
     train.add_argument("--budget", default=None, help="time for the whole run: 90s, 20m, 2h, or hours (0.001)")
+    train.add_argument("--remeasure", action="store_true", help="with --budget: measure this machine again (ignore "
+                                                                 "cached probes)")
     train.add_argument("--data", default=BUILTIN, help="'builtin', a local file or folder, or a hub dataset name")
     train.add_argument("--config", default=None, help="JSON or YAML file with model / trainer / data sections")
     train.add_argument("--preset", default=None, choices=list(PRESETS), help=f"model preset; with --budget it skips "
@@ -338,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.add_argument("--data", default=BUILTIN)
     plan_parser.add_argument("--cache-dir", default=DEFAULT_CACHE)
     plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_parser.add_argument("--remeasure", action="store_true", help="measure this machine again (ignore cached probes)")
     plan_parser.add_argument("overrides", nargs="*", metavar="data.FIELD=VALUE")
     plan_parser.set_defaults(func=cmd_plan)
 

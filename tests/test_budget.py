@@ -1,6 +1,8 @@
 import dataclasses
 
+import psutil
 import pytest
+import torch
 
 from budget import CostModel, HardwareProfile, Probe, parse_duration, plan, shape, training_memory
 
@@ -138,3 +140,48 @@ def test_finetune_plans_fit_the_budget_and_halve_the_batch_for_enough_steps():
     assert plan.batch_size == 4 and plan.steps >= FINETUNE_MIN_STEPS
     with pytest.raises(ValueError, match="too short"):
         plan_finetune(30, spent_s=25, samples=54, seq_len=96, eval_seconds=2.0, step_seconds={8: 2.0}, finish_s=5)
+
+
+def test_disturbed_or_busy_probes_are_used_but_not_cached(tmp_path, monkeypatch):
+    import budget
+    from budget import HardwareProfile, Probe, probe, probes_look_sane
+
+    sane = [Probe(64, 1e6, 1e-6), Probe(128, 4e6, 3e-6), Probe(256, 16e6, 9e-6)]
+    disturbed = [Probe(64, 1e6, 5e-6), Probe(128, 4e6, 3e-6), Probe(256, 16e6, 9e-6)]  # the smallest slowed
+    assert probes_look_sane(sane) and not probes_look_sane(disturbed)
+    hardware = HardwareProfile("cpu", "test cpu", 2, "0", 8 << 30)
+    rates = iter([5e-6, 3e-6, 9e-6] * 2)  # disturbed twice: measured again, then used uncached
+    monkeypatch.setattr(budget, "measure", lambda *args, **kwargs: next(rates))
+    monkeypatch.setattr(budget, "machine_busy", lambda threads: False)
+    probes, cached = probe(hardware, 8192, 128, 2, 0.1, tmp_path)
+    assert not cached and [p.seconds_per_token for p in probes] == [5e-6, 3e-6, 9e-6]
+    assert not (tmp_path / "probes.json").exists()
+    # sane but taken while the machine was busy: not cached either
+    monkeypatch.setattr(budget, "measure", lambda *args, **kwargs: 1e-6)
+    monkeypatch.setattr(budget, "machine_busy", lambda threads: True)
+    probe(hardware, 8192, 128, 2, 0.1, tmp_path)
+    assert not (tmp_path / "probes.json").exists()
+    # a quiet machine caches; --remeasure measures again anyway
+    monkeypatch.setattr(budget, "machine_busy", lambda threads: False)
+    probe(hardware, 8192, 128, 2, 0.1, tmp_path)
+    assert probe(hardware, 8192, 128, 2, 0.1, tmp_path)[1] is True
+    monkeypatch.setattr(budget, "measure", lambda *args, **kwargs: 2e-6)
+    probes, cached = probe(hardware, 8192, 128, 2, 0.1, tmp_path, remeasure=True)
+    assert not cached and probes[0].seconds_per_token == 2e-6
+
+
+def test_the_thread_count_is_the_faster_one_measured(monkeypatch):
+    import budget
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2)
+    seen = []
+
+    def fake_measure(config, batch_size, seq_len, device, seconds, dtype=None):
+        seen.append(torch.get_num_threads())
+        return 1e-5 if torch.get_num_threads() == 1 else 4e-5  # a busy machine: one thread wins
+
+    monkeypatch.setattr(budget, "measure", fake_measure)
+    threads, timings = budget.best_thread_count()
+    assert threads == 1 and set(timings) == {1, 2} and sorted(seen) == [1, 2]
+    assert torch.get_num_threads() == before  # the caller's count is left as it was
