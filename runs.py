@@ -570,6 +570,14 @@ def general_text(source: str, tokenizer, cache_dir: str, context_len: int) -> Pa
 
 
 def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: Say = _quiet) -> RunOutcome:
+    """Load the base, size the sequence from the data, measure the base (the guard), plan
+    the budget when there is one (with torch's thread count measured), and fine-tune."""
+    with contextlib.ExitStack() as stack:
+        return _finetune(request, display, say, stack)
+
+
+def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
+              stack: contextlib.ExitStack) -> RunOutcome:
     budget = parse_duration(request.budget) if request.budget else None
     if not 0 <= request.max_general_rise < 10:
         raise ConfigError(f"max general rise {request.max_general_rise}: a fraction such as 0.05 (+5%)")
@@ -613,6 +621,7 @@ def finetune(request: FinetuneRequest, display: Optional[Callback] = None, say: 
         general = general_text(request.general_data, tokenizer, request.cache_dir, model.config.context_len)
     device = resolve_device(trainer_config)
     dtype = resolve_dtype(trainer_config, device)
+    stack.enter_context(chosen_threads(device.type, say))
     model.to(device)
     eval_started = time.perf_counter()  # the base as the user has it (before NF4): what the guard compares with
     base_task = evaluate(model, task_val, trainer_config.batch_size, None, device, dtype)
@@ -688,9 +697,13 @@ def _rebuild_guard(info: dict, tokenizer, cache_dir: str, context_len: int) -> O
     saved = (info.get("finetune") or {}).get("guard")
     if not isinstance(saved, dict):
         return None
-    general = general_text(saved["general_data"], tokenizer, cache_dir, context_len)
-    return Guard(general, float(saved["base_general_loss"]), float(saved["base_task_loss"]),
-                 float(saved["max_general_rise"]), GUARD_SEQUENCES, 1, saved["general_data"])
+    try:
+        source = str(saved["general_data"])
+        figures = [float(saved[key]) for key in ("base_general_loss", "base_task_loss", "max_general_rise")]
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("run.json: the fine-tune's guard needs general_data, base_general_loss, base_task_loss "
+                          "and max_general_rise") from None
+    return Guard(general_text(source, tokenizer, cache_dir, context_len), *figures, GUARD_SEQUENCES, 1, source)
 
 
 def _plan_finetune(request: FinetuneRequest, budget: float, model: Transformer, prepared: PreparedData,
@@ -771,12 +784,13 @@ def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, token
             else:
                 notes.append(f"kept checkpoint {kept} (step {checkpoint.read_state(run_dir / kept)['global_step']}), "
                              f"the best within the guard")
-            _record(run_dir, comparison)
         adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
         notes.append(f"adapter saved to {adapter} (PEFT format)")
+        merged = None
         if merge:
             merged = merge_and_save(trainer.model, run_dir / "merged", tokenizer)
             notes.append(f"merged model saved to {merged} (Hugging Face layout)")
+        _record(run_dir, comparison, adapter, merged)
     if trainer.config.use_ddp:
         import torch.distributed as dist
 
@@ -789,10 +803,12 @@ def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, token
     return outcome
 
 
-def _record(run_dir: Path, comparison: Comparison) -> None:
-    """The guard's outcome in run.json's finetune section."""
+def _record(run_dir: Path, comparison: Optional[Comparison], adapter: Path, merged: Optional[Path]) -> None:
+    """What the fine-tune wrote and the guard's outcome, in run.json's finetune section."""
     info = read_run_info(run_dir)
-    info["finetune"]["result"] = comparison.to_dict()
+    info["finetune"].update(adapter=str(adapter), merged=str(merged) if merged else None)
+    if comparison is not None:
+        info["finetune"]["result"] = comparison.to_dict()
     _write_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 

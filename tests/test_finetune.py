@@ -134,6 +134,7 @@ def test_the_guard_keeps_the_best_checkpoint_within_it_and_eval_compare_prints_t
     assert result["tuned_task_loss"] == pytest.approx(best["val_loss"])
     assert result["tuned_general_loss"] == pytest.approx(best["general_loss"])
     assert result["within_guard"] is True and f"step_{best['step']}" == result["checkpoint"]
+    assert info["finetune"]["adapter"] == str(run / "adapter") and info["finetune"]["base"] == str(base.resolve())
     # the adapter written at the end is that checkpoint's
     kept, _, _ = checkpoint.load(run / result["checkpoint"], with_optimizer=False)
     model = load_hf(base)
