@@ -647,8 +647,10 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
     if budget is not None:
         the_plan = _plan_finetune(request, budget, model, prepared, trainer_config, eval_seconds, device, dtype)
         say(the_plan.describe())
+        # The budget is used whole: the schedule anneals on the clock and the kept checkpoint is the best
+        # guarded one whenever it came (early stopping ends runs by epochs only).
         planned = {**configs, "trainer": dataclasses.replace(trainer_config, **the_plan.trainer_settings(),
-                                                             early_stopping_patience=max(3, the_plan.evaluations // 2))}
+                                                             early_stopping_patience=0)}
         trainer_config = apply_overrides(planned, request.overrides)["trainer"]  # what the user set wins
         stop_at = time.time() + the_plan.train_seconds
     run_dir = new_run_dir(request.out, trainer_config, request.name, prefix="finetune")
