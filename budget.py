@@ -530,7 +530,13 @@ def plan_finetune(budget_s: float, spent_s: float, samples: int, seq_len: int, e
     batch_size = max(b for b in step_seconds if b == smallest
                      or (left * (1 - FINETUNE_EVAL_SHARE)) / step_seconds[b] >= FINETUNE_MIN_STEPS)
     step = step_seconds[batch_size]
-    evaluations = int(min(10, max(2, FINETUNE_EVAL_SHARE * left // max(eval_seconds, 1e-6))))
+    # As many evaluations as FINETUNE_EVAL_SHARE of the time pays for, up to four an epoch: a
+    # small data set learns (and can start to damage the base) within an epoch or two, and the
+    # guard can only keep a state it has measured.
+    steps_per_epoch = max(1, math.ceil(samples / batch_size))
+    affordable = int(FINETUNE_EVAL_SHARE * left // max(eval_seconds, 1e-6))
+    most = max(2, math.ceil(4 * left / step / steps_per_epoch))
+    evaluations = max(2, min(affordable, most))
     evaluations = max(1, min(evaluations, int((left - 2 * step) // max(eval_seconds, 1e-6))))
     steps = max(1, int((left - evaluations * eval_seconds) // step))
     eval_interval = max(1, math.ceil(steps / evaluations))

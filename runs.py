@@ -918,6 +918,10 @@ def load_trained(path: str | Path, checkpoint_name: Optional[str] = None, say: S
     if (path / "run.json").exists():
         info = read_run_info(path)
         if info.get("finetune"):
+            kept = (info["finetune"].get("result") or {}).get("checkpoint")
+            if checkpoint_name is None and isinstance(kept, str) and (path / kept).is_dir():
+                checkpoint_name = kept  # the state the guard kept, which the adapter holds
+                say(f"using {kept}, the checkpoint the fine-tune's guard kept (--checkpoint NAME for another)")
             model, tokenizer, _ = _rebuild_finetune(info)
             found, model_state, _, _ = checkpoint.load_latest(path, checkpoint_name, on_skip=say, with_optimizer=False)
             result = model.load_state_dict(model_state, strict=False)

@@ -100,7 +100,9 @@ def test_a_finetuning_run_generates_evaluates_and_exports_merged(tmp_path, base_
                        "--temperature", "0"]) == 0
     assert train.main(["eval", str(run), "--json", "--cache-dir", cache]) == 0
     result = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the generated line
-    assert result["loss"] == pytest.approx(losses(run, "eval", "val_loss")[-1], rel=1e-4)
+    kept = json.loads((run / "run.json").read_text())["finetune"]["result"]
+    assert result["checkpoint"] == kept["checkpoint"]  # the state the guard kept, as the adapter
+    assert result["loss"] == pytest.approx(kept["tuned_task_loss"], rel=1e-4)
     assert train.main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     merged = load_file(str(run / "merged" / "model.safetensors"))
