@@ -47,7 +47,7 @@ def test_finetune_lowers_the_response_loss_and_saves_an_adapter(tmp_path, base_a
     args = ["finetune", str(base), "--data", str(data), "--rank", "8", "--epochs", "30", "--batch-size", "4",
             "--seq-len", "48", "--out", str(tmp_path / "runs"), "--name", "ft", "--cache-dir", str(tmp_path / "cache"),
             "trainer.learning_rate=1e-2", "trainer.min_lr=1e-3", "data.val_fraction=0.2", "--merge",
-            "--general-data", "none"]
+            "--general-data", "none", "trainer.early_stopping_patience=0"]
     assert train.main(args + (["--qlora"] if qlora else [])) == 0
     run = tmp_path / "runs" / "ft"
     step_losses = losses(run)
