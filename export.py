@@ -238,11 +238,16 @@ def load_adapter(model: Transformer, path: str | Path, quantize_base: bool = Fal
     return config
 
 
-def merge_and_save(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
-    """A full checkpoint with the adapters folded into the (dequantized) base weights, in
-    the Hugging Face layout."""
+def merged_model(model: Transformer) -> Transformer:
+    """A plain model with the adapters folded into the (dequantized) base weights."""
     from lora import merged_state_dict
 
     merged = Transformer(model.config)
     merged.load_state_dict(merged_state_dict(model))
-    return save_hf(merged, out_dir, tokenizer)
+    return merged
+
+
+def merge_and_save(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
+    """A full checkpoint with the adapters folded into the (dequantized) base weights, in
+    the Hugging Face layout."""
+    return save_hf(merged_model(model), out_dir, tokenizer)
