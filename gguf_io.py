@@ -391,16 +391,22 @@ def config_from_gguf(reader, context_len: Optional[int] = None) -> ModelConfig:
                         f"in Hugging Face directories)")
     experts = int(_field(reader, f"{ARCH}.expert_count", 0) or 0)
     ffn = int(_field(reader, f"{ARCH}.expert_feed_forward_length", 0) or key("feed_forward_length"))
+    moe = dict(use_moe=True, moe_num_experts=experts,
+               moe_active_experts=int(key("expert_used_count"))) if experts else {}
     return ModelConfig(
         vocab_size=vocab_size, num_dims=dims, num_heads=heads,
         num_kv_heads=int(_field(reader, f"{ARCH}.attention.head_count_kv", heads)),
         num_layers=int(key("block_count")), ffn_hidden_dims=ffn,
         context_len=context_len or int(key("context_length")),
-        rmsnorm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)), rope_scaling=scaling,
-        use_moe=experts > 0, moe_num_experts=max(experts, 1),
-        moe_active_experts=int(_field(reader, f"{ARCH}.expert_used_count", 1) or 1) if experts else 1,
-        tie_embeddings="output.weight" not in names)
+        rmsnorm_eps=_float32(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=_float32(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        tie_embeddings="output.weight" not in names, **moe)
+
+
+def _float32(value: float) -> float:
+    """GGUF stores these as float32: 1e-05 comes back as 9.99999974e-06; the shortest decimal
+    with float32's precision gives back the value that was written."""
+    return float(f"{float(value):.7g}")
 
 
 def _bpe_backend(tokens: list[str], merges: list[str], pre: str, ignore_merges: bool):
@@ -460,7 +466,9 @@ def tokenizer_from_gguf(reader):
     if kind is None or tokens is None:
         raise GGUFError("the GGUF carries no tokenizer (tokenizer.ggml.model / tokens)")
     types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))]
-    special = {name: _field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "pad", "unk")}
+    ids = {"bos": gguf.Keys.Tokenizer.BOS_ID, "eos": gguf.Keys.Tokenizer.EOS_ID, "pad": gguf.Keys.Tokenizer.PAD_ID,
+           "unk": gguf.Keys.Tokenizer.UNK_ID}
+    special = {name: _field(reader, key) for name, key in ids.items()}
     if kind == "gpt2":
         backend = _bpe_backend(tokens, _field(reader, "tokenizer.ggml.merges", []), _field(reader, "tokenizer.ggml.pre"),
                                ignore_merges=_field(reader, "tokenizer.ggml.pre") == LLAMA3_PRE)
