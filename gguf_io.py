@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from export import refuse_biased_routing
 from model import ModelConfig, Transformer, llama3_scaled_frequencies
 
 ARCH = "llama"
@@ -71,26 +72,11 @@ def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 # ---- tensors ------------------------------------------------------------------------------
-def refuse_biased_routing(config: ModelConfig, state: dict[str, torch.Tensor], target: str) -> None:
-    """Loss-free balancing picks experts by probability + a per-expert bias. Neither llama.cpp's
-    `llama` nor Mixtral can add a bias to the selection, so a model whose biases differ
-    between experts would route differently there: refused, with what it would need."""
-    if not (config.use_moe and config.use_lossfreebalance):
-        return
-    for name, bias in state.items():
-        if name.endswith("expert_bias") and float(bias.max() - bias.min()) > 0:
-            raise GGUFError(f"{name} holds a loss-free balancing bias ({float(bias.min()):.3g} … {float(bias.max()):.3g}) "
-                            f"that changes which experts a token uses; {target} has no place for a selection bias, "
-                            f"so the model would route differently there. Export it as a Sprat run (or HF with "
-                            f"custom code); a format with an expert-selection bias (e.g. DeepSeek-V3's "
-                            f"e_score_correction_bias) is what it needs")
-
-
 def to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Our weights under llama.cpp's tensor names, q/k permuted, experts stacked (fp32)."""
     config = model.config
+    refuse_biased_routing(model, "llama.cpp's llama architecture")
     state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
-    refuse_biased_routing(config, state, "the GGUF llama architecture")
     out = {"token_embd.weight": state["embed_tokens.weight"], "output_norm.weight": state["norm.weight"]}
     if not config.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
