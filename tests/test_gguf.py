@@ -405,3 +405,54 @@ def test_llama_cpp_top1_agreement_per_quantization(llama_cpp, exported, models, 
     agreement = top1_agreement(llama_cpp, exported[kind, quant], models[kind], ids)
     print(f"{kind} {quant}: top-1 agreement {agreement:.1%} over 64 positions")
     assert agreement >= AGREEMENT[quant]
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer():
+    """A BPE split by Llama 3's regex, byte-level without its own regex, that adds BOS (as
+    Llama 3's tokenizer.json does)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gguf_io import LLAMA3_REGEX
+
+    backend = Tokenizer(models.BPE(ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+    backend.train_from_iterator([CODE, PROSE] * 30, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[1],
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def test_a_hugging_face_directory_with_a_llama3_style_tokenizer_exports_to_gguf(llama3_style_tokenizer, models,
+                                                                                tmp_path):
+    from export import save_hf
+
+    save_hf(models["dense"], tmp_path / "hf", llama3_style_tokenizer)
+    loaded = runs.load_trained(tmp_path / "hf")
+    assert loaded.kind == "huggingface"
+    path = runs.export_model(loaded, tmp_path / "out", "gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is True  # the tokenizer's own habit
+    model, again = load_gguf(path)
+    for text in (MIXED, CODE, PROSE, "don'T 12345 x\r\n\r\n  y"):
+        assert again(text)["input_ids"] == llama3_style_tokenizer(text)["input_ids"], text
+        assert again(text)["input_ids"][0] == 0
+    assert torch.equal(model.lm_head.weight, models["dense"].lm_head.weight)
+
+
+def test_llama_cpp_tokenizes_like_a_llama3_style_tokenizer(llama_cpp, llama3_style_tokenizer, models, tmp_path):
+    path = save_gguf(models["dense"], tmp_path / "l3.gguf", llama3_style_tokenizer, "f16")
+    llm = open_llama(llama_cpp, path)
+    for text in (MIXED, CODE, PROSE, "don'T 12345 x\r\n\r\n  y"):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == llama3_style_tokenizer(text)["input_ids"]
