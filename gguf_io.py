@@ -267,6 +267,8 @@ def modelfile(tokenizer, gguf_name: str) -> str:
     """An Ollama Modelfile for the GGUF `gguf_name` beside it: the chat template rendered
     into Go template syntax (each role's text before and after its content, read off the
     Jinja template and checked on a conversation) and the tokens that end a reply as stops."""
+    from jinja2 import TemplateError
+
     lines = [f"FROM ./{gguf_name}", ""]
     template = tokenizer.chat_template
 
@@ -293,7 +295,7 @@ def modelfile(tokenizer, gguf_name: str) -> str:
                 go = f"{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(generation)}"
                 affixes = "".join(before + after for before, after in parts.values())
                 stops += [token for token in tokenizer.all_special_tokens if token in affixes]
-        except Exception:  # a template with logic we cannot split into role prefixes: no TEMPLATE
+        except (TemplateError, ValueError, TypeError, KeyError):  # e.g. a template that refuses a system turn
             go = None
     if go is not None:
         lines += [f'TEMPLATE """{go}"""', ""]

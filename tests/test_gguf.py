@@ -202,6 +202,17 @@ def test_unsupported_inputs_are_clear_errors(exported, models, tmp_path):
         load_gguf(tmp_path / "gpt2.gguf")
 
 
+def test_a_tensor_type_it_cannot_read_is_named_with_those_it_can(models, tokenizer, tmp_path, monkeypatch):
+    import gguf_io
+
+    encode = gguf_io._encode
+    monkeypatch.setattr(gguf_io, "_encode", lambda name, tensor, quant: (tensor.numpy().astype(np.int8), None)
+                        if name == "blk.1.attn_v.weight" else encode(name, tensor, quant))
+    save_gguf(models["dense"], tmp_path / "i8.gguf", tokenizer, "f32")
+    with pytest.raises(GGUFError, match="blk.1.attn_v.weight has type I8.*supported: F32, F16, Q4_0.*Q4_K.*BF16"):
+        load_gguf(tmp_path / "i8.gguf")
+
+
 # ---- GGUFs written straight from transformers with the gguf package ---------------------------------
 def write_llama_gguf(reference, tokenizer, path, types: dict) -> None:
     """A GGUF of a transformers LlamaForCausalLM, written here with the gguf package and
@@ -338,6 +349,10 @@ def test_import_reads_a_sentencepiece_vocabulary(tmp_path, models):
     text = "hello wörld\n"
     assert spm.decode(spm(text, add_special_tokens=False)["input_ids"]) == text
     assert "<0xC3>" in [tokens[i] for i in spm(text)["input_ids"]]  # ö falls back to its UTF-8 bytes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = open_llama(llama_cpp, path)
+    for text in ("hello world", "hello wörld\n", " hello  world", "lower held word"):
+        assert llm.tokenize(text.encode(), add_bos=True) == spm(text)["input_ids"], text
 
 
 # ---- llama.cpp itself -------------------------------------------------------------------------------
