@@ -471,3 +471,28 @@ def test_llama_cpp_tokenizes_like_a_llama3_style_tokenizer(llama_cpp, llama3_sty
     llm = open_llama(llama_cpp, path)
     for text in (MIXED, CODE, PROSE, "don'T 12345 x\r\n\r\n  y"):
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == llama3_style_tokenizer(text)["input_ids"]
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(llama_cpp, tokenizer, tmp_path):
+    """Llama 3's scaled RoPE is written as llama.cpp's per-frequency divisors: llama.cpp's
+    logits equal ours. Reading such a file back is refused by name (the settings are not
+    recoverable from the divisors)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    model = Transformer(ModelConfig(vocab_size=416, num_dims=64, num_heads=4, num_kv_heads=2, num_layers=2,
+                                    ffn_hidden_dims=128, context_len=128, rope_scaling=scaling)).eval()
+    with torch.no_grad():  # larger weights than the initialisation, so position matters in the logits
+        for block in model.layers:
+            block.self_attn.q_proj.weight.mul_(20)
+            block.self_attn.k_proj.weight.mul_(20)
+    path = save_gguf(model, tmp_path / "l3.gguf", tokenizer, "f32", add_bos=False)
+    ids = tokenizer(MIXED, add_special_tokens=False)["input_ids"][:96]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0][0].numpy()
+        unscaled = Transformer(dataclasses.replace(model.config, rope_scaling=None))
+        unscaled.load_state_dict(model.state_dict())
+        differs = np.abs(unscaled(torch.tensor([ids]))[0][0].numpy() - expected).max()
+    got = teacher_forced(open_llama(llama_cpp, path, n_ctx=128), ids)
+    assert np.abs(got - expected).max() < 1e-3 < differs
+    with pytest.raises(GGUFError, match="rope_freqs"):
+        load_gguf(path)
