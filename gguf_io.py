@@ -173,16 +173,35 @@ def adds_bos(tokenizer) -> bool:
         "input_ids"][:1]
 
 
+def spm_space_prefix(spec: dict) -> bool:
+    """Whether a byte-fallback BPE (SentencePiece converted by transformers) puts "▁" before
+    the text — its Metaspace pre-tokenizer (or a legacy Prepend normalizer) — or an error
+    when it splits text in a way llama.cpp's SentencePiece tokenizer does not."""
+    pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == SPM_SPACE and not pre.get("split", True) \
+            and not normalizer:
+        return pre.get("prepend_scheme", "always") != "never"
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else []
+    if not pre and [step.get("type") for step in steps] == ["Prepend", "Replace"] \
+            and steps[0].get("prepend") == SPM_SPACE and steps[1].get("content") == SPM_SPACE:
+        return True
+    raise GGUFError(f"the SentencePiece-style tokenizer splits text as llama.cpp does not (pre-tokenizer "
+                    f"{json.dumps(pre)[:100]}, normalizer {json.dumps(normalizer)[:100]}); supported: Metaspace "
+                    f"without splitting, or Prepend + Replace of ' ' by '{SPM_SPACE}'")
+
+
 def tokenizer_metadata(tokenizer, vocab_size: int, add_bos: Optional[bool] = None) -> dict:
-    """The GGUF `tokenizer.ggml.*` values of a byte-level BPE (as a `gpt2` vocabulary):
-    tokens by id (padded to the model's vocabulary), types, merges, pre-tokenizer, special ids."""
+    """The GGUF `tokenizer.ggml.*` values of a fast BPE tokenizer: a byte-level BPE as a
+    `gpt2` vocabulary (merges, pre-tokenizer), a byte-fallback BPE converted from
+    SentencePiece as a `llama` one (scores that rank merges as the merge list does, byte
+    tokens); tokens by id padded to the model's vocabulary, types, special ids."""
     gguf = _gguf()
     spec = _backend_spec(tokenizer)
     model = spec["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise GGUFError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')}"
-                        f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
-    pre = bpe_pre_tokenizer(spec)
+    if model.get("type") != "BPE":
+        raise GGUFError(f"GGUF export writes BPE tokenizers (byte-level, or SentencePiece-style with byte fallback); "
+                        f"this one is {model.get('type')}")
+    spm = bool(model.get("byte_fallback"))
     by_id = {index: token for token, index in model["vocab"].items()}
     kinds = {}
     for added in spec.get("added_tokens", []):
@@ -190,18 +209,34 @@ def tokenizer_metadata(tokenizer, vocab_size: int, add_bos: Optional[bool] = Non
         kinds[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     if max(by_id) >= vocab_size:
         raise GGUFError(f"the tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embeddings")
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
     tokens, types = [], []
     for index in range(vocab_size):
-        if index in by_id:
-            tokens.append(by_id[index])
-            types.append(kinds.get(index, gguf.TokenType.NORMAL))
-        else:
-            tokens.append(f"[PAD{index}]")
+        token = by_id.get(index, f"[PAD{index}]")
+        tokens.append(token)
+        if index not in by_id:
             types.append(gguf.TokenType.UNUSED)
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-    values = {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges,
-              "add_bos": adds_bos(tokenizer) if add_bos is None else add_bos,
-              "ignore_merges": bool(model.get("ignore_merges")), "chat_template": tokenizer.chat_template}
+        elif spm and token == tokenizer.unk_token:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif index in kinds:
+            types.append(kinds[index])
+        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    values = {"tokens": tokens, "types": types, "add_bos": adds_bos(tokenizer) if add_bos is None else add_bos,
+              "chat_template": tokenizer.chat_template}
+    if spm:
+        # llama.cpp's SentencePiece merges the adjacent pair whose joined piece scores highest:
+        # a piece scores minus the rank of the first merge that makes it, others below all.
+        scores = [-float(len(merges) + index) for index in range(vocab_size)]
+        for rank, merge in reversed(list(enumerate(merges))):
+            joined = merge.replace(" ", "", 1)
+            if joined in model["vocab"]:
+                scores[model["vocab"][joined]] = -float(rank)
+        values.update(model="llama", scores=scores, add_space_prefix=spm_space_prefix(spec))
+    else:
+        values.update(model="gpt2", pre=bpe_pre_tokenizer(spec), merges=merges)
     for key in ("bos", "eos", "pad", "unk"):
         values[key] = getattr(tokenizer, f"{key}_token_id", None)
     return values
@@ -237,10 +272,14 @@ def save_gguf(model: Transformer, path: str | Path, tokenizer, quant: str = "f16
         writer.add_expert_count(config.moe_num_experts)
         writer.add_expert_used_count(config.moe_active_experts)
     writer.add_tokenizer_model(vocab["model"])
-    writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types([int(kind) for kind in vocab["types"]])
-    writer.add_token_merges(vocab["merges"])
+    if vocab["model"] == "gpt2":
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_merges(vocab["merges"])
+    else:
+        writer.add_token_scores(vocab["scores"])
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
         if vocab[key] is not None:
@@ -416,7 +455,8 @@ def _bpe_backend(tokens: list[str], merges: list[str], pre: str, ignore_merges: 
     return backend
 
 
-def _spm_backend(tokens: list[str], scores: list[float], types: list[int], unk: Optional[int]):
+def _spm_backend(tokens: list[str], scores: list[float], types: list[int], unk: Optional[int],
+                 space_prefix: bool):
     """A SentencePiece-style vocabulary as a tokenizers BPE with byte fallback: merges are the
     splits of each piece into two pieces, ranked by the merged piece's score (as
     transformers' SentencePiece converter does)."""
@@ -436,7 +476,10 @@ def _spm_backend(tokens: list[str], scores: list[float], types: list[int], unk: 
     merges = [(left, right) for *_, left, right in sorted(ranked)]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
                                    unk_token=tokens[unk] if unk is not None else None))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE), normalizers.Replace(" ", SPM_SPACE)])
+    # SentencePiece's dummy prefix: "▁" before the text even when it starts with a space (as
+    # llama.cpp does; transformers' Metaspace adds none there)
+    steps = [normalizers.Prepend(SPM_SPACE)] if space_prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPM_SPACE)])
     backend.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     return backend
@@ -461,7 +504,8 @@ def tokenizer_from_gguf(reader):
         backend = _bpe_backend(tokens, _field(reader, "tokenizer.ggml.merges", []), _field(reader, "tokenizer.ggml.pre"),
                                ignore_merges=_field(reader, "tokenizer.ggml.pre") == LLAMA3_PRE)
     elif kind == "llama":
-        backend = _spm_backend(tokens, _field(reader, "tokenizer.ggml.scores"), types, special["unk"])
+        backend = _spm_backend(tokens, _field(reader, "tokenizer.ggml.scores"), types, special["unk"],
+                               bool(_field(reader, gguf.Keys.Tokenizer.ADD_PREFIX, True)))
     else:
         raise GGUFError(f"the GGUF's tokenizer model {kind!r} is not supported; Sprat reads 'gpt2' (byte-level BPE) "
                         f"and 'llama' (SentencePiece)")

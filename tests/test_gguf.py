@@ -2,6 +2,7 @@
 installed, and against GGUFs written with the gguf package straight from transformers."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -234,7 +235,6 @@ def write_llama_gguf(reference, tokenizer, path, types: dict) -> None:
     specials = set(tokenizer.all_special_ids)
     writer.add_token_list([vocab.get(i, f"[PAD{i}]") for i in range(config.vocab_size)])
     writer.add_token_types([3 if i in specials else 1 if i in vocab else 5 for i in range(config.vocab_size)])
-    import json
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_eos_token_id(tokenizer.eos_token_id)
@@ -496,3 +496,54 @@ def test_llama3_rope_scaling_travels_as_rope_freqs(llama_cpp, tokenizer, tmp_pat
     assert np.abs(got - expected).max() < 1e-3 < differs
     with pytest.raises(GGUFError, match="rope_freqs"):
         load_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style_tokenizer():
+    """Llama 2's kind of tokenizer as transformers builds it: a byte-fallback BPE over
+    "▁"-joined text, with byte tokens, here with merges trained on the test text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    trainer_backend = Tokenizer(models.BPE(byte_fallback=True))
+    trainer_backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer_backend.train_from_iterator([CODE, PROSE] * 30, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    trained_model = json.loads(trainer_backend.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(trained_model["vocab"], key=trained_model["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained_model["merges"]]
+    return LlamaTokenizer(vocab=vocab, merges=merges)
+
+
+SPM_TEXTS = ("hello world", PROSE, CODE, "two  spaces and\ttab ", "wörld ∑ 🙂")  # none starts with a space (see README)
+
+
+def spm_model(tokenizer) -> Transformer:
+    return Transformer(ModelConfig(vocab_size=len(tokenizer), num_dims=32, num_heads=2, num_kv_heads=1, num_layers=1,
+                                   ffn_hidden_dims=32, context_len=512))
+
+
+def test_a_sentencepiece_style_tokenizer_exports_as_a_llama_vocabulary(sentencepiece_style_tokenizer, models,
+                                                                      tmp_path):
+    tokenizer = sentencepiece_style_tokenizer
+    path = save_gguf(spm_model(tokenizer), tmp_path / "spm.gguf", tokenizer, "f32")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[0] == gguf.TokenType.UNKNOWN and types[3] == gguf.TokenType.BYTE
+    _, again = load_gguf(path)
+    for text in SPM_TEXTS:
+        assert again(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)[
+            "input_ids"], text
+        assert again.decode(again(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_llama_cpp_tokenizes_like_a_sentencepiece_style_tokenizer(llama_cpp, sentencepiece_style_tokenizer, models,
+                                                                  tmp_path):
+    tokenizer = sentencepiece_style_tokenizer
+    path = save_gguf(spm_model(tokenizer), tmp_path / "spm.gguf", tokenizer, "f16", add_bos=False)
+    llm = open_llama(llama_cpp, path, n_ctx=512)
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text, add_special_tokens=False)["input_ids"], \
+            text
