@@ -127,14 +127,18 @@ def from_gguf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> 
     return state
 
 
-def _encode(name: str, tensor: torch.Tensor, quant: str) -> tuple[np.ndarray, Optional[object]]:
+def _encode(name: str, tensor: torch.Tensor, quant: str, head: str) -> tuple[np.ndarray, Optional[object]]:
     """(array, raw type) for GGUFWriter.add_tensor. Norms, RoPE factors and the router stay
-    fp32 as llama.cpp's converter keeps them; a row that does not fill whole quantization
-    blocks falls back to f16."""
+    fp32 as llama.cpp's converter keeps them; the output head (`head`: `output.weight`, or
+    the tied embedding) of a 4- or 5-bit file is q8_0, as llama.cpp's own quantizer keeps
+    it above the rest (at Q6_K, which gguf cannot write); a row that does not fill whole
+    quantization blocks falls back to f16."""
     gguf = _gguf()
     array = tensor.numpy().astype(np.float32)
     if tensor.dim() == 1 or name.endswith(("ffn_gate_inp.weight", "rope_freqs.weight")) or quant == "f32":
         return array, None
+    if name == head and quant.startswith(("q4", "q5")):
+        quant = "q8_0"
     qtype = quant_types()[quant][0]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if quant == "f16" or array.shape[-1] % block:
@@ -288,8 +292,9 @@ def save_gguf(model: Transformer, path: str | Path, tokenizer, quant: str = "f16
     writer.add_add_eos_token(False)
     if vocab["chat_template"]:
         writer.add_chat_template(vocab["chat_template"])
+    head = "token_embd.weight" if config.tie_embeddings else "output.weight"
     for tensor_name, tensor in tensors.items():
-        array, raw_dtype = _encode(tensor_name, tensor, quant)
+        array, raw_dtype = _encode(tensor_name, tensor, quant, head)
         writer.add_tensor(tensor_name, array, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -102,6 +102,7 @@ def test_sprat_gguf_reads_back_with_only_the_quantization_error(models, tokenize
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     if quant not in ("f32", "f16"):
         assert types["blk.0.attn_v.weight"].name.lower() == quant
+        assert types["output.weight"].name.lower() == ("q8_0" if quant[:2] in ("q4", "q5") else quant)
     # each weight comes back as exactly its own rounding through the type it was stored as
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}.get(
         quant, types["blk.0.attn_v.weight"])
@@ -111,7 +112,8 @@ def test_sprat_gguf_reads_back_with_only_the_quantization_error(models, tokenize
             continue
         heads = {"q_proj": model.config.num_heads, "k_proj": model.config.num_kv_heads}.get(name.split(".")[-2])
         stored = permute_rotary(tensor, heads) if heads else tensor
-        rounded = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(stored.numpy(), qtype), qtype))
+        rounding = types["output.weight"] if name == "lm_head.weight" else qtype
+        rounded = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(stored.numpy(), rounding), rounding))
         assert torch.equal(reloaded[name], unpermute_rotary(rounded, heads) if heads else rounded), name
     x = torch.tensor([tokenizer(PROSE, add_special_tokens=False)["input_ids"][:48]])
     with torch.no_grad():
@@ -207,8 +209,8 @@ def test_a_tensor_type_it_cannot_read_is_named_with_those_it_can(models, tokeniz
     import gguf_io
 
     encode = gguf_io._encode
-    monkeypatch.setattr(gguf_io, "_encode", lambda name, tensor, quant: (tensor.numpy().astype(np.int8), None)
-                        if name == "blk.1.attn_v.weight" else encode(name, tensor, quant))
+    monkeypatch.setattr(gguf_io, "_encode", lambda name, tensor, quant, head: (tensor.numpy().astype(np.int8), None)
+                        if name == "blk.1.attn_v.weight" else encode(name, tensor, quant, head))
     save_gguf(models["dense"], tmp_path / "i8.gguf", tokenizer, "f32")
     with pytest.raises(GGUFError, match="blk.1.attn_v.weight has type I8.*supported: F32, F16, Q4_0.*Q4_K.*BF16"):
         load_gguf(tmp_path / "i8.gguf")
