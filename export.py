@@ -1,8 +1,11 @@
-"""Import and export in the Hugging Face Llama layout (config.json + model.safetensors).
+"""Import and export in the Hugging Face Llama layout (config.json + model.safetensors),
+and Mixtral's for mixture-of-experts models.
 
 Our parameter names are Llama's without the `model.` prefix (see model.py), so the
 mapping is a prefix and the tied output head; nothing is permuted, because our RoPE
-uses the same half-split layout as `transformers`.
+uses the same half-split layout as `transformers`. Mixtral routes as our MoE does
+(softmax over all experts, top-k, renormalised), its experts' w1/w3/w2 are our
+gate/up/down projections and its router `block_sparse_moe.gate` is our `mlp.gate`.
 """
 
 from __future__ import annotations
@@ -19,44 +22,78 @@ from data import refuse_remote_code
 from model import ModelConfig, Transformer
 
 HEAD = "lm_head.weight"
+MIXTRAL_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # ours → Mixtral's
+
+
+class UnsupportedModel(ValueError):
+    """A model the target format cannot express, explained."""
+
+
+def refuse_biased_routing(model: Transformer, target: str) -> None:
+    """Loss-free balancing picks experts by probability + a per-expert bias. Neither Mixtral nor
+    llama.cpp's `llama` can add a bias to the selection, so a model whose biases differ
+    between experts would route differently there: refused, saying what it would need."""
+    if not (model.config.use_moe and model.config.use_lossfreebalance):
+        return
+    for name, bias in model.state_dict().items():
+        if name.endswith("expert_bias") and float(bias.max() - bias.min()) > 0:
+            raise UnsupportedModel(
+                f"{name} holds a loss-free balancing bias ({float(bias.min()):.3g} … {float(bias.max()):.3g}) that "
+                f"changes which experts a token uses; {target} has no expert-selection bias, so the model would "
+                f"route differently there. Keep using it as a Sprat run; a format with a selection bias (DeepSeek-V3's "
+                f"e_score_correction_bias) is what it needs")
+
+
+def _hf_name(name: str) -> str:
+    """Our parameter name → the Hugging Face one (Mixtral's for expert layers)."""
+    if ".mlp.gate." in name or ".mlp.experts." in name:
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+        for ours, theirs in MIXTRAL_EXPERT.items():
+            name = name.replace(f".{ours}.", f".{theirs}.")
+    return name if name == HEAD else "model." + name
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our state dict under Llama's key names; the tied head is stored once, as the embedding."""
-    if model.config.use_moe:
-        raise ValueError("exporting a mixture-of-experts model to the Llama layout is not supported yet "
-                         "(it needs the Mixtral layout)")
+    """Our state dict under Llama's (or, with experts, Mixtral's) key names; the tied head is
+    stored once, as the embedding."""
+    refuse_biased_routing(model, "the Mixtral layout")
     state = {}
     for name, tensor in model.state_dict().items():
-        if name == HEAD:
-            if model.config.tie_embeddings:
-                continue
-            state[name] = tensor
-        else:
-            state["model." + name] = tensor
+        if (name == HEAD and model.config.tie_embeddings) or name.endswith("expert_bias"):
+            continue
+        state[_hf_name(name)] = tensor
     return state
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Llama's key names → ours. Rotary buffers some old checkpoints carry are dropped."""
+def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama's or Mixtral's key names → ours. Rotary buffers some old checkpoints carry are dropped."""
     ours = {}
     for name, tensor in state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if name == HEAD:
-            if not tie_embeddings:
+            if not config.tie_embeddings:
                 ours[name] = tensor
         elif name.startswith("model."):
-            ours[name[len("model."):]] = tensor
+            name = name[len("model."):]
+            if ".block_sparse_moe." in name:
+                name = name.replace(".block_sparse_moe.", ".mlp.")
+                for our, their in MIXTRAL_EXPERT.items():
+                    name = name.replace(f".{their}.", f".{our}.")
+            ours[name] = tensor
         else:
             raise ValueError(f"unexpected tensor {name!r} in a Llama checkpoint")
-    if tie_embeddings:
+    if config.tie_embeddings:
         ours[HEAD] = ours["embed_tokens.weight"]
+    if config.use_moe:
+        for index in range(config.num_layers):
+            ours[f"layers.{index}.mlp.expert_bias"] = torch.zeros(config.moe_num_experts)
     return ours
 
 
 def hf_config(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> dict:
-    """A `config.json` for `LlamaForCausalLM` with the same shape as `config`."""
+    """A `config.json` for `LlamaForCausalLM` (`MixtralForCausalLM` with experts) with the
+    same shape as `config`."""
     values = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -80,6 +117,13 @@ def hf_config(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.fl
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if config.use_moe:
+        for key in ("attention_bias", "mlp_bias"):
+            del values[key]
+        values.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                       "num_local_experts": config.moe_num_experts, "num_experts_per_tok": config.moe_active_experts,
+                       "router_aux_loss_coef": config.moe_aux_loss_coef, "router_jitter_noise": 0.0,
+                       "sliding_window": None, "output_router_logits": False})
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             token_id = getattr(tokenizer, key, None)
@@ -91,9 +135,9 @@ def hf_config(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.fl
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` (and its tokenizer) as a directory `transformers` loads with
     `AutoModelForCausalLM.from_pretrained`."""
+    state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
     dtype = next(iter(state.values())).dtype
     _save_shareable(state, out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
@@ -105,9 +149,17 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
 def config_from_hf(values: dict, context_len: Optional[int] = None) -> ModelConfig:
     """Our ModelConfig for a Llama `config.json`; unsupported variants are a clear error."""
     model_type = values.get("model_type")
-    if model_type != "llama":
-        raise ValueError(f"model_type {model_type!r} is not supported; load_hf imports Llama-architecture "
-                         f"checkpoints (model_type 'llama')")
+    if model_type not in ("llama", "mixtral"):
+        raise ValueError(f"model_type {model_type!r} is not supported; load_hf imports Llama- and "
+                         f"Mixtral-architecture checkpoints (model_type 'llama' or 'mixtral')")
+    moe = {}
+    if model_type == "mixtral":
+        window = values.get("sliding_window")
+        if window is not None and window < values.get("max_position_embeddings", 0):
+            raise ValueError(f"config.json has sliding_window={window}; Sprat attends to the whole context")
+        moe = dict(use_moe=True, moe_num_experts=values["num_local_experts"],
+                   moe_active_experts=values["num_experts_per_tok"],
+                   moe_aux_loss_coef=values.get("router_aux_loss_coef", 0.01))
     unsupported = {
         "attention_bias": values.get("attention_bias", False),
         "mlp_bias": values.get("mlp_bias", False),
@@ -144,6 +196,7 @@ def config_from_hf(values: dict, context_len: Optional[int] = None) -> ModelConf
         rope_theta=float(rope_theta),
         rope_scaling=scaling,
         tie_embeddings=bool(values.get("tie_word_embeddings", False)),
+        **moe,
     )
 
 
@@ -175,7 +228,7 @@ def _save_shareable(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_hf(path: str | Path, context_len: Optional[int] = None,
             dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Import a Llama-architecture directory saved by `transformers` (`save_pretrained`).
+    """Import a Llama- or Mixtral-architecture directory saved by `transformers` (`save_pretrained`).
     `context_len` caps the RoPE tables for checkpoints with very long contexts."""
     path = Path(path)
     config_file = path / "config.json"
@@ -183,7 +236,7 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     refuse_remote_code(path)
     config = config_from_hf(json.loads(config_file.read_text()), context_len)
-    state = from_hf_state_dict(_read_weights(path), config.tie_embeddings)
+    state = from_hf_state_dict(_read_weights(path), config)
     model = Transformer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -238,11 +291,16 @@ def load_adapter(model: Transformer, path: str | Path, quantize_base: bool = Fal
     return config
 
 
-def merge_and_save(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
-    """A full checkpoint with the adapters folded into the (dequantized) base weights, in
-    the Hugging Face layout."""
+def merged_model(model: Transformer) -> Transformer:
+    """A plain model with the adapters folded into the (dequantized) base weights."""
     from lora import merged_state_dict
 
     merged = Transformer(model.config)
     merged.load_state_dict(merged_state_dict(model))
-    return save_hf(merged, out_dir, tokenizer)
+    return merged
+
+
+def merge_and_save(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
+    """A full checkpoint with the adapters folded into the (dequantized) base weights, in
+    the Hugging Face layout."""
+    return save_hf(merged_model(model), out_dir, tokenizer)

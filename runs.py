@@ -31,7 +31,8 @@ from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedB
                   instruction_lengths,
                   load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note, tokenizer_hash)
 from events import Callback, MetricsLog, TensorBoardLog, perplexity
-from export import load_hf, merge_and_save, save_adapter, save_hf
+from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
+from gguf_io import export_gguf, load_gguf
 from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
 from trainer import Guard, Trainer, TrainerConfig, TrainResult, evaluate, guard_limit, resolve_device, resolve_dtype
@@ -815,8 +816,8 @@ def _record(run_dir: Path, comparison: Optional[Comparison], adapter: Path, merg
 
 
 def load_base(base: str) -> tuple[Transformer, object]:
-    """A base model and its tokenizer: a Sprat run directory (its latest checkpoint) or a
-    Llama-architecture directory saved by `transformers`."""
+    """A base model and its tokenizer: a Sprat run directory (its latest checkpoint), a
+    Llama-architecture directory saved by `transformers`, or a llama `.gguf` file."""
     path = Path(base)
     if (path / "run.json").exists() and read_run_info(path).get("finetune"):
         raise ConfigError(f"{path} is a fine-tuning run; fine-tune its merged model (finetune --merge) instead")
@@ -901,18 +902,22 @@ class Loaded:
     model: Transformer
     tokenizer: object
     source: Path
-    kind: str  # pretrained | finetuned | huggingface
+    kind: str  # pretrained | finetuned | huggingface | gguf
     checkpoint: Optional[str] = None
     info: Optional[dict] = None
 
 
 def load_trained(path: str | Path, checkpoint_name: Optional[str] = None, say: Say = _quiet) -> Loaded:
     """The model of a Sprat run directory (its latest or a named checkpoint; fine-tuning
-    runs rebuild their base and add the adapter), of one of its checkpoint directories, or
-    of a Hugging Face Llama directory. The checkpoint is verified once, as it is read."""
+    runs rebuild their base and add the adapter), of one of its checkpoint directories, of
+    a Hugging Face Llama/Mixtral directory, or of a llama `.gguf` file. The checkpoint is
+    verified once, as it is read."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such run or model directory")
+        raise ConfigError(f"{path}: no such run or model directory, nor .gguf file")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf(path)
+        return Loaded(model, tokenizer, path, "gguf")
     if (path / checkpoint.MANIFEST_FILE).exists() and (path.parent / "run.json").exists():  # a checkpoint directory
         path, checkpoint_name = path.parent, path.name
     if (path / "run.json").exists():
@@ -940,8 +945,8 @@ def load_trained(path: str | Path, checkpoint_name: Optional[str] = None, say: S
         return Loaded(model, load_tokenizer_dir(path), path, "pretrained", found.name, info)
     if (path / "config.json").exists():
         return Loaded(load_hf(path), load_pretrained_tokenizer(str(path)), path, "huggingface")
-    raise ConfigError(f"{path}: not a Sprat run directory (run.json), one of its checkpoints, nor a Hugging Face "
-                      f"model directory (config.json)")
+    raise ConfigError(f"{path}: not a Sprat run directory (run.json), one of its checkpoints, a Hugging Face "
+                      f"model directory (config.json), nor a .gguf file")
 
 
 def chat_prompt(tokenizer, message: str) -> str:
@@ -1105,18 +1110,25 @@ def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
                       request.general_data, base_general, tuned_general, request.max_general_rise, tuned.checkpoint)
 
 
-def export_model(loaded: Loaded, out: Path, fmt: str = "hf") -> Path:
-    """The model in the Hugging Face Llama layout (fine-tuned models with the adapter
-    merged in), with its tokenizer."""
-    if fmt != "hf":
-        raise ConfigError(f"export format {fmt!r} is not supported yet; use hf")
+EXPORT_FORMATS = ("hf", "gguf")
+
+
+def export_model(loaded: Loaded, out: Path, fmt: str = "hf", quant: str = "f16") -> Path:
+    """The model (fine-tuned models with the adapter merged in) with its tokenizer: in the
+    Hugging Face layout (Llama, or Mixtral for MoE), or as a GGUF file with an Ollama
+    Modelfile beside it (returns the GGUF's path)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {fmt!r} is not supported; choose one of: {', '.join(EXPORT_FORMATS)}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; export needs a new (or empty) directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new directory")
-    if loaded.kind == "finetuned":
-        return merge_and_save(loaded.model, out, loaded.tokenizer)
-    return save_hf(loaded.model, out, loaded.tokenizer)
+    model = merged_model(loaded.model) if loaded.kind == "finetuned" else loaded.model
+    if fmt == "hf":
+        return save_hf(model, out, loaded.tokenizer)
+    # Sprat trains and generates without a BOS token; imported models keep their tokenizer's habit.
+    add_bos = False if loaded.kind in ("pretrained", "finetuned") else None
+    return export_gguf(model, out, loaded.tokenizer, quant, add_bos)
 
 
 # ---- listing ----------------------------------------------------------------------------------

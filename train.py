@@ -27,6 +27,7 @@ from config_editor import render_table
 from config_io import ConfigError, apply_overrides, save_configs
 from data import BUILTIN, DataError
 from display import check_table, comparison_text, display_for, report_outcome
+from gguf_io import QUANTS
 from lora import LoRAConfig
 from model import PRESETS
 from runs import DEFAULT_CACHE, DEFAULT_PRESET, SECTIONS, since_launch
@@ -145,9 +146,18 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     loaded = runs.load_trained(args.run_dir, args.checkpoint, say=say_to(console))
-    path = runs.export_model(loaded, Path(args.out), args.format)
+    started = time.perf_counter()
+    path = runs.export_model(loaded, Path(args.out), args.format, args.quant)
+    merged = " with the adapter merged" if loaded.kind == "finetuned" else ""
+    if args.format == "gguf":
+        console.print(f"exported {loaded.source} ({loaded.checkpoint or loaded.kind}) to {path}{merged} (GGUF "
+                      f"{args.quant}, {path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s) and "
+                      f"an Ollama Modelfile beside it; run it with llama.cpp (llama-cli -m {path}) or "
+                      f"`ollama create NAME -f {path.parent / 'Modelfile'}`", markup=False)
+        return 0
+    layout = "Mixtral" if loaded.model.config.use_moe else "Llama"
     console.print(f"exported {loaded.source} ({loaded.checkpoint or loaded.kind}) to {path} in the Hugging Face "
-                  f"Llama layout{' with the adapter merged' if loaded.kind == 'finetuned' else ''}; load it with "
+                  f"{layout} layout{merged}; load it with "
                   f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})", markup=False)
     return 0
 
@@ -266,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "directory) on instruction/chat records (Alpaca, prompt/response or "
                                                "messages); the loss is on the responses only. LoRA fields are "
                                                "settable as lora.FIELD=VALUE.")
-    finetune.add_argument("base")
+    finetune.add_argument("base", help="a Sprat run directory, a Hugging Face Llama directory or a .gguf file")
     finetune.add_argument("--data", required=True, help="a local .json/.jsonl/.csv/.parquet file or folder, or a hub dataset")
     finetune.add_argument("--rank", type=positive_int, default=runs.FinetuneRequest.rank, help="LoRA rank (alpha defaults to 2 x rank)")
     finetune.add_argument("--qlora", action="store_true", help="quantize the frozen base to 4-bit NF4 (QLoRA)")
@@ -293,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE")
     resume.set_defaults(func=cmd_resume)
 
-    model_help = "a run directory (latest checkpoint), one of its checkpoint directories, or a Hugging Face model directory"
+    model_help = ("a run directory (latest checkpoint), one of its checkpoint directories, a Hugging Face model "
+                  "directory, or a .gguf file")
     generate = commands.add_parser("generate", help="generate text with a trained model",
                                    description="Continue PROMPT with a trained model, streaming the text.")
     generate.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
@@ -325,11 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_guard_arguments(evaluation)
     evaluation.set_defaults(func=cmd_eval)
 
-    export = commands.add_parser("export", help="export a trained model (Hugging Face Llama layout)",
-                                 description="Write a trained model where `transformers` loads it; fine-tuned "
-                                             "runs are exported with the adapter merged in.")
+    export = commands.add_parser("export", help="export a trained model (Hugging Face layout or GGUF)",
+                                 description="Write a trained model where `transformers` (hf: Llama, or Mixtral for "
+                                             "MoE) or llama.cpp / Ollama (gguf) loads it; fine-tuned runs are "
+                                             "exported with the adapter merged in.")
     export.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
-    export.add_argument("--format", default="hf", choices=("hf",), help="hf: safetensors + config.json + tokenizer")
+    export.add_argument("--format", default="hf", choices=runs.EXPORT_FORMATS,
+                        help="hf: safetensors + config.json + tokenizer; gguf: one .gguf file + an Ollama Modelfile")
+    export.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF tensor type (default f16)")
     export.add_argument("--out", required=True, help="a new (or empty) directory")
     export.add_argument("--checkpoint", default=None, help="checkpoint name (default: the latest)")
     export.set_defaults(func=cmd_export)

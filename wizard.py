@@ -29,6 +29,7 @@ from config_io import ConfigError, load_configs, save_configs
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
 import runs
 from display import check_table, display_for, format_bytes, format_seconds, report_outcome
+from gguf_io import QUANTS
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from runs import chat_prompt, data_summary, default_configs, fit_model_to_data, list_runs, load_trained, stop_token, \
@@ -473,7 +474,7 @@ class Wizard:
             self.console.print(table)
         hint = "a number from the list or a path" if found else "a path"
         if not runs_only:
-            hint += " (a run, a checkpoint or a Hugging Face model directory)"
+            hint += " (a run, a checkpoint, a Hugging Face model directory or a .gguf file)"
         while True:
             answer = self.ask(f"{what}: {hint}", default="1" if found else None)
             if answer.isdigit() and found and 1 <= int(answer) <= len(found):
@@ -590,10 +591,22 @@ class Wizard:
 
     def export(self) -> None:
         path = self.pick_model("Model to export")
-        out = Path(self.ask("Export to (a new directory)", default=f"exports/{path.name}")).expanduser()
+        fmt = self.choose("Format: hf (transformers) or gguf (llama.cpp, Ollama)", list(runs.EXPORT_FORMATS),
+                          default="hf")
+        quant = self.choose(f"GGUF tensor type ({', '.join(QUANTS)})", list(QUANTS), default="f16") \
+            if fmt == "gguf" else "f16"
+        out = Path(self.ask("Export to (a new directory)", default=f"exports/{path.stem}-{fmt}")).expanduser()
         with self.console.status("exporting ..."):
-            exported = runs.export_model(load_trained(path, say=self.say), out)
-        self.say(f"✓ exported to {exported} (Hugging Face Llama layout: transformers.AutoModelForCausalLM loads it)")
+            loaded = load_trained(path, say=self.say)
+            exported = runs.export_model(loaded, out, fmt, quant)
+        if fmt == "gguf":
+            self.say(f"✓ exported to {exported} ({quant}, {exported.stat().st_size / 1e6:.1f} MB) with an Ollama "
+                     f"Modelfile beside it: llama.cpp loads the file, `ollama create NAME -f "
+                     f"{exported.parent / 'Modelfile'}` makes an Ollama model")
+        else:
+            layout = "Mixtral" if loaded.model.config.use_moe else "Llama"
+            self.say(f"✓ exported to {exported} (Hugging Face {layout} layout: transformers.AutoModelForCausalLM "
+                     f"loads it)")
 
 
 class _Back(Exception):

@@ -187,9 +187,44 @@ def test_export_from_a_checkpoint_directory_and_unknown_format(run, tmp_path, ca
     assert train.main(["export", str(latest), "--out", str(tmp_path / "x")]) == 0
     assert latest.name in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["export", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "y")])
+        train.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "y")])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'gguf'" in capsys.readouterr().err
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["export", str(run_dir), "--format", "gguf", "--quant", "q3_k", "--out", str(tmp_path / "y")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'q3_k'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_export_gguf_then_every_model_command_reads_the_file(run, tmp_path, capsys, quant):
+    """The .gguf an export writes is a model path for generate and eval: at f32 it continues
+    a prompt exactly as the run does and evaluates to the same loss."""
+    run_dir, cache = run
+    out = tmp_path / "gguf"
+    assert train.main(["export", str(run_dir), "--format", "gguf", "--quant", quant, "--out", str(out)]) == 0
+    gguf_file = out / f"model-{quant}.gguf"
+    assert str(gguf_file) in capsys.readouterr().out
+    assert (out / "Modelfile").read_text().startswith(f"FROM ./{gguf_file.name}\n")
+    texts = []
+    for model in (run_dir, gguf_file):
+        assert train.main(["generate", str(model), "--prompt", "the model", "--temperature", "0",
+                           "--max-new-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    losses = []
+    for model in (run_dir, gguf_file):
+        assert train.main(["eval", str(model), "--data", str(cache.parent / "corpus.jsonl"), "--cache-dir", str(cache),
+                           "--seq-len", "16", "--json"]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    if quant == "f32":
+        assert texts[0] == texts[1]
+        assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    else:
+        assert losses[1] == pytest.approx(losses[0], rel=0.02)
+    assert train.main(["generate", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    assert train.main(["generate", str(tmp_path / "bad.gguf"), "--prompt", "x"]) == 2
+    assert "bad.gguf" in capsys.readouterr().err
 
 
 def test_check_json_reports_every_check(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from export import load_hf, save_hf
 from model import Transformer
@@ -89,3 +89,55 @@ def test_load_hf_rejects_what_it_cannot_import(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**values, "intermediate_size": 100}))
     with pytest.raises(ValueError, match="shape"):
         load_hf(tmp_path)
+
+
+def moe_config(tiny, **overrides):
+    return dataclasses.replace(tiny, use_moe=True, moe_num_experts=4, moe_active_experts=2, context_len=32,
+                               tie_embeddings=False, **overrides)
+
+
+def test_a_moe_model_exports_as_mixtral_with_the_same_logits(tmp_path, tiny):
+    ours = Transformer(moe_config(tiny)).eval()
+    for block in ours.layers:  # a decisive router, so no top-k near-ties for rounding to flip
+        torch.nn.init.normal_(block.mlp.gate.weight, std=1.0)
+    save_hf(ours, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "mixtral" and written["num_local_experts"] == 4
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reference, MixtralForCausalLM)
+    x = torch.randint(0, ours.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x).logits, ours(x)[0], atol=1e-4, rtol=0)
+    again = load_hf(tmp_path)
+    assert again.config == ours.config
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_load_hf_reads_a_mixtral_directory_saved_by_transformers(tmp_path):
+    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=1e4)
+    reference = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.mlp.gate.weight.normal_(std=1.0)
+    reference.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    assert ours.config.use_moe and ours.config.moe_num_experts == 4 and ours.config.moe_active_experts == 2
+    x = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], reference(x).logits, atol=1e-4, rtol=0)
+
+
+def test_routing_the_target_cannot_express_is_refused(tmp_path, tiny):
+    ours = Transformer(moe_config(tiny, use_lossfreebalance=True))
+    save_hf(ours, tmp_path / "zero")  # an all-zero bias routes as Mixtral does
+    ours.layers[1].mlp.expert_bias[0] = 1e-3
+    with pytest.raises(ValueError, match="layers.1.mlp.expert_bias.*Mixtral layout has no expert-selection bias"):
+        save_hf(ours, tmp_path / "biased")
+    assert not (tmp_path / "biased").exists()
+    values = json.loads((tmp_path / "zero" / "config.json").read_text())
+    (tmp_path / "zero" / "config.json").write_text(json.dumps({**values, "sliding_window": 8}))
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        load_hf(tmp_path / "zero")

@@ -274,3 +274,30 @@ def test_a_guarded_finetune_resumes_with_its_guard(tmp_path, base_and_data):
     evals = [e for e in events if e["type"] == "eval"]
     assert [e["step"] for e in evals] == [1, 2, 3, 4] and all(e["general_loss"] is not None for e in evals)
     assert json.loads((run / "run.json").read_text())["finetune"]["result"]["checkpoint"]
+
+
+def test_finetune_a_gguf_base_then_export_the_merged_model_as_gguf(tmp_path, base_and_data):
+    """A .gguf file is a base like any other: the fine-tune rebuilds it to load its adapter
+    checkpoints, and the GGUF export of the run carries the adapter merged in."""
+    from gguf_io import load_gguf
+
+    base, data = base_and_data
+    assert train.main(["export", str(base), "--format", "gguf", "--quant", "f32", "--out", str(tmp_path / "g")]) == 0
+    gguf_base = tmp_path / "g" / "model-f32.gguf"
+    assert train.main(["finetune", str(gguf_base), "--data", str(data), "--rank", "2", "--batch-size", "4",
+                       "--seq-len", "48", "trainer.max_steps=3", "trainer.learning_rate=1e-2", "--merge",
+                       "--out", str(tmp_path / "runs"), "--name", "ft", "--cache-dir", str(tmp_path / "cache"),
+                       *general(tmp_path)]) == 0
+    run = tmp_path / "runs" / "ft"
+    assert json.loads((run / "run.json").read_text())["finetune"]["base"] == str(gguf_base.resolve())
+    assert train.main(["export", str(run), "--format", "gguf", "--quant", "f32", "--out", str(tmp_path / "ft")]) == 0
+    exported, _ = load_gguf(tmp_path / "ft" / "model-f32.gguf")
+    merged = load_file(str(run / "merged" / "model.safetensors"))
+    original = load_hf(base).state_dict()
+    changed = 0
+    for name, tensor in exported.state_dict().items():
+        key = "lm_head.weight" if name == "lm_head.weight" else "model." + name
+        if key in merged:
+            assert (merged[key] == tensor).all(), name
+            changed += not (original[name] == tensor).all()
+    assert changed > 0  # the adapter moved some weights

@@ -144,13 +144,29 @@ def trained(tmp_path, corpus):
 
 def test_chat_evaluate_and_export_from_the_menu(tmp_path, trained):
     keys = ["6", "1", "the model", "/temperature 0", "/top_k x", "/top_p 2", "/nope", "", "7", "1",
-            "8", "1", str(tmp_path / "exported"), "3"]
+            "8", "1", "hf", str(tmp_path / "exported"), "3"]
     code, _, out = drive(tmp_path, keys)
     assert code == 0, out
     assert "temperature = 0.0" in out and "needs a whole number" in out and "out of range" in out
     assert "unknown command /nope" in out
     assert "perplexity" in out and "exported to" in out
     assert (tmp_path / "exported" / "config.json").exists()
+
+
+def test_export_gguf_from_the_menu_then_chat_with_the_file(tmp_path, trained):
+    """Menu 8 writes a GGUF of the chosen type; menus 6 (chat) and 5 (fine-tune) take a .gguf path."""
+    gguf_file = tmp_path / "gguf" / "model-q8_0.gguf"
+    keys = ["8", "1", "gguf", "q3", "q8_0", str(tmp_path / "gguf"),
+            "6", str(tmp_path / "missing.gguf"), str(gguf_file), "/temperature 0", "the model", "", "3"]
+    code, _, out = drive(tmp_path, keys)
+    assert code == 0, out
+    assert gguf_file.exists() and (tmp_path / "gguf" / "Modelfile").exists()
+    words = " ".join(out.split())  # long temporary paths wrap
+    assert "q8_0" in words and "ollama create" in words
+    assert "missing.gguf: not a number from the list nor an existing path" in words
+    assert "model-q8_0.gguf (gguf); text continuation mode" in words and "you: the model" in words
+    loaded = runs.load_trained(gguf_file)
+    assert loaded.kind == "gguf" and loaded.model.config.vocab_size == runs.load_trained(trained).model.config.vocab_size
 
 
 def test_evaluate_gives_the_figures_the_command_line_gives(tmp_path, trained, capsys, monkeypatch):
