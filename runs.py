@@ -601,15 +601,15 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
     if request.name and _is_writer(trainer_config.use_ddp):
         check_new_run_dir(new_run_dir(request.out, trainer_config, request.name), request.overwrite)
-    seq_len = request.seq_len or _overridden(request.overrides, "trainer.max_seq_len")
-    if seq_len is None:
+    seq_len = request.seq_len or (trainer_config.max_seq_len if _overridden(request.overrides, "trainer.max_seq_len")
+                                  else None)
+    if seq_len is None:  # from the data: nothing cut silently
         lengths = instruction_lengths(data_config, tokenizer)
         seq_len, cut = finetune_seq_len(lengths, model.config.context_len)
         say(f"sequence length {seq_len}, from the data: records of {min(lengths)}-{max(lengths)} tokens"
             + (f"; {cut} longer than {seq_len + 1} (the model's context or the outliers) are cut"
                f"{' (data.overlong=drop skips them)' if data_config.overlong == 'truncate' else ''}" if cut else ""))
-        seq_len = int(trainer_config.max_seq_len if "trainer.max_seq_len" in request.overrides else seq_len)
-    trainer_config = dataclasses.replace(trainer_config, max_seq_len=int(seq_len))
+    trainer_config = dataclasses.replace(trainer_config, max_seq_len=seq_len)
     if trainer_config.max_seq_len > model.config.context_len:
         raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
                           f"({model.config.context_len})")
@@ -632,7 +632,8 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
         guard = Guard(general, base_general, base_task, request.max_general_rise, GUARD_SEQUENCES, 1,
                       request.general_data)
         say(f"base model: task validation loss {base_task:.3f}, general-text perplexity "
-            f"{perplexity(base_general):.2f} ({len(general)} x {general.seq_len} tokens of {request.general_data}); the guard keeps checkpoints within +{request.max_general_rise:.0%}")
+            f"{perplexity(base_general):.2f} ({len(general)} x {general.seq_len} tokens of {request.general_data}); "
+            f"the guard keeps checkpoints within +{request.max_general_rise:.0%}")
     else:
         say(f"base model: task validation loss {base_task:.3f}; no general-text guard (--general-data none)")
     eval_seconds = time.perf_counter() - eval_started
