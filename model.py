@@ -273,6 +273,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 
+def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each linear applied to x. While training plain bias-free `nn.Linear`s, as one matmul
+    over their concatenated weights: one GEMM each way instead of several, and x's
+    gradient comes out of one matmul instead of being summed from each. Otherwise
+    (LoRA, NF4, or no autograd, where the concatenated copy would cost a decoding step
+    a second pass over the weights) one call each."""
+    if torch.is_grad_enabled() and all(type(m) is nn.Linear and m.bias is None for m in linears) \
+            and any(m.weight.requires_grad for m in linears):
+        weight = torch.cat([m.weight for m in linears])  # (sum of outs, in)
+        return F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)
+
+
 class KVCache(nn.Module):
     """Keys and values of past positions for one attention layer (non-persistent buffers)."""
 
@@ -310,9 +323,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = shared_input_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, start_pos+T, hs)
@@ -354,7 +368,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
