@@ -186,18 +186,38 @@ def rope_cache(head_dim: int, max_len: int, theta: float,
     return angles.cos(), angles.sin()
 
 
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """The sin table with its first half negated, for `apply_rope`."""
-    half = sin.size(-1) // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+class _Rope(torch.autograd.Function):
+    """Rotary embedding in Hugging Face's half-split layout: with x = (x1, x2) and the
+    halves' tables c, s, out = (x1·c - x2·s, x2·c + x1·s). Written into the two halves of
+    one output with four half-size kernels each way; the rotate_half form (cat, neg, two
+    muls, add) takes more passes over the activations, and more again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, sin, sign=-1.0), None, None  # the inverse rotation
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x · cos + rotate_half(x) · sin with rotate_half(x) = cat(-x2, x1) (Hugging Face's
-    half-split layout), written as x · cos + cat(x2, x1) · signed_sin(sin): three kernels
-    instead of five, and fewer again in backward.
-    x: (B, nh, T, hs); cos, sin_signed: (T, hs)."""
-    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin_signed)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x · cos + rotate_half(x) · sin with rotate_half(x) = cat(-x2, x1), as
+    `transformers`' Llama computes it. x: (B, nh, T, hs); cos, sin: (T, hs) from `rope_cache`."""
+    half = x.size(-1) // 2
+    return _Rope.apply(x, cos[..., :half], sin[..., :half])  # both halves of the tables are equal
 
 
 IGNORE_INDEX = -100
@@ -468,7 +488,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_cache(config.head_dim, config.context_len, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", signed_sin(sin), persistent=False)  # signed: see apply_rope
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.check_inputs = True  # token-id range check; costs a device sync on CUDA
         self.gradient_checkpointing = False  # how the model computes, not what it is: see set_runtime
         self.apply(self._init_weights)

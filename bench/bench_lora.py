@@ -10,7 +10,8 @@ labels, the same for both) + backward + AdamW.
 
 1. Weight memory of the quantized linears: fp32 vs bf16 vs NF4 (double quantization).
 2. Step time: ours and the peer alternate step by step in one process (LoRA: ours vs
-   peft; QLoRA: ours with native NF4 vs peft + bitsandbytes NF4), medians, tokens/s.
+   peft; QLoRA: ours with native NF4 vs peft + bitsandbytes NF4), medians, tokens/s;
+   also the process CPU time per step, steadier than wall time on a shared machine.
 3. Peak memory: each contender in its own process, the highest RSS (sampled every 2 ms)
    during the steps, above the process's RSS after its imports.
 
@@ -140,13 +141,15 @@ def measure_speed(pair: str, args) -> dict:
     x, y = batch(SMOLLM_135M["vocab_size"], args.batch_size, args.seq_len)
     first = {name: step(x, y) for name, step in contenders.items()}  # warm-up; B = 0, so both see the base
     times = {name: [] for name in contenders}
+    cpu_times = {name: [] for name in contenders}
     for _ in range(args.steps):
         for name, step in contenders.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(x, y)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     return dict(pair=pair, first_loss=first, step_s={name: median(t) for name, t in times.items()},
-                all_s=times)
+                cpu_s={name: median(t) for name, t in cpu_times.items()}, all_s=times)
 
 
 def memory_report(hf_dir: Path) -> None:
@@ -212,11 +215,13 @@ def main() -> None:
                     print(f"{name:>15}: failed: {memory[name].get('error') or speed.get('error')}")
                     continue
                 step_s = speed["step_s"][name]
-                print(f"{name:>15}: {step_s:6.2f} s/step, {tokens / step_s:6.1f} tokens/s, peak {memory[name]['peak_mb']:6.0f} MB "
-                      f"(held after loading {memory[name]['held_mb']:5.0f} MB), first loss {speed['first_loss'][name]:.4f}",
-                      flush=True)
+                steps = ", ".join(f"{t:.1f}" for t in speed["all_s"][name])
+                print(f"{name:>15}: {step_s:6.2f} s/step ({steps}; CPU {speed['cpu_s'][name]:.2f} s), "
+                      f"{tokens / step_s:6.1f} tokens/s, peak {memory[name]['peak_mb']:6.0f} MB (held after loading "
+                      f"{memory[name]['held_mb']:5.0f} MB), first loss {speed['first_loss'][name]:.4f}", flush=True)
             if "error" not in speed and not any("error" in m for m in memory.values()):
-                print(f"{pair}: ours / peer speed {speed['step_s'][peer] / speed['step_s'][ours]:.2f}x, "
+                print(f"{pair}: ours / peer speed {speed['step_s'][peer] / speed['step_s'][ours]:.2f}x "
+                      f"(CPU time {speed['cpu_s'][peer] / speed['cpu_s'][ours]:.2f}x), "
                       f"peak memory {memory[ours]['peak_mb'] / memory[peer]['peak_mb']:.2f}x", flush=True)
 
 

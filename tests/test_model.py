@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import MoE, ModelConfig, Transformer, apply_rope, linear_cross_entropy, rope_cache, sample, signed_sin
+from model import MoE, ModelConfig, Transformer, apply_rope, linear_cross_entropy, rope_cache, sample
 
 
 def tokens(config: ModelConfig, batch: int = 2, length: int | None = None) -> torch.Tensor:
@@ -131,12 +131,15 @@ def test_model_loss_equals_cross_entropy_of_its_logits(tiny):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
-def test_rope_equals_the_rotate_half_form():
+def test_rope_equals_the_rotate_half_form_with_its_gradient():
     cos, sin = rope_cache(head_dim=8, max_len=5, theta=10000.0)
-    x = torch.randn(2, 3, 5, 8)
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2).requires_grad_()  # (B, nh, T, hs) as attention makes it
     x1, x2 = x.chunk(2, dim=-1)
     expected = x * cos + torch.cat((-x2, x1), dim=-1) * sin  # Hugging Face's apply_rotary_pos_emb
-    torch.testing.assert_close(apply_rope(x, cos, signed_sin(sin)), expected)
+    ours = apply_rope(x, cos, sin)
+    torch.testing.assert_close(ours, expected)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(expected, x, upstream)[0])
 
 
 def test_bad_inputs_raise(tiny):
