@@ -186,14 +186,124 @@ def rope_cache(head_dim: int, max_len: int, theta: float,
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class _Rope(torch.autograd.Function):
+    """Rotary embedding in Hugging Face's half-split layout: with x = (x1, x2) and the
+    halves' tables c, s, out = (x1·c - x2·s, x2·c + x1·s). Written into the two halves of
+    one output with four half-size kernels each way; the rotate_half form (cat, neg, two
+    muls, add) takes more passes over the activations, and more again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, sin, sign=-1.0), None, None  # the inverse rotation
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hs); cos/sin: (T, hs)."""
-    return x * cos + rotate_half(x) * sin
+    """x · cos + rotate_half(x) · sin with rotate_half(x) = cat(-x2, x1), as
+    `transformers`' Llama computes it. x: (B, nh, T, hs); cos, sin: (T, hs) from `rope_cache`."""
+    half = x.size(-1) // 2
+    return _Rope.apply(x, cos[..., :half], sin[..., :half])  # both halves of the tables are equal
+
+
+IGNORE_INDEX = -100
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                           grad_hidden: bool, grad_weight: bool):
+    """Summed cross-entropy of `hidden @ weightᵀ` against `targets`, `chunk_rows` rows at
+    a time, and (if asked) its gradients for hidden and weight from the same chunks."""
+    d_hidden = torch.empty_like(hidden) if grad_hidden else None
+    d_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_rows):
+        rows = hidden[start:start + chunk_rows]  # (n, C)
+        target = targets[start:start + chunk_rows, None]  # (n, 1)
+        logits = F.linear(rows, weight)  # (n, V)
+        compute_dtype = logits.dtype
+        logits = logits.float()
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+        total += (log_norm - logits.gather(1, target)).sum()
+        if not (grad_hidden or grad_weight):
+            continue
+        # d(summed loss)/d logits = softmax - one_hot(target), computed in place over the logits
+        dlogits = logits.sub_(log_norm).exp_().scatter_add_(1, target, logits.new_full(target.shape, -1.0))
+        dlogits = dlogits.to(compute_dtype)
+        if grad_hidden:
+            d_hidden[start:start + chunk_rows] = dlogits @ weight
+        if grad_weight and compute_dtype == torch.float32:
+            d_weight.addmm_(dlogits.t(), rows)
+        elif grad_weight:
+            d_weight += (dlogits.t() @ rows).float()
+    return total, d_hidden, d_weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weightᵀ` with the gradients computed in the forward
+    pass, chunk by chunk: the (N, V) logits, their log-softmax and their gradient never
+    exist at once, only a (rows, V) chunk (as in Liger's fused linear cross-entropy,
+    https://arxiv.org/abs/2410.10989); backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_rows: int) -> torch.Tensor:
+        total, d_hidden, d_weight = _chunked_cross_entropy(hidden, weight, targets, chunk_rows,
+                                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.count, ctx.weight_dtype = targets.numel(), weight.dtype
+        return total / ctx.count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        d_hidden, d_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.count
+        d_hidden = None if d_hidden is None else d_hidden * scale.to(d_hidden.dtype)
+        d_weight = None if d_weight is None else (d_weight * scale).to(ctx.weight_dtype)
+        return d_hidden, d_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_elements: int = 1 << 23) -> torch.Tensor:
+    """`F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)`, the
+    mean over the non-ignored targets, without materialising the (N, V) logits: only
+    positions with a target are projected, about `chunk_elements` logits at a time.
+    hidden (N, C), weight (V, C), targets (N,)."""
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+    if keep.numel() < targets.numel():
+        hidden, targets = hidden[keep], targets[keep]  # (M, C), (M,)
+    if targets.numel() == 0:  # nothing to predict: F.cross_entropy's NaN, still part of the graph
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    chunk_rows = max(1, chunk_elements // weight.size(0))
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _chunked_cross_entropy(hidden, weight, targets, chunk_rows, False, False)[0] / targets.numel()
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each linear applied to x. While training plain bias-free `nn.Linear`s, as one matmul
+    over their concatenated weights: one GEMM each way instead of several, and x's
+    gradient comes out of one matmul instead of being summed from each. Otherwise
+    (LoRA, NF4, or no autograd, where the concatenated copy would cost a decoding step
+    a second pass over the weights) one call each."""
+    if torch.is_grad_enabled() and all(type(m) is nn.Linear and m.bias is None for m in linears) \
+            and any(m.weight.requires_grad for m in linears):
+        weight = torch.cat([m.weight for m in linears])  # (sum of outs, in)
+        return F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)
 
 
 class KVCache(nn.Module):
@@ -233,28 +343,32 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = shared_input_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, start_pos+T, hs)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # share each key/value head among `groups` query heads
-            k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(groups, dim=1)
-        y = self._attend(q, k, v, start_pos)  # (B, nh, T, hs)
+        y = self._attend(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, nh, T, hs), k and v (B, nkv, S, hs): each key/value head serves
+        nh / nkv query heads."""
         T, S = q.size(2), k.size(2)
+        groups = self.num_heads // self.num_kv_heads
         # Query i sits at absolute position S - T + i and sees keys 0..S-T+i.
         mask = None
         if T > 1 and S > T:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        if self.use_flash:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T))
+        if self.use_flash:  # enable_gqa: the kernel indexes the shared heads, no repeated copies
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
+                                                  enable_gqa=groups > 1)
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if T > 1:
             if mask is None:
@@ -274,7 +388,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -403,7 +518,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 start_pos: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """input_ids (B, T) → (logits (B, T, V), loss, ce_loss). `targets` are next-token ids
-        aligned with the inputs; -100 is ignored. `loss` adds the MoE auxiliary loss."""
+        aligned with the inputs; -100 is ignored. `loss` adds the MoE auxiliary loss. With
+        targets the logits are None: the loss is computed without materialising them."""
         self._check_input(input_ids, start_pos)
         B, T = input_ids.size()
         cos = self.rope_cos[start_pos:start_pos + T]
@@ -416,10 +532,15 @@ class Transformer(nn.Module):
             else:
                 x, block_aux = block(x, cos, sin, start_pos)
             aux_loss = aux_loss + block_aux
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
         if targets is None:
-            return logits, None, None
-        ce_loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            return self.lm_head(x), None, None  # (B, T, V)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            logits = None  # not materialised: the loss projects only labelled positions, in chunks
+            ce_loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        else:  # a wrapped head (e.g. adapted by someone else's code): the plain way
+            logits = self.lm_head(x)
+            ce_loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
         loss = ce_loss
         if self.config.use_moe and not self.config.use_lossfreebalance and self.config.moe_aux_loss_coef > 0:
             loss = ce_loss + self.config.moe_aux_loss_coef * aux_loss / self.config.num_layers

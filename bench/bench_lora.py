@@ -1,15 +1,21 @@
-"""LoRA / QLoRA memory and speed for a ~100M-parameter configuration.
+"""LoRA / QLoRA fine-tuning: ours against `transformers` + `peft` (+ `bitsandbytes` 4-bit)
+on the same Hugging Face directory.
 
-1. Weight memory: fp32 vs bf16 vs NF4 (double quantization) for the linears QLoRA
-   quantizes, and for the whole model (embedding and norms stay in full precision).
-2. Trainable share with rank 16 on all linears.
-3. Peak memory of a training step (forward + backward + AdamW) for full fine-tuning,
-   LoRA and QLoRA: process RSS on CPU sampled every 2 ms, each variant in its own
-   process (the model is built on the meta device and materialised in place, so the
-   fp32 weights QLoRA quantizes away are not counted twice).
-4. Step time of LoRA vs QLoRA with the native NF4 path and with bitsandbytes' kernels.
+The directory holds a SmolLM-135M-shaped Llama (vocab 49152, 576 wide, 30 layers, 9 / 3
+heads, FFN 1536, tied embeddings) with random weights, written by
+`LlamaForCausalLM.save_pretrained` (or pass `--hf-dir`). Ours loads it with
+`export.load_hf`; the peers with `from_pretrained`. Rank 16 on all seven linears of each
+block, AdamW, fp32; one step is forward + loss (mean over the non-ignored next-token
+labels, the same for both) + backward + AdamW.
 
-    python -m bench.bench_lora [--batch-size 2 --seq-len 128 --steps 3]
+1. Weight memory of the quantized linears: fp32 vs bf16 vs NF4 (double quantization).
+2. Step time: ours and the peer alternate step by step in one process (LoRA: ours vs
+   peft; QLoRA: ours with native NF4 vs peft + bitsandbytes NF4), medians, tokens/s;
+   also the process CPU time per step, steadier than wall time on a shared machine.
+3. Peak memory: each contender in its own process, the highest RSS (sampled every 2 ms)
+   during the steps, above the process's RSS after its imports.
+
+    python -m bench.bench_lora [--batch-size 4 --seq-len 128 --steps 4 --dropout 0.05]
 """
 
 from __future__ import annotations
@@ -19,49 +25,77 @@ import gc
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
 
 from bench.common import median
-from lora import Linear4bit, LoRAConfig, apply_lora, parameter_report
-from model import ModelConfig, Transformer, rope_cache
 
-CONFIG = dict(vocab_size=32000, num_dims=768, num_heads=12, num_kv_heads=4, num_layers=12, ffn_hidden_dims=2048,
-              context_len=512)
-VARIANTS = {"full": None, "lora": LoRAConfig(rank=16, dropout=0.0),
-            "qlora-native": LoRAConfig(rank=16, dropout=0.0, quantize_base=True, quant_backend="native"),
-            "qlora-bitsandbytes": LoRAConfig(rank=16, dropout=0.0, quantize_base=True, quant_backend="bitsandbytes")}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True,
+                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
+PAIRS = {"LoRA": ("ours-lora", "peft-lora"), "QLoRA": ("ours-qlora", "peft-bnb-qlora")}
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}  # tied weights once
-    return sum(t.numel() * t.element_size() for t in tensors.values()
-               if not any(t is b for b in (getattr(model, "rope_cos", None), getattr(model, "rope_sin", None))))
+def write_hf_dir(path: Path) -> Path:
+    """A random-weight SmolLM-135M-shaped LlamaForCausalLM saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM_135M)).save_pretrained(path)
+    return path
 
 
-def memory_report() -> None:
-    config = ModelConfig(**CONFIG)
-    model = Transformer(config)
-    linear_params = sum(m.weight.numel() for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and n != "lm_head")
-    fp32 = weight_bytes(model)
-    rest = fp32 - 4 * linear_params
-    apply_lora(model, LoRAConfig(rank=16, quantize_base=True))
-    nf4_linears = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Linear4bit)
-                      for b in m.buffers())
-    report = parameter_report(model)
-    print(f"configuration: {config.num_params() / 1e6:.1f}M parameters, {linear_params / 1e6:.1f}M of them in the "
-          f"{7 * config.num_layers} linears QLoRA quantizes")
-    print(f"linears:     fp32 {4 * linear_params / 2**20:7.1f} MB, bf16 {2 * linear_params / 2**20:7.1f} MB, "
-          f"NF4+DQ {nf4_linears / 2**20:7.1f} MB = {nf4_linears / (4 * linear_params):.3f}x fp32, "
-          f"{8 * nf4_linears / linear_params:.3f} bits per parameter")
-    print(f"whole model: fp32 {fp32 / 2**20:7.1f} MB, bf16 {fp32 / 2 / 2**20:7.1f} MB, "
-          f"NF4 linears + fp32 rest {(nf4_linears + rest) / 2**20:7.1f} MB = {(nf4_linears + rest) / fp32:.3f}x fp32")
-    print(f"LoRA rank 16 on all linears: {report['trainable']:,} trainable of {report['total']:,} "
-          f"({report['share']:.2%})")
+def batch(vocab_size: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and our next-token targets (the last position has none: -100)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    y = torch.cat((x[:, 1:], torch.full((batch_size, 1), -100)), dim=1)
+    return x, y
+
+
+def build(name: str, hf_dir: Path, seq_len: int, dropout: float):
+    """(model, step function) for one contender; the step returns the loss."""
+    if name.startswith("ours"):
+        from export import load_hf
+        from lora import LoRAConfig, apply_lora
+
+        model = load_hf(hf_dir, context_len=seq_len)
+        apply_lora(model, LoRAConfig(rank=16, alpha=32, dropout=dropout, target_modules=TARGETS,
+                                     quantize_base=name == "ours-qlora", quant_backend="native"))
+    else:
+        import transformers
+        from peft import LoraConfig, get_peft_model
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+        transformers.logging.set_verbosity_error()
+        options = {}
+        if name == "peft-bnb-qlora":
+            options = dict(device_map="cpu", quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32))
+        base = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **options)
+        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout,
+                                                target_modules=list(TARGETS)))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        if name.startswith("ours"):
+            _, loss, _ = model(x, y)
+        else:
+            loss = model(input_ids=x, labels=x).loss  # shifts the labels itself
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
 
 
 class RssSampler:
@@ -87,64 +121,108 @@ class RssSampler:
         self._thread.join()
 
 
-def run_variant(name: str, batch_size: int, seq_len: int, steps: int) -> dict:
-    """One variant in this process: memory held by the model, the peak during training
-    steps (both as RSS above the process after imports) and the median step time."""
-    torch.manual_seed(0)
+def measure_memory(name: str, args) -> dict:
+    """One contender in this process: RSS held after loading, and the peak during steps."""
     gc.collect()
     baseline = psutil.Process().memory_info().rss
-    with torch.device("meta"):  # build without allocating, then materialise (and quantize) layer by layer
-        model = Transformer(ModelConfig(**CONFIG))
-    model.to_empty(device="cpu")
-    model.rope_cos, model.rope_sin = rope_cache(model.config.head_dim, model.config.context_len, model.config.rope_theta)
-    model.apply(model._init_weights)
-    if VARIANTS[name] is not None:
-        apply_lora(model, VARIANTS[name])
+    model, step = build(name, args.hf_dir, args.seq_len, args.dropout)
+    x, y = batch(model.config.vocab_size, args.batch_size, args.seq_len)
     gc.collect()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randint(0, CONFIG["vocab_size"], (batch_size, seq_len))
     held = psutil.Process().memory_info().rss
-    times = []
     with RssSampler() as sampler:
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            _, loss, _ = model(x, x)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
+        losses = [step(x, y) for _ in range(2)]  # the second step runs with the optimizer state allocated
     mb = 2**20
-    return {"variant": name, "model_mb": (held - baseline) / mb, "peak_mb": (sampler.peak - baseline) / mb,
-            "step_s": median(times[1:])}
+    return dict(name=name, held_mb=(held - baseline) / mb, peak_mb=(sampler.peak - baseline) / mb, loss=losses[0])
+
+
+def measure_speed(pair: str, args) -> dict:
+    """The pair's two contenders in this process, alternating step by step."""
+    contenders = {name: build(name, args.hf_dir, args.seq_len, args.dropout)[1] for name in PAIRS[pair]}
+    x, y = batch(SMOLLM_135M["vocab_size"], args.batch_size, args.seq_len)
+    first = {name: step(x, y) for name, step in contenders.items()}  # warm-up; B = 0, so both see the base
+    times = {name: [] for name in contenders}
+    cpu_times = {name: [] for name in contenders}
+    for _ in range(args.steps):
+        for name, step in contenders.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step(x, y)
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    return dict(pair=pair, first_loss=first, step_s={name: median(t) for name, t in times.items()},
+                cpu_s={name: median(t) for name, t in cpu_times.items()}, all_s=times)
+
+
+def memory_report(hf_dir: Path) -> None:
+    from export import load_hf
+    from lora import Linear4bit, LoRAConfig, apply_lora, parameter_report
+
+    model = load_hf(hf_dir, context_len=128)
+    linear_params = sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    apply_lora(model, LoRAConfig(rank=16, target_modules=TARGETS, quantize_base=True, quant_backend="native"))
+    nf4 = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers())
+    report = parameter_report(model)
+    print(f"model: {report['total'] / 1e6:.1f}M parameters, {linear_params / 1e6:.1f}M in the "
+          f"{sum(isinstance(m, Linear4bit) for m in model.modules())} linears QLoRA quantizes: fp32 "
+          f"{4 * linear_params / 2**20:.1f} MB, bf16 {2 * linear_params / 2**20:.1f} MB, NF4+DQ {nf4 / 2**20:.1f} MB "
+          f"({nf4 / (4 * linear_params):.3f}x fp32, {8 * nf4 / linear_params:.3f} bits per parameter)")
+    print(f"LoRA rank 16 on all linears: {report['trainable']:,} trainable ({report['share']:.2%})")
+
+
+def child(args, *flags: str) -> dict:
+    command = [sys.executable, "-m", "bench.bench_lora", "--hf-dir", str(args.hf_dir), "--batch-size",
+               str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+               "--dropout", str(args.dropout), *flags]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        return dict(error=(out.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--hf-dir", type=Path, default=None, help="a Llama HF directory (default: a random "
+                        "SmolLM-135M-shaped one in a temporary directory)")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, JSON out
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender (after one warm-up)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides")
+    parser.add_argument("--pairs", default="LoRA,QLoRA")
+    parser.add_argument("--speed", default=None, help=argparse.SUPPRESS)  # internal: one pair, JSON out
+    parser.add_argument("--memory", default=None, help=argparse.SUPPRESS)  # internal: one contender, JSON out
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args.batch_size, args.seq_len, args.steps)))
+    if args.speed or args.memory:
+        print(json.dumps(measure_speed(args.speed, args) if args.speed else measure_memory(args.memory, args)))
         return
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__} device=cpu")
-    memory_report()
-    print(f"training step, batch {args.batch_size} x {args.seq_len} (median of {args.steps}), each variant in its "
-          f"own process:")
-    results = {}
-    for name in VARIANTS:
-        out = subprocess.run([sys.executable, "-m", "bench.bench_lora", "--variant", name, "--batch-size",
-                              str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[name]
-        print(f"{name:>19}: model + optimizer {r['model_mb']:6.0f} MB, peak during steps {r['peak_mb']:6.0f} MB "
-              f"(RSS above the process after imports), step {r['step_s']:.2f} s", flush=True)
-    lora = results["lora"]["step_s"]
-    print(f"QLoRA step time / LoRA: native {results['qlora-native']['step_s'] / lora:.2f}x, "
-          f"bitsandbytes {results['qlora-bitsandbytes']['step_s'] / lora:.2f}x")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.hf_dir is None:
+            args.hf_dir = write_hf_dir(Path(scratch) / "smollm-135m-random")
+        import bitsandbytes
+        import peft
+        import transformers
+
+        print(f"threads={torch.get_num_threads()} torch={torch.__version__} transformers={transformers.__version__} "
+              f"peft={peft.__version__} bitsandbytes={bitsandbytes.__version__} batch={args.batch_size}x{args.seq_len} "
+              f"dropout={args.dropout}")
+        memory_report(args.hf_dir)
+        tokens = args.batch_size * args.seq_len
+        for pair in args.pairs.split(","):
+            ours, peer = PAIRS[pair]
+            speed = child(args, "--speed", pair)
+            memory = {name: child(args, "--memory", name) for name in (ours, peer)}
+            for name in (ours, peer):
+                if "error" in memory[name] or "error" in speed:
+                    print(f"{name:>15}: failed: {memory[name].get('error') or speed.get('error')}")
+                    continue
+                step_s = speed["step_s"][name]
+                steps = ", ".join(f"{t:.1f}" for t in speed["all_s"][name])
+                print(f"{name:>15}: {step_s:6.2f} s/step ({steps}; CPU {speed['cpu_s'][name]:.2f} s), "
+                      f"{tokens / step_s:6.1f} tokens/s, peak {memory[name]['peak_mb']:6.0f} MB (held after loading "
+                      f"{memory[name]['held_mb']:5.0f} MB), first loss {speed['first_loss'][name]:.4f}", flush=True)
+            if "error" not in speed and not any("error" in m for m in memory.values()):
+                print(f"{pair}: ours / peer speed {speed['step_s'][peer] / speed['step_s'][ours]:.2f}x "
+                      f"(CPU time {speed['cpu_s'][peer] / speed['cpu_s'][ours]:.2f}x), "
+                      f"peak memory {memory[ours]['peak_mb'] / memory[peer]['peak_mb']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,15 @@ def hf_step(model, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
 
 
-def tokens_per_second(step, model, optimizer, x, y, steps: int, device) -> float:
+def tokens_per_second(step, model, optimizer, x, y, steps: int, device) -> tuple[float, float]:
+    """Tokens per second of wall time and per second of this process's CPU time (the
+    latter is steadier on a machine other work shares)."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(model, optimizer, x, y)
     sync(device)
-    return steps * x.numel() / (time.perf_counter() - start)
+    return steps * x.numel() / (time.perf_counter() - start), steps * x.numel() / (time.process_time() - cpu_start)
 
 
 def bench_config(name: str, args, device, peak: float) -> dict:
@@ -54,16 +56,23 @@ def bench_config(name: str, args, device, peak: float) -> dict:
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
-    for _ in range(args.warmup):  # warm-up: allocator, optimizer state
-        ours_step(ours, opt_ours, x, y)
+    runner = torch.compile(ours) if args.compile else ours  # the optimizer holds the same parameters
+    start = time.perf_counter()
+    ours_step(runner, opt_ours, x, y)  # compiles here with --compile
+    first_step_s = time.perf_counter() - start
+    hf_step(peer, opt_peer, x, y)
+    for _ in range(args.warmup - 1):  # warm-up: allocator, optimizer state
+        ours_step(runner, opt_ours, x, y)
         hf_step(peer, opt_peer, x, y)
     ours_rates, peer_rates = [], []
     for _ in range(args.repeats):
-        ours_rates.append(tokens_per_second(ours_step, ours, opt_ours, x, y, args.steps, device))
+        ours_rates.append(tokens_per_second(ours_step, runner, opt_ours, x, y, args.steps, device))
         peer_rates.append(tokens_per_second(hf_step, peer, opt_peer, x, y, args.steps, device))
-    ours_tps, peer_tps = median(ours_rates), median(peer_rates)
+    ours_tps, peer_tps = median([r[0] for r in ours_rates]), median([r[0] for r in peer_rates])
+    cpu_ratio = median([r[1] for r in ours_rates]) / median([r[1] for r in peer_rates])
     flops = config.flops_per_token(args.seq_len)
-    return dict(config=name, params=config.num_params(), ours=ours_tps, hf=peer_tps,
+    return dict(config=name, params=config.num_params(), ours=ours_tps, hf=peer_tps, first_step_s=first_step_s,
+                cpu_ratio=cpu_ratio,
                 ratio=ours_tps / peer_tps, mfu_ours=ours_tps * flops / peak, mfu_hf=peer_tps * flops / peak)
 
 
@@ -74,7 +83,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timed round")
     parser.add_argument("--repeats", type=int, default=9, help="alternating rounds per model")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (at least 1)")
+    parser.add_argument("--compile", action="store_true", help="run ours through torch.compile (opt-in; the "
+                        "first step, compilation included, is printed)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -82,12 +93,13 @@ def main() -> None:
     device = torch.device(args.device)
     peak = matmul_peak_flops(device)
     print(f"device={device} threads={args.threads} torch={torch.__version__} batch={args.batch_size} "
-          f"seq_len={args.seq_len} fp32 matmul peak={peak / 1e9:.1f} GFLOP/s")
-    print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>7}")
+          f"seq_len={args.seq_len} fp32 matmul peak={peak / 1e9:.1f} GFLOP/s compile={args.compile}")
+    print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>7} "
+          f"{'ours 1st step':>13} {'CPU-time ratio':>14}")
     for name in args.configs.split(","):
         r = bench_config(name.strip(), args, device, peak)
         print(f"{r['config']:>7} {r['params'] / 1e6:>7.1f}M {r['ours']:>11.0f} {r['hf']:>10.0f} {r['ratio']:>6.2f} "
-              f"{r['mfu_ours']:>9.1%} {r['mfu_hf']:>7.1%}", flush=True)
+              f"{r['mfu_ours']:>9.1%} {r['mfu_hf']:>7.1%} {r['first_step_s']:>12.1f}s {r['cpu_ratio']:>14.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import MoE, ModelConfig, Transformer, sample
+from model import MoE, ModelConfig, Transformer, apply_rope, linear_cross_entropy, rope_cache, sample
 
 
 def tokens(config: ModelConfig, batch: int = 2, length: int | None = None) -> torch.Tensor:
@@ -71,6 +71,7 @@ def test_shapes_and_loss(tiny):
     assert logits.shape == (2, tiny.context_len, tiny.vocab_size)
     assert loss is None and ce_loss is None
     logits, loss, ce_loss = model(x, tokens(tiny))
+    assert logits is None  # with targets the loss never materialises the logits
     assert loss.shape == () and torch.equal(loss, ce_loss)
     # an untrained model predicts roughly uniformly: loss near ln(vocab)
     assert abs(loss.item() - torch.log(torch.tensor(float(tiny.vocab_size))).item()) < 0.5
@@ -86,6 +87,59 @@ def test_ignore_index_excludes_positions(tiny):
     expected = torch.nn.functional.cross_entropy(
         logits[:, tiny.context_len // 2:].reshape(-1, tiny.vocab_size), y[:, tiny.context_len // 2:].reshape(-1))
     torch.testing.assert_close(ce_half, expected)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 23, 3 * 64, 64])  # one chunk; 3 rows a chunk; 1 row a chunk
+def test_linear_cross_entropy_equals_cross_entropy_on_full_logits(chunk_elements):
+    hidden = torch.randn(10, 32, requires_grad=True)
+    weight = torch.randn(64, 32, requires_grad=True)
+    targets = torch.randint(0, 64, (10,))
+    targets[[0, 4, 9]] = -100
+    ours = linear_cross_entropy(hidden, weight, targets, chunk_elements)
+    reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets, ignore_index=-100)
+    torch.testing.assert_close(ours, reference)
+    upstream = torch.tensor(2.5)  # a loss scale: backward must multiply by it
+    for got, expected in zip(torch.autograd.grad(ours, (hidden, weight), upstream, retain_graph=True),
+                             torch.autograd.grad(reference, (hidden, weight), upstream)):
+        torch.testing.assert_close(got, expected)
+    assert torch.equal(torch.autograd.grad(ours, hidden, retain_graph=True)[0][[0, 4, 9]],
+                       torch.zeros(3, 32))  # ignored positions get no gradient
+
+
+def test_linear_cross_entropy_frozen_weight_and_nothing_to_predict():
+    hidden = torch.randn(6, 32, requires_grad=True)
+    weight = torch.randn(64, 32)  # frozen (a LoRA model's tied head): only hidden gets a gradient
+    targets = torch.randint(0, 64, (6,))
+    ours = linear_cross_entropy(hidden, weight, targets, 64)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    torch.testing.assert_close(torch.autograd.grad(ours, hidden)[0], torch.autograd.grad(reference, hidden)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 64), reference.detach())
+    assert linear_cross_entropy(hidden, weight, torch.full((6,), -100)).isnan()  # as F.cross_entropy
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits(tiny):
+    model = Transformer(tiny)
+    x, y = tokens(tiny), tokens(tiny)
+    y[0, :5] = -100
+    _, loss, _ = model(x, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits, _, _ = model(x)
+    reference = torch.nn.functional.cross_entropy(logits.view(-1, tiny.vocab_size), y.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, reference)
+    for got, expected in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_rope_equals_the_rotate_half_form_with_its_gradient():
+    cos, sin = rope_cache(head_dim=8, max_len=5, theta=10000.0)
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2).requires_grad_()  # (B, nh, T, hs) as attention makes it
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = x * cos + torch.cat((-x2, x1), dim=-1) * sin  # Hugging Face's apply_rotary_pos_emb
+    ours = apply_rope(x, cos, sin)
+    torch.testing.assert_close(ours, expected)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(expected, x, upstream)[0])
 
 
 def test_bad_inputs_raise(tiny):
