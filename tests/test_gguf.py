@@ -11,7 +11,7 @@ import torch
 import gguf
 import runs
 from data import CHATML_TEMPLATE, train_bpe
-from gguf_io import QUANTS, GGUFError, export_gguf, load_gguf, modelfile, permute_rotary, save_gguf, \
+from gguf_io import QUANTS, GGUFError, load_gguf, modelfile, permute_rotary, save_gguf, \
     unpermute_rotary
 from model import ModelConfig, Transformer
 

@@ -10,7 +10,7 @@ import torch
 import checkpoint
 from data import PackedBlocks
 from model import ModelConfig, Transformer
-from events import CheckpointSaved, CheckpointSetAside, EpochEnd, Eval, Fallback, MetricsLog, NonFinite, Step, Stopped
+from events import CheckpointSetAside, Eval, Fallback, MetricsLog, NonFinite, Step, Stopped
 from trainer import Trainer, TrainerConfig, learning_rate_at, parameter_groups
 
 
