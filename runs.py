@@ -788,6 +788,13 @@ def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, token
             else:
                 notes.append(f"kept checkpoint {kept} (step {checkpoint.read_state(run_dir / kept)['global_step']}), "
                              f"the best within the guard")
+                last_task, last_general = trainer.last_eval
+                if last_task is not None and last_general is not None and last_task < state.best_val_loss \
+                        and last_general > guard.limit:  # say what the guard gave up
+                    notes.append(f"the last evaluation reached task loss {last_task:.3f} (kept: "
+                                 f"{state.best_val_loss:.3f}) at general perplexity {guard.rise(last_general):+.1%}, "
+                                 f"over the guard; `python train.py eval {run_dir} --checkpoint "
+                                 f"{trainer.last_checkpoint} --compare {base}` compares that state")
         adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
         notes.append(f"adapter saved to {adapter} (PEFT format)")
         merged = None

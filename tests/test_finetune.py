@@ -146,6 +146,10 @@ def test_the_guard_keeps_the_best_checkpoint_within_it_and_eval_compare_prints_t
     for key, value in kept.items():
         assert torch.equal(trained[key], value), key
     assert "task loss" in out and "general perplexity" in out and "within the guard" in out
+    last = evals[-1]
+    if last["val_loss"] < result["tuned_task_loss"] and last["general_loss"] > guard["base_general_loss"] + \
+            math.log1p(0.05):  # what the guard gave up is said
+        assert f"the last evaluation reached task loss {last['val_loss']:.3f}" in out
     # eval --compare measures the same two models the same way
     assert train.main(["eval", str(run), "--compare", str(base), "--json", "--cache-dir", str(tmp_path / "cache"),
                        *general(tmp_path)]) == 0
