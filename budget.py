@@ -218,8 +218,11 @@ def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: 
         partial = cache.with_name(f".probes.{os.getpid()}")
         partial.write_text(json.dumps(stored, indent=1))
         os.replace(partial, cache)
-    elif cache is not None:
-        stored.pop(key, None)  # a stale figure is not better than this one
+    elif cache is not None and key in stored:  # a stale figure (--remeasure) is not better than this one
+        del stored[key]
+        partial = cache.with_name(f".probes.{os.getpid()}")
+        partial.write_text(json.dumps(stored, indent=1))
+        os.replace(partial, cache)
     return probes, False
 
 
@@ -511,6 +514,11 @@ class FinetunePlan:
                 f"{self.finish_s:.0f} s kept for saving and the sample")
 
 
+def enough_steps(seconds: float, step_seconds: float) -> bool:
+    """Whether `seconds` (less the evaluations' share) hold FINETUNE_MIN_STEPS steps."""
+    return seconds * (1 - FINETUNE_EVAL_SHARE) / step_seconds >= FINETUNE_MIN_STEPS
+
+
 def plan_finetune(budget_s: float, spent_s: float, samples: int, seq_len: int, eval_seconds: float,
                   step_seconds: dict[int, float], finish_s: float) -> FinetunePlan:
     """The fine-tune that fits `budget_s` from launch to exit: `spent_s` are gone,
@@ -527,8 +535,7 @@ def plan_finetune(budget_s: float, spent_s: float, samples: int, seq_len: int, e
         raise ValueError(f"a budget of {budget_s:.0f} s is too short for this fine-tune: loading, measuring and "
                          f"evaluating the base took {spent_s:.0f} s, and a few steps with two evaluations need about "
                          f"{need - spent_s:.0f} s more; give at least {math.ceil(need * 1.1)} s")
-    batch_size = max(b for b in step_seconds if b == smallest
-                     or (left * (1 - FINETUNE_EVAL_SHARE)) / step_seconds[b] >= FINETUNE_MIN_STEPS)
+    batch_size = max(b for b in step_seconds if b == smallest or enough_steps(left, step_seconds[b]))
     step = step_seconds[batch_size]
     # As many evaluations as FINETUNE_EVAL_SHARE of the time pays for, up to four an epoch: a
     # small data set learns (and can start to damage the base) within an epoch or two, and the

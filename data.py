@@ -702,7 +702,7 @@ def held_out_text(config: DataConfig, tokenizer, seq_len: int, sequences: int) -
     if cache.exists():
         texts = json.loads(cache.read_text(encoding="utf-8"))
     else:
-        items, report = read_source(config)
+        items, report = read_source(dataclasses.replace(config, format="auto"))
         if items and isinstance(items[0], dict):
             raise DataError(f"{config.source}: instruction records; the general-text guard needs plain text")
         documents = _clean(items, config, report)

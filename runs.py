@@ -24,7 +24,7 @@ import psutil
 import torch
 
 import checkpoint
-from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, finetune_seq_len, measure_step, parse_duration,
+from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, enough_steps, finetune_seq_len, measure_step, parse_duration,
                     plan, plan_finetune, sequence_length)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
@@ -622,7 +622,8 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
         general = general_text(request.general_data, tokenizer, request.cache_dir, model.config.context_len)
     device = resolve_device(trainer_config)
     dtype = resolve_dtype(trainer_config, device)
-    stack.enter_context(chosen_threads(device.type, say))
+    if budget is not None:
+        stack.enter_context(chosen_threads(device.type, say))
     model.to(device)
     eval_started = time.perf_counter()  # the base as the user has it (before NF4): what the guard compares with
     base_task = evaluate(model, task_val, trainer_config.batch_size, None, device, dtype)
@@ -727,7 +728,7 @@ def _plan_finetune(request: FinetuneRequest, budget: float, model: Transformer, 
     while True:
         measured[batch] = measure_step(model, prepared.train, batch, device, dtype)
         left = budget - since_launch(request.started) - finish
-        if batch == 1 or request.batch_size or left * 0.8 / measured[batch] >= 8:
+        if batch == 1 or request.batch_size or enough_steps(left, measured[batch]):
             break
         batch = max(1, batch // 2)
     try:
@@ -794,7 +795,7 @@ def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, token
                     notes.append(f"the last evaluation reached task loss {last_task:.3f} (kept: "
                                  f"{state.best_val_loss:.3f}) at general perplexity {guard.rise(last_general):+.1%}, "
                                  f"over the guard; `python train.py eval {run_dir} --checkpoint "
-                                 f"{trainer.last_checkpoint} --compare {base}` compares that state")
+                                 f"{trainer.last_checkpoint} --compare {base}` measures that state the same way")
         adapter = save_adapter(trainer.model, run_dir / "adapter", lora_config, base_model=str(base))
         notes.append(f"adapter saved to {adapter} (PEFT format)")
         merged = None
@@ -1079,8 +1080,8 @@ class CompareRequest:
     tuned: str | Path
     base: str | Path
     data: Optional[str] = None  # the task's data; default: the fine-tune's
-    general_data: Optional[str] = BUILTIN
-    max_general_rise: float = 0.05
+    general_data: Optional[str] = None  # default: the fine-tune's guard's (else builtin); "none": no general text
+    max_general_rise: Optional[float] = None  # default: the fine-tune's guard's (else 0.05)
     checkpoint: Optional[str] = None
     cache_dir: Optional[str] = None
 
@@ -1098,24 +1099,31 @@ def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
         data_config = dataclasses.replace(data_config, cache_dir=request.cache_dir)
     if tokenizer_hash(tuned.tokenizer) != tokenizer_hash(base.tokenizer):
         say("note: the two models have different tokenizers: their per-token losses are not directly comparable")
+    saved_guard = (info.get("finetune") or {}).get("guard") or {}
+    general_data = request.general_data or saved_guard.get("general_data") or BUILTIN
+    general_data = None if general_data.lower() == "none" else general_data
+    max_rise = request.max_general_rise if request.max_general_rise is not None \
+        else float(saved_guard.get("max_general_rise", 0.05))
     context = min(tuned.model.config.context_len, base.model.config.context_len)
     seq_len = min(info.get("trainer", {}).get("max_seq_len") or 256, context)
-    device = resolve_device(TrainerConfig())
+    trainer_config = run_configs(info, tuned.source)["trainer"] if "trainer" in info else TrainerConfig()
+    device = resolve_device(trainer_config)
+    dtype = resolve_dtype(trainer_config, device)  # the precision the fine-tune evaluated in
     figures = []
     for loaded in (base, tuned):
         prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
         model = loaded.model.to(device)
         task = evaluate(model, prepared.val, GUARD_SEQUENCES, math.ceil(FINETUNE_VAL_SAMPLES / GUARD_SEQUENCES),
-                        device=device)
+                        device, dtype)
         general = None
-        if request.general_data:
-            held_out = general_text(request.general_data, loaded.tokenizer, data_config.cache_dir, context)
-            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device=device)
+        if general_data:
+            held_out = general_text(general_data, loaded.tokenizer, data_config.cache_dir, context)
+            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device, dtype)
         figures.append((task, general))
         model.to("cpu")
     (base_task, base_general), (tuned_task, tuned_general) = figures
     return Comparison(str(base.source), str(tuned.source), data_config.source, base_task, tuned_task,
-                      request.general_data, base_general, tuned_general, request.max_general_rise, tuned.checkpoint)
+                      general_data, base_general, tuned_general, max_rise, tuned.checkpoint)
 
 
 EXPORT_FORMATS = ("hf", "gguf")

@@ -126,7 +126,7 @@ def general_source(value: str) -> Optional[str]:
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     if args.compare:
-        request = runs.CompareRequest(args.run_dir, args.compare, args.data, general_source(args.general_data),
+        request = runs.CompareRequest(args.run_dir, args.compare, args.data, args.general_data,
                                       args.max_general_rise, args.checkpoint, args.cache_dir)
         comparison = runs.compare_models(request, say=note)
         if args.json:
@@ -231,12 +231,16 @@ def probability(text: str) -> float:
     return value
 
 
-def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--general-data", default=BUILTIN,
-                        help="held-out general text whose perplexity the fine-tune must not raise ('builtin', a file "
-                             "or folder; 'none' turns the guard off)")
-    parser.add_argument("--max-general-rise", type=rise_fraction, default=runs.FinetuneRequest.max_general_rise,
-                        help="the guard's limit on the general-text perplexity rise (0.05 = 5%%, or 5%%)")
+def add_guard_arguments(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """The guard's options; `from_run` (eval --compare): default to what the fine-tune used."""
+    default = "the fine-tune's" if from_run else "builtin"
+    parser.add_argument("--general-data", default=None if from_run else BUILTIN,
+                        help=f"held-out general text whose perplexity the fine-tune must not raise ('builtin', a file "
+                             f"or folder; 'none' turns the guard off; default {default})")
+    parser.add_argument("--max-general-rise", type=rise_fraction,
+                        default=None if from_run else runs.FinetuneRequest.max_general_rise,
+                        help=f"the guard's limit on the general-text perplexity rise (0.05 = 5%%, or 5%%; default "
+                             f"{'the fine-tune' + chr(39) + 's' if from_run else '5%%'})")
 
 
 def rise_fraction(text: str) -> float:
@@ -333,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--compare", metavar="BASE", default=None,
                             help="compare RUN_DIR with BASE: task loss on the validation split and general-text "
                                  "perplexity, base vs fine-tuned, change in %%")
-    add_guard_arguments(evaluation)
+    add_guard_arguments(evaluation, from_run=True)
     evaluation.set_defaults(func=cmd_eval)
 
     export = commands.add_parser("export", help="export a trained model (Hugging Face layout or GGUF)",

@@ -647,8 +647,8 @@ class Trainer:
                     self.emit(EpochEnd(epoch=epoch, step=self.global_step))
                     if not config.eval_interval and session.last_eval_step != self.global_step:
                         self._evaluate()  # with an eval_interval, evaluations keep to it (and the run's end)
-                    saved = read_step(self.run_dir, self.last_checkpoint) == self.global_step  # the guard's best
-                    if config.use_epoch_checkpoints and not saved:
+                    if config.use_epoch_checkpoints and read_step(self.run_dir, self.last_checkpoint) != \
+                            self.global_step:  # (the guard may have saved this step as its best)
                         self.save_checkpoint(f"epoch_{epoch + 1}")
                     self._check_early_stop()
             status = session.stop_reason or "finished"

@@ -150,12 +150,12 @@ def test_the_guard_keeps_the_best_checkpoint_within_it_and_eval_compare_prints_t
     if last["val_loss"] < result["tuned_task_loss"] and last["general_loss"] > guard["base_general_loss"] + \
             math.log1p(0.05):  # what the guard gave up is said
         assert f"the last evaluation reached task loss {last['val_loss']:.3f}" in out
-    # eval --compare measures the same two models the same way
-    assert train.main(["eval", str(run), "--compare", str(base), "--json", "--cache-dir", str(tmp_path / "cache"),
-                       *general(tmp_path)]) == 0
+    # eval --compare measures the same two models the same way (the run's general text and limit by default)
+    assert train.main(["eval", str(run), "--compare", str(base), "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
     compared = json.loads(capsys.readouterr().out)
     for key in ("base_task_loss", "tuned_task_loss", "base_general_loss", "tuned_general_loss"):
         assert compared[key] == pytest.approx(result[key], rel=1e-4), key
+    assert compared["general_data"] == str(tmp_path / "general.jsonl") and compared["within_guard"] is True
 
 
 def test_when_no_checkpoint_meets_the_guard_it_says_so(tmp_path, base_and_data, capsys, monkeypatch):
