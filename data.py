@@ -556,13 +556,49 @@ class MaskedSamples:
                 torch.from_numpy(self.targets[indices].astype(np.int64)))
 
 
+class WithGeneralText:
+    """Instruction samples followed by `per_epoch` blocks of general text, every token of
+    which is a target: what a fine-tune replays so the base keeps what it knew. Each
+    epoch reads the next `per_epoch` blocks of `pool` (wrapping around), so a long run
+    keeps meeting fresh text instead of learning a few blocks by heart. The rows are a
+    function of (indices, epoch) alone: a resumed run reads what it would have."""
+
+    epoch_dependent = True  # the loader passes the epoch to `batch`
+
+    def __init__(self, task: MaskedSamples, pool: PackedBlocks, per_epoch: int):
+        if pool.seq_len != task.seq_len:
+            raise ValueError(f"general text in blocks of {pool.seq_len} tokens, the task's samples {task.seq_len}")
+        if not 1 <= per_epoch <= len(pool):
+            raise ValueError(f"{per_epoch} general blocks an epoch from a pool of {len(pool)}")
+        self.task, self.pool, self.per_epoch = task, pool, per_epoch
+        self.seq_len = task.seq_len
+
+    def __len__(self) -> int:
+        return len(self.task) + self.per_epoch
+
+    def rows(self, indices: np.ndarray, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) as int32 arrays."""
+        indices = np.asarray(indices)
+        general = indices >= len(self.task)
+        inputs = np.empty((len(indices), self.seq_len), dtype=np.int32)
+        targets = np.empty_like(inputs)
+        inputs[~general], targets[~general] = self.task.inputs[indices[~general]], self.task.targets[indices[~general]]
+        blocks = self.pool.tokens[(indices[general] - len(self.task) + epoch * self.per_epoch) % len(self.pool)]
+        inputs[general], targets[general] = blocks[:, :-1], blocks[:, 1:]
+        return inputs, targets
+
+    def batch(self, indices: np.ndarray, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.rows(indices, epoch)
+        return torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(targets.astype(np.int64))
+
+
 @dataclass
 class PreparedData:
     """Everything training needs from the data side. `config` is the one actually used
     (the built-in corpus after a fallback)."""
 
     tokenizer: object
-    train: PackedBlocks | MaskedSamples
+    train: PackedBlocks | MaskedSamples | WithGeneralText
     val: PackedBlocks | MaskedSamples
     report: QualityReport
     fingerprint: str
@@ -697,24 +733,38 @@ def held_out_text(config: DataConfig, tokenizer, seq_len: int, sequences: int) -
     `config`'s split holds out first (its seeded validation order), so a model Sprat
     pretrained on the same source never trained on them: what a fine-tune's guard
     measures. The documents chosen are cached as text (reading a large source is slow)."""
-    cache = Path(config.cache_dir) / "held_out" / \
+    return _split_text(config, tokenizer, seq_len, sequences, held_out=True)
+
+
+def training_side_text(config: DataConfig, tokenizer, seq_len: int, sequences: int) -> PackedBlocks:
+    """Like `held_out_text`, from the documents the split trains on instead: general text
+    a fine-tune replays without ever touching what its guard measures."""
+    return _split_text(config, tokenizer, seq_len, sequences, held_out=False)
+
+
+def _split_text(config: DataConfig, tokenizer, seq_len: int, sequences: int, held_out: bool) -> PackedBlocks:
+    side = "held_out" if held_out else "training_side"
+    cache = Path(config.cache_dir) / side / \
         f"{source_fingerprint(config)}-{config.seed}-{config.val_fraction}-{sequences * (seq_len + 1)}.json"
     if cache.exists():
         texts = json.loads(cache.read_text(encoding="utf-8"))
     else:
         items, report = read_source(dataclasses.replace(config, format="auto"))
         if items and isinstance(items[0], dict):
-            raise DataError(f"{config.source}: instruction records; the general-text guard needs plain text")
+            raise DataError(f"{config.source}: instruction records; general text must be plain text")
         documents = _clean(items, config, report)
         if not documents:
-            raise DataError(f"{config.source}: no text for the general-text guard")
+            raise DataError(f"{config.source}: no general text")
         wanted_chars = 8 * sequences * (seq_len + 1)  # ~8 characters a token, generously
-        if len(documents) == 1:  # one document: its tail, as the split holds it out
-            texts = [documents[0][-wanted_chars:]]
+        if len(documents) == 1:  # one document: the split holds out its tail
+            text = documents[0]
+            cut = len(text) - max(1, round(config.val_fraction * len(text)))
+            texts = [text[-wanted_chars:] if held_out else text[:min(cut, wanted_chars)]]
         else:
             in_val = max(1, round(config.val_fraction * len(documents)))
+            order = np.random.default_rng(config.seed).permutation(len(documents))
             texts, chars = [], 0
-            for index in np.random.default_rng(config.seed).permutation(len(documents))[:in_val]:
+            for index in order[:in_val] if held_out else order[in_val:]:
                 texts.append(documents[index])
                 chars += len(documents[index])
                 if chars >= wanted_chars:
@@ -728,7 +778,8 @@ def held_out_text(config: DataConfig, tokenizer, seq_len: int, sequences: int) -
     stream = _pack(token_lists, tokenizer.eos_token_id, dtype)[:sequences * (seq_len + 1) + 1]
     blocks = PackedBlocks.from_stream(stream, seq_len)
     if len(blocks) == 0:
-        raise DataError(f"{config.source}: too little held-out text for one block of {seq_len + 1} tokens")
+        raise DataError(f"{config.source}: too little {'held-out' if held_out else 'training-side'} text for one "
+                        f"block of {seq_len + 1} tokens")
     return blocks
 
 

@@ -103,7 +103,9 @@ class ThreadedDataLoader:
         try:
             indices = self.epoch_indices(epoch)
             for step in range(start, len(self)):
-                batch = self.dataset.batch(indices[step * self.batch_size:(step + 1) * self.batch_size])
+                rows = indices[step * self.batch_size:(step + 1) * self.batch_size]
+                batch = self.dataset.batch(rows, epoch) if getattr(self.dataset, "epoch_dependent", False) \
+                    else self.dataset.batch(rows)
                 if self.pin_memory:
                     batch = tuple(t.pin_memory() for t in batch)
                 if not self._put(out, batch, stop):

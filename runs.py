@@ -24,12 +24,12 @@ import psutil
 import torch
 
 import checkpoint
-from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, enough_steps, finetune_seq_len, measure_step, parse_duration,
-                    plan, plan_finetune, sequence_length)
+from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, enough_steps,
+                    finetune_seq_len, measure_step, parse_duration, plan, plan_finetune, sequence_length)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
-                  instruction_lengths,
-                  load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note, tokenizer_hash)
+                  instruction_lengths, load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note,
+                  tokenizer_hash, training_side_text, WithGeneralText)
 from events import Callback, MetricsLog, TensorBoardLog, perplexity
 from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
 from gguf_io import export_gguf, load_gguf
@@ -46,6 +46,11 @@ RUNTIME_MODEL_FIELDS = ("use_cache",)  # how a model generates, not what it is: 
 # measured in the README's "Fine-tuning defaults"): LoRA alpha = FINETUNE_ALPHA_PER_RANK x rank.
 FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03, early_stopping_patience=2)
 FINETUNE_ALPHA_PER_RANK = 2.0
+# General text (from `general_data`'s training side, never what the guard measures) mixed
+# into a fine-tune: this many general target tokens per task target token.
+FINETUNE_REPLAY = 1.0
+REPLAY_POOL_EPOCHS = 32  # general text for this many epochs of fresh blocks ...
+REPLAY_POOL_TOKENS = 262_144  # ... within this many tokens
 FINETUNE_VAL_SAMPLES = 256  # validation samples a fine-tune's evaluations read (the first ones)
 
 Say = Callable[[str], None]
@@ -487,6 +492,7 @@ class FinetuneRequest:
     seq_len: Optional[int] = None  # default: the data's longest record, within the base's context
     general_data: Optional[str] = BUILTIN
     max_general_rise: float = 0.05
+    replay: float = FINETUNE_REPLAY  # general-text target tokens trained on per task target token
     out: Optional[str] = None
     name: Optional[str] = None
     cache_dir: str = DEFAULT_CACHE
@@ -616,10 +622,17 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
     prepared = prepare_data(data_config, trainer_config.max_seq_len, tokenizer=tokenizer, fallback_to_builtin=False,
                             say=say)
     task_val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)  # every evaluation reads these, whole
-    general = None
+    general, replay = None, None
     if request.general_data:
         say(f"reading held-out general text from {request.general_data} for the guard ...")
         general = general_text(request.general_data, tokenizer, request.cache_dir, model.config.context_len)
+        if request.replay > 0:
+            replay = _replay_info(request.general_data, request.replay, prepared.train)
+            prepared = _with_replay(prepared, replay, tokenizer, request.cache_dir)
+            say(f"replaying general text with the task: {replay['per_epoch']} blocks of {prepared.train.seq_len} tokens "
+                f"an epoch beside {replay['task_samples']} task samples ({request.replay:g} general target tokens per "
+                f"task target token), fresh each epoch from {replay['pool']} blocks of {request.general_data}'s "
+                f"training side")
     device = resolve_device(trainer_config)
     dtype = resolve_dtype(trainer_config, device)
     if budget is not None:
@@ -673,11 +686,34 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
         if trainer.is_main:
             info = run_info(model.config, trainer_config, data_config,
                             finetune={"base": str(Path(request.base).resolve()), "lora": lora_config.to_dict(),
-                                      "guard": _guard_info(request, guard)})
+                                      "guard": _guard_info(request, guard), "replay": replay})
             create_run(run_dir, info, tokenizer)
         result = _fit(trainer, display)
         return _finish_finetune(trainer, result, run_dir, tokenizer, lora_config, request.base, request.merge,
                                 prepared, request.data)
+
+
+def _replay_info(source: str, ratio: float, task: MaskedSamples) -> dict:
+    """How much general text a fine-tune replays: enough blocks an epoch for `ratio` general
+    target tokens per task target token (answers only are targets in the task's samples),
+    from a pool of up to REPLAY_POOL_EPOCHS epochs' worth (REPLAY_POOL_TOKENS at most)."""
+    if not 0 <= ratio <= 100:
+        raise ConfigError(f"replay {ratio}: general target tokens per task target token, e.g. 1 (0 turns it off)")
+    task_tokens = int((task.targets != -100).sum())
+    per_epoch = max(1, math.ceil(ratio * task_tokens / task.seq_len))
+    pool = max(per_epoch, min(REPLAY_POOL_EPOCHS * per_epoch, REPLAY_POOL_TOKENS // (task.seq_len + 1)))
+    return {"general_data": source, "ratio": ratio, "task_samples": len(task), "per_epoch": per_epoch, "pool": pool}
+
+
+def _with_replay(prepared: PreparedData, replay: dict, tokenizer, cache_dir: str) -> PreparedData:
+    """`prepared` with the general text `replay` describes after its training samples (the
+    same blocks every time: a resumed run trains on what it started with). A source with
+    less text than the pool asked for replays what it has; `replay` is updated to say so."""
+    config = DataConfig(source=replay["general_data"], cache_dir=cache_dir, format="text")
+    pool = training_side_text(config, tokenizer, prepared.train.seq_len, int(replay["pool"]))
+    pool = PackedBlocks(pool.tokens[:int(replay["pool"])], pool.seq_len)
+    replay.update(pool=len(pool), per_epoch=min(int(replay["per_epoch"]), len(pool)))
+    return dataclasses.replace(prepared, train=WithGeneralText(prepared.train, pool, replay["per_epoch"]))
 
 
 def first_samples(dataset: MaskedSamples, count: int) -> MaskedSamples:
@@ -875,6 +911,8 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                             fallback_to_builtin=False, say=say)
     val, guard = prepared.val, None
     if finetuned:
+        if info["finetune"].get("replay"):
+            prepared = _with_replay(prepared, info["finetune"]["replay"], tokenizer, configs["data"].cache_dir)
         val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)
         guard = _rebuild_guard(info, tokenizer, configs["data"].cache_dir, model.config.context_len)
     trainer = Trainer(model, configs["trainer"], prepared.train, val, run_dir=run_dir, adapter_only=finetuned,

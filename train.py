@@ -79,7 +79,8 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
     request = runs.FinetuneRequest(base=args.base, data=args.data, rank=args.rank, qlora=args.qlora, merge=args.merge,
                                    epochs=args.epochs, budget=args.budget, batch_size=args.batch_size,
                                    seq_len=args.seq_len, general_data=general_source(args.general_data),
-                                   max_general_rise=args.max_general_rise, out=args.out, name=args.name,
+                                   max_general_rise=args.max_general_rise, replay=args.replay, out=args.out,
+                                   name=args.name,
                                    cache_dir=args.cache_dir, overrides=args.overrides, overwrite=args.overwrite,
                                    started=args.started)
     return run_with_display(console, runs.finetune, request)
@@ -293,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--seq-len", type=positive_int, default=None,
                           help="tokens per sample (default: the data's longest record, within the base's context)")
     add_guard_arguments(finetune)
+    finetune.add_argument("--replay", type=non_negative_float, default=runs.FinetuneRequest.replay,
+                          help="general text trained on alongside the task, from --general-data's training side (never "
+                               "what the guard measures): general target tokens per task target token (0 turns it "
+                               f"off; default {runs.FinetuneRequest.replay:g})")
     finetune.add_argument("--out", default=None, help="folder for run directories (default trainer.path_to_checkpoints)")
     finetune.add_argument("--name", default=None, help="run directory name (default finetune-DATE-TIME)")
     finetune.add_argument("--overwrite", action="store_true", help="start over where a run named --name exists (it is "

@@ -2,10 +2,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import data
 from data import (DataConfig, DataError, MaskedSamples, QualityReport, build_pretraining,
-                  builtin_documents, encode_chat, prepare, read_source, to_messages, train_bpe)
+                  builtin_documents, encode_chat, held_out_text, prepare, read_source, to_messages, train_bpe,
+                  training_side_text, WithGeneralText)
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n" * 3,
          "class Point:\n    x: int\n    y: int\n", "Numbers 0123456789 and symbols {}[]()<>!?\n" * 2] * 8
@@ -271,3 +273,35 @@ def test_huge_documents_are_read_in_pieces_that_encode_like_the_whole(tmp_path):
     assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="piece_chars"):
         DataConfig(piece_chars=10)
+
+
+def test_replayed_general_text_never_holds_what_the_guard_measures(tmp_path):
+    import re as regex
+    with open(tmp_path / "docs.jsonl", "w") as file:
+        for index in range(40):
+            file.write(json.dumps({"text": f"document {index} says " + "the sea is wide " * 6}) + "\n")
+    tokenizer = train_bpe([f"document {i} says the sea is wide" for i in range(40)], vocab_size=300)
+    config = DataConfig(source=str(tmp_path / "docs.jsonl"), cache_dir=str(tmp_path / "cache"), format="text",
+                        val_fraction=0.25)
+    ids = {}
+    for name, read in (("guard", held_out_text), ("replay", training_side_text)):
+        blocks = read(config, tokenizer, 32, 12)
+        assert len(blocks) >= 1 and blocks.seq_len == 32
+        ids[name] = {int(i) for i in regex.findall(r"document (\d+)", tokenizer.decode(blocks.tokens.reshape(-1)))}
+        assert ids[name]
+    assert not ids["guard"] & ids["replay"]  # the guard's documents are the split's validation side
+    assert len(ids["guard"]) <= 10
+    # beside masked task samples, every token of the general text is a target, a fresh window of the pool each epoch
+    task = MaskedSamples(np.full((3, 32), 5, dtype=np.int32), np.full((3, 32), -100, dtype=np.int32))
+    pool = training_side_text(config, tokenizer, 32, 5)
+    assert len(pool) >= 5
+    mixed = WithGeneralText(task, pool, 2)
+    assert len(mixed) == 5
+    for epoch, rows in ((0, [0, 1]), (1, [2, 3]), (2, [4 % len(pool), 5 % len(pool)])):
+        inputs, targets = mixed.batch(np.array([4, 0, 3]), epoch)
+        assert torch.equal(inputs[0], torch.from_numpy(pool.tokens[rows[1], :-1].astype(np.int64)))
+        assert torch.equal(inputs[2], torch.from_numpy(pool.tokens[rows[0], :-1].astype(np.int64)))
+        assert torch.equal(targets[2], torch.from_numpy(pool.tokens[rows[0], 1:].astype(np.int64)))
+        assert (targets[1] == -100).all() and (inputs[1] == 5).all()
+    with pytest.raises(ValueError, match="blocks of 16"):
+        WithGeneralText(task, training_side_text(config, tokenizer, 16, 4), 2)

@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -305,3 +306,37 @@ def test_finetune_a_gguf_base_then_export_the_merged_model_as_gguf(tmp_path, bas
             assert (merged[key] == tensor).all(), name
             changed += not (original[name] == tensor).all()
     assert changed > 0  # the adapter moved some weights
+
+
+def test_replayed_general_text_is_trained_on_and_rebuilt_on_resume(tmp_path, base_and_data, monkeypatch):
+    base, data = base_and_data
+    seen = []
+
+    class Recording(runs.Trainer):
+        def __init__(self, model, config, train_data, *args, **kwargs):
+            seen.append(train_data)
+            super().__init__(model, config, train_data, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "Trainer", Recording)
+    assert train.main(finetune_args(tmp_path, base, data, "--replay", "2", "--seq-len", "24",
+                                    "trainer.max_steps=2")) == 0
+    run = tmp_path / "runs" / "ft"
+    replay = json.loads((run / "run.json").read_text())["finetune"]["replay"]
+    first = seen[0]
+    assert replay["general_data"] == str(tmp_path / "general.jsonl") and replay["ratio"] == 2
+    # enough general blocks an epoch for 2 general target tokens per task target token, every token a target
+    task_tokens = (first.task.targets != -100).sum()
+    assert len(first) == replay["task_samples"] + replay["per_epoch"] == len(first.task) + replay["per_epoch"]
+    assert replay["per_epoch"] == math.ceil(2 * task_tokens / 24) and len(first.pool) == replay["pool"]
+    general = np.arange(len(first.task), len(first))
+    assert (first.rows(general, epoch=3)[1] != -100).all()
+    assert train.main(["resume", str(run), "trainer.max_steps=4"]) == 0
+    for epoch in range(3):  # the resumed run reads the same rows
+        everything = np.arange(len(first))
+        for mine, theirs in zip(seen[1].rows(everything, epoch), first.rows(everything, epoch)):
+            assert np.array_equal(mine, theirs)
+    # --replay 0: the task alone
+    assert train.main(finetune_args(tmp_path, base, data, "--replay", "0", "--seq-len", "24", "trainer.max_steps=1",
+                                    "--overwrite")) == 0
+    assert len(seen[2]) == replay["task_samples"]
+    assert json.loads((run / "run.json").read_text())["finetune"]["replay"] is None
