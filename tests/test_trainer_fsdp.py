@@ -1,6 +1,7 @@
 """FSDP2 (`TrainerConfig.use_fsdp`) on two CPU processes with gloo, against one process
 with the same global batch: the same per-step losses, checkpoints in the unsharded
-format, and resumes on either number of processes that continue the same curve."""
+format, and resumes on either number of processes that continue the same curve. DDP is
+checked against the same reference on the way."""
 
 import json
 import shutil
@@ -29,12 +30,13 @@ def blocks(count: int, seed: int) -> PackedBlocks:
     return PackedBlocks.from_stream(stream, 16)
 
 
-def trainer_for(run_dir: Path, processes: int, events: list, **overrides) -> Trainer:
+def trainer_for(run_dir: Path, processes: int, events: list, parallel: str = "fsdp", **overrides) -> Trainer:
     """A tiny model (the same initialisation everywhere) on 64 blocks: 4 optimizer steps of
     2 micro-batches of GLOBAL_BATCH blocks, whatever the number of processes."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", **overrides))
-    config = TrainerConfig(batch_size=GLOBAL_BATCH // processes, use_fsdp=processes > 1, **SETTINGS)
+    config = TrainerConfig(batch_size=GLOBAL_BATCH // processes, use_fsdp=processes > 1 and parallel == "fsdp",
+                           use_ddp=processes > 1 and parallel == "ddp", **SETTINGS)
     return Trainer(model, config, blocks(64, seed=1), blocks(4, seed=2), run_dir=run_dir, callbacks=[events.append])
 
 
@@ -44,7 +46,8 @@ def curve(events: list) -> list[tuple[float, float]]:
 
 def _worker(rank: int, store: str, root: str, overrides: dict) -> None:
     """One of WORLD_SIZE ranks: train 4 steps (saving at 2 and 4), then resume from step 2
-    in another run directory and train to the end again; rank 0 writes both curves."""
+    in another run directory and train to the end again; then the same 4 steps under DDP.
+    Rank 0 writes the curves."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -60,9 +63,11 @@ def _worker(rank: int, store: str, root: str, overrides: dict) -> None:
         resumed = trainer_for(root / "resumed_fsdp", WORLD_SIZE, resumed_events, **overrides)
         resumed.load_checkpoint(root / "resumed_fsdp" / "step_2")
         resumed.fit()
-        dist.barrier()
+        ddp_events: list = []
+        trainer_for(None, WORLD_SIZE, ddp_events, parallel="ddp", **overrides).fit()
         if rank == 0:
-            (root / "curves.json").write_text(json.dumps({"fsdp": curve(events), "resumed": curve(resumed_events)}))
+            (root / "curves.json").write_text(json.dumps({"fsdp": curve(events), "resumed": curve(resumed_events),
+                                                          "ddp": curve(ddp_events)}))
     finally:
         dist.destroy_process_group()
 
@@ -82,11 +87,12 @@ def runs(tmp_path_factory) -> tuple[Path, dict]:
     return root, {**curves, "single": curve(events)}
 
 
-def test_fsdp_on_two_processes_matches_one_process_with_the_whole_batch(runs):
+def test_fsdp_and_ddp_on_two_processes_match_one_process_with_the_whole_batch(runs):
     _, curves = runs
     single = curves["single"]
-    assert len(single) == 4 and len(curves["fsdp"]) == 4
+    assert len(single) == 4 and len(curves["fsdp"]) == 4 and len(curves["ddp"]) == 4
     np.testing.assert_allclose(curves["fsdp"], single, rtol=1e-5)  # losses and clipped gradient norms
+    np.testing.assert_allclose(curves["ddp"], single, rtol=1e-5)
     assert all(norm > SETTINGS["grad_clip"] for _, norm in single)  # clipping was at work every step
 
 
@@ -111,3 +117,14 @@ def test_fsdp_checkpoints_are_whole_and_resume_on_one_or_two_processes(runs):
     uninterrupted = curves["fsdp"][2:]
     np.testing.assert_allclose(curves["resumed"], uninterrupted, rtol=1e-6)  # on two processes
     np.testing.assert_allclose(curve(resumed_events), uninterrupted, rtol=1e-5)  # on one
+
+
+@pytest.mark.slow
+def test_fsdp_moe_with_lossfree_balancing_matches_one_process(tmp_path):
+    """Buffers are not FSDP's: the balancing bias must follow the global batch's load."""
+    moe = dict(use_moe=True, use_lossfreebalance=True)
+    curves = run_two_processes(tmp_path, **moe)
+    events: list = []
+    trainer_for(tmp_path / "single", 1, events, **moe).fit()
+    np.testing.assert_allclose(curves["fsdp"], curve(events), rtol=1e-5)
+    np.testing.assert_allclose(curves["resumed"], curves["fsdp"][2:], rtol=1e-6)
