@@ -533,7 +533,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             self.model.check_inputs = False  # the data pipeline guarantees ids < vocab; no per-step sync
-        self.model.to(self.device)
+        if not self.config.use_fsdp:  # fully_shard moves one block at a time, never the whole model at once
+            self.model.to(self.device)
         self.model.set_runtime(use_flash=self.config.use_flash,
                                gradient_checkpointing=self.config.gradient_checkpointing)
         self.step_model = self.model
