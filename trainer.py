@@ -344,7 +344,7 @@ def shard_model(model: Transformer, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def fsdp_accumulating(model: torch.nn.Module):
-    """Backward passes inside the block keep their gradients unsharded and unreduced (one
+    """Backward passes inside the `with` keep their gradients unsharded and unreduced (one
     reduce-scatter per optimizer step instead of one per micro-batch, like DDP's no_sync)."""
     model.set_requires_gradient_sync(False)
     try:

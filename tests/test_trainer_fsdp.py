@@ -3,6 +3,7 @@ with the same global batch: the same per-step losses, checkpoints in the unshard
 format, and resumes on either number of processes that continue the same curve. DDP is
 checked against the same reference on the way."""
 
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -49,7 +50,8 @@ def _worker(rank: int, store: str, root: str, overrides: dict) -> None:
     in another run directory and train to the end again; then the same 4 steps under DDP.
     Rank 0 writes the curves."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(minutes=5))  # a rank left waiting fails instead of hanging
     try:
         root = Path(root)
         events: list = []
