@@ -91,11 +91,35 @@ class ThreadedDataLoader:
 
     # ---- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """Where the order stands; `batch_size` and `world_size` let a loader of another
+        shape (a run resumed on a different number of processes) find the same place."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stood. Saved by loaders of another batch size or number of
+        ranks, the position is converted through the blocks all ranks had read: the ranks
+        together read a prefix of the epoch's permutation, whatever the shape, so a
+        different shape continues with the same next block when its global batch divides
+        the blocks read (a finished epoch stays finished)."""
         self.close()
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        batch_size = int(state.get("batch_size", self.batch_size))  # older states: this loader's shape
+        world_size = int(state.get("world_size", self.world_size))
+        if (batch_size, world_size) != (self.batch_size, self.world_size):
+            per_rank = self.num_blocks // world_size
+            steps = per_rank // batch_size if self.drop_last else math.ceil(per_rank / batch_size)
+            read = position * batch_size * world_size
+            if position >= steps:
+                position = len(self)
+            elif read % (self.batch_size * self.world_size):
+                raise ValueError(f"the saved position ({read} blocks into epoch {epoch}, read {batch_size} per batch "
+                                 f"on each of {world_size} rank(s)) is not a whole number of batches of "
+                                 f"{self.batch_size} x {self.world_size} rank(s); choose a batch size whose global "
+                                 f"batch divides {read}")
+            else:
+                position = read // (self.batch_size * self.world_size)
+        self.epoch, self.position = epoch, position
         self.seed = int(state.get("seed", self.seed))
 
     # ---- the worker ------------------------------------------------------------------

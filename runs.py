@@ -168,7 +168,7 @@ def new_run_dir(out: Optional[str], trainer_config: TrainerConfig, name: Optiona
                               f"--out chooses where runs go")
         return root / name
     fresh = root / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
-    return _claim(fresh) if _is_writer(trainer_config.use_ddp) else fresh
+    return _claim(fresh) if _is_writer(trainer_config.distributed) else fresh
 
 
 def _claim(path: Path) -> Path:
@@ -223,15 +223,15 @@ class RunLock:
             self._file = None
 
 
-def _is_writer(ddp: bool) -> bool:
-    """Whether this process writes the run directory: rank 0 under DDP, else always (a
-    RANK left in the environment by a launcher does not count without use_ddp)."""
-    return not ddp or int(os.environ.get("RANK", "0")) == 0
+def _is_writer(distributed: bool) -> bool:
+    """Whether this process writes the run directory: rank 0 under torchrun (DDP, FSDP), else
+    always (a RANK left in the environment by a launcher does not count without them)."""
+    return not distributed or int(os.environ.get("RANK", "0")) == 0
 
 
-def _owning(run_dir: Path, ddp: bool):
-    """The run's lock on the process that writes it, nothing on the other DDP ranks."""
-    return RunLock(run_dir) if _is_writer(ddp) else contextlib.nullcontext()
+def _owning(run_dir: Path, distributed: bool):
+    """The run's lock on the process that writes it, nothing on the other ranks."""
+    return RunLock(run_dir) if _is_writer(distributed) else contextlib.nullcontext()
 
 
 def check_new_run_dir(run_dir: Path, overwrite: bool = False) -> None:
@@ -247,11 +247,11 @@ def check_new_run_dir(run_dir: Path, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def new_run(run_dir: Path, overwrite: bool = False, ddp: bool = False) -> Iterator[Optional[Path]]:
+def new_run(run_dir: Path, overwrite: bool = False, distributed: bool = False) -> Iterator[Optional[Path]]:
     """Hold the empty, locked directory of a new run while the block runs; yields where an
     old run there was moved (`overwrite`: nothing is deleted), or None. Of two processes
     starting one name, one gets it and the other RunInUse or a refusal."""
-    if not _is_writer(ddp):  # under DDP, rank 0 alone creates and owns the run directory
+    if not _is_writer(distributed):  # under torchrun, rank 0 alone creates and owns the run directory
         yield None
         return
     check_new_run_dir(run_dir, overwrite)
@@ -291,7 +291,7 @@ class RunOutcome:
 
     result: TrainResult
     run_dir: Path
-    is_main: bool = True  # False on the other ranks of a DDP run: they report nothing
+    is_main: bool = True  # False on the other ranks of a torchrun run: they report nothing
     notes: list[str] = field(default_factory=list)  # files written after training (adapter, merged model)
     sample: Optional[str] = None  # the model's continuation of a prompt, when the run ended well
     sample_prompt: Optional[str] = None  # a fine-tune's held-out instruction that `sample` answers
@@ -314,13 +314,14 @@ def _fit(trainer: Trainer, display: Optional[Callback]) -> TrainResult:
 
 def _outcome(trainer: Trainer, result: TrainResult, run_dir: Path, tokenizer, prompt: str,
              notes: Optional[list[str]] = None) -> RunOutcome:
-    if trainer.config.use_ddp:
+    model = trainer.unsharded_model()  # under FSDP every rank helps gather it to rank 0
+    if trainer.config.distributed:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     outcome = RunOutcome(result, run_dir, trainer.is_main, notes or [])
     if trainer.is_main and result.status not in ("interrupted", "nonfinite"):
-        outcome.sample = sample_text(trainer.model, tokenizer, prompt)
+        outcome.sample = sample_text(model, tokenizer, prompt)
     return outcome
 
 
@@ -341,7 +342,7 @@ def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
     check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
-    with new_run(run_dir, overwrite, trainer_config.use_ddp) as moved:
+    with new_run(run_dir, overwrite, trainer_config.distributed) as moved:
         torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
         model = Transformer(model_config)
         if stop_at is not None:
@@ -395,13 +396,13 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
     configs = apply_overrides(configs, request.overrides)
     if not planned:  # a model that cannot fit is refused before any work (the planner sizes its own)
         check_memory(configs["model"], True, configs["trainer"].max_seq_len, resolve_device(configs["trainer"]).type)
-    if request.name and _is_writer(configs["trainer"].use_ddp):  # refuse an existing run before any work
+    if request.name and _is_writer(configs["trainer"].distributed):  # refuse an existing run before any work
         check_new_run_dir(new_run_dir(request.out, configs["trainer"], request.name), request.overwrite)
-    if configs["trainer"].use_ddp:
+    if configs["trainer"].distributed:
         if planned:
-            raise ConfigError("--budget plans on one process; with DDP pass --preset NAME (the budget then "
+            raise ConfigError("--budget plans on one process; under torchrun pass --preset NAME (the budget then "
                               "sets the deadline) or a planned configuration from `plan --budget B --json`")
-        start_distributed()
+        start_distributed(configs["trainer"])
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say)
     configs["data"] = prepared.config or configs["data"]
     stop_at = None
@@ -461,13 +462,14 @@ def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE
                     spent_seconds=since_launch(started), cache_dir=data_config.cache_dir, remeasure=remeasure)
 
 
-def start_distributed() -> None:
+def start_distributed(trainer_config: TrainerConfig) -> None:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs)."""
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ConfigError("trainer.use_ddp=yes needs several processes: launch with "
-                          "torchrun --nproc_per_node=N train.py train trainer.use_ddp=yes ...")
+        flag = "trainer.use_fsdp" if trainer_config.use_fsdp else "trainer.use_ddp"
+        raise ConfigError(f"{flag}=yes needs several processes: launch with {trainer_config.launch_hint} "
+                          f"(a run saved that way resumes on one process with {flag}=no)")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
@@ -605,7 +607,10 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
     if configs["model"] != model.config:
         raise ConfigError("a fine-tune keeps its base model's shape; model.* settings cannot change")
     trainer_config, data_config, lora_config = configs["trainer"], configs["data"], configs["lora"]
-    if request.name and _is_writer(trainer_config.use_ddp):
+    if trainer_config.use_fsdp:
+        raise ConfigError("trainer.use_fsdp: a fine-tune trains small adapters and runs on one process or under DDP "
+                          "(trainer.use_ddp=yes); FSDP shards models trained whole")
+    if request.name and _is_writer(trainer_config.distributed):
         check_new_run_dir(new_run_dir(request.out, trainer_config, request.name), request.overwrite)
     seq_len = request.seq_len or (trainer_config.max_seq_len if _overridden(request.overrides, "trainer.max_seq_len")
                                   else None)
@@ -670,7 +675,7 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
         trainer_config = apply_overrides(planned, request.overrides)["trainer"]  # what the user set wins
         stop_at = time.time() + the_plan.train_seconds
     run_dir = new_run_dir(request.out, trainer_config, request.name, prefix="finetune")
-    with new_run(run_dir, request.overwrite, trainer_config.use_ddp) as moved:
+    with new_run(run_dir, request.overwrite, trainer_config.distributed) as moved:
         if moved:
             say(f"the run that was in {run_dir} is now in {moved}")
         trainer_config = dataclasses.replace(trainer_config,
@@ -839,7 +844,7 @@ def _finish_finetune(trainer: Trainer, result: TrainResult, run_dir: Path, token
             merged = merge_and_save(trainer.model, run_dir / "merged", tokenizer)
             notes.append(f"merged model saved to {merged} (Hugging Face layout)")
         _record(run_dir, comparison, adapter, merged)
-    if trainer.config.use_ddp:
+    if trainer.config.distributed:
         import torch.distributed as dist
 
         dist.destroy_process_group()
@@ -896,9 +901,11 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
     if reshaped:
         raise ConfigError(f"the model of a run cannot change on resume ({', '.join(reshaped)}: its checkpoints hold "
                           f"that model); start a new run instead")
-    if configs["trainer"].use_ddp:
-        start_distributed()
     finetuned = bool(info.get("finetune"))
+    if finetuned and configs["trainer"].use_fsdp:
+        raise ConfigError("trainer.use_fsdp: a fine-tune runs on one process or under DDP (trainer.use_ddp=yes)")
+    if configs["trainer"].distributed:
+        start_distributed(configs["trainer"])
     if finetuned:
         model, tokenizer, lora_config = _rebuild_finetune(info)
     else:
@@ -917,9 +924,9 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
         guard = _rebuild_guard(info, tokenizer, configs["data"].cache_dir, model.config.context_len)
     trainer = Trainer(model, configs["trainer"], prepared.train, val, run_dir=run_dir, adapter_only=finetuned,
                       guard=guard)
-    ddp = configs["trainer"].use_ddp
-    with _owning(run_dir, ddp):
-        for name in checkpoint.clean_stale(run_dir) if _is_writer(ddp) else []:
+    distributed = configs["trainer"].distributed
+    with _owning(run_dir, distributed):
+        for name in checkpoint.clean_stale(run_dir) if _is_writer(distributed) else []:
             say(f"removed {name}, left by a save that did not finish")
         path, *saved_state = checkpoint.load_latest(run_dir, request.checkpoint, on_skip=say)
         _attach(trainer, display).restore(path, *saved_state)  # its events reach the sinks

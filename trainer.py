@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -65,7 +64,10 @@ class TrainerConfig(ConfigIO):
     gradient_checkpointing: bool = described(False, "recompute each block's activations in backward to save memory; "
                                                     "also model.gradient_checkpointing")
     clean_cuda_cache: bool = described(False, "empty the CUDA cache after each evaluation")
-    use_ddp: bool = described(False, "DistributedDataParallel under torchrun")
+    use_ddp: bool = described(False, "DistributedDataParallel under torchrun: a whole copy of the model and "
+                                      "optimizer state on every process")
+    use_fsdp: bool = described(False, "FSDP2 (fully_shard) under torchrun: parameters, gradients and optimizer "
+                                      "state sharded across the processes, each block gathered only while it computes")
     path_to_checkpoints: str = described("checkpoints", "root folder of run directories")
     log_interval: int = described(10, "optimizer steps between memory readings and log flushes")
     eval_interval: int = described(0, "optimizer steps between evaluations (0 = at each epoch's end); the run's end "
@@ -111,10 +113,24 @@ class TrainerConfig(ConfigIO):
         if self.num_epochs == 0 and not self.max_steps and not (self.schedule_by == "time" and self.time_limit_s):
             raise ValueError("TrainerConfig.num_epochs=0 (no epoch limit) needs max_steps > 0, or schedule_by='time' "
                              "with time_limit_s > 0")
+        if self.use_ddp and self.use_fsdp:
+            raise ValueError("TrainerConfig.use_fsdp=True with use_ddp=True: choose one way of training on several "
+                             "processes")
         for name in ("lr_schedule", "schedule_by", "optimizer", "device", "use_dtype"):
             choices = self.choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)}")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether training runs as several torchrun processes (DDP or FSDP)."""
+        return self.use_ddp or self.use_fsdp
+
+    @property
+    def launch_hint(self) -> str:
+        """How to start training the way this config asks: the torchrun command line."""
+        flag = "trainer.use_fsdp=yes" if self.use_fsdp else "trainer.use_ddp=yes"
+        return f"torchrun --nproc_per_node=N train.py train {flag} ..."
 
     @property
     def tokens_per_step(self) -> int:
@@ -308,6 +324,97 @@ class Guard:
         return math.exp(loss - self.base_loss) - 1.0
 
 
+# ---- FSDP2 ------------------------------------------------------------------------------------
+def shard_model(model: Transformer, device: torch.device) -> None:
+    """FSDP2 in place (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html):
+    each transformer block is one unit, gathered only while it computes; the root holds the
+    embedding, the final norm and the head tied to the embedding. A MoE expert that gets no
+    tokens on one rank sends zero gradients, so every rank reduce-scatters the same tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if model.config.use_moe:
+        model.set_reduce_scatter_unused_params(True)
+
+
+@contextlib.contextmanager
+def fsdp_accumulating(model: torch.nn.Module):
+    """Backward passes inside the `with` keep their gradients unsharded and unreduced (one
+    reduce-scatter per optimizer step instead of one per micro-batch, like DDP's no_sync)."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict in rank 0's CPU memory ({} on the other ranks),
+    names and tied weights as the unsharded model has them. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    if state:  # gathered once per name: point tied names at one tensor again, as state_dict() does
+        first = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if name in state:
+                state[name] = state[first.setdefault(param, name)]
+    return state
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state of a sharded model, whole, on rank 0 ({} on the others) in the
+    layout `optimizer.state_dict()` gives an unsharded run: parameters numbered in param
+    group order, not named. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not named:
+        return {}
+    index = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
+    return {"state": {index[name]: value for name, value in named["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in named["param_groups"]]}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: Optional[dict]) -> None:
+    """Load whole (unsharded) states, as an unsharded run saves them, into a sharded model
+    and its optimizer: each rank keeps its shard. Every rank must call it with the same states."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}  # global shapes
+    found = {name: tuple(value.shape) for name, value in model_state.items()}
+    if expected != found:
+        wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise RuntimeError(f"{len(wrong)} tensor(s) differ in name or shape, e.g. {wrong[:3]}")
+    options = _full_options()
+    set_model_state_dict(model, dict(model_state), options=options)
+    if optimizer_state is not None:
+        name_of = {param: name for name, param in model.named_parameters()}
+        names = [name_of[param] for group in optimizer.param_groups for param in group["params"]]
+        named = {"state": {names[int(i)]: value for i, value in optimizer_state["state"].items()},
+                 "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]}
+                                  for group in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, named, options=options)
+
+
+def _replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP's gradient norm, already reduced over ranks) as a plain tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 # ---- the trainer ------------------------------------------------------------------------------
 @dataclass
 class TrainState:
@@ -366,7 +473,9 @@ class Trainer:
     on the device and gets the runtime switches (`use_flash`, `gradient_checkpointing`)
     when training or a resume starts. Checkpoints go to `run_dir`; every event goes to each
     of `callbacks` (a display, `events.MetricsLog`, ...). `adapter_only` (LoRA fine-tuning)
-    saves the trainable weights alone. With a `guard` (fine-tuning), each evaluation also
+    saves the trainable weights alone. Under torchrun, `config.use_ddp` replicates the model
+    on every process and `config.use_fsdp` shards it (FSDP2); rank 0 reports and writes
+    checkpoints, which hold the whole model either way. With a `guard` (fine-tuning), each evaluation also
     measures general text, only evaluations within the guard can be the best, and the best
     is saved when it is found. `fault_hook(step, micro_batch_size)` runs before each
     micro-batch's forward pass; tests make it raise out-of-memory.
@@ -376,13 +485,16 @@ class Trainer:
                  run_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
                  adapter_only: bool = False, fault_hook: Optional[Callable[[int, int], None]] = None,
                  rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None):
-        if config.use_ddp:
+        if config.distributed:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                raise ValueError("TrainerConfig.use_ddp needs torch.distributed: launch with "
-                                 "torchrun --nproc_per_node=N train.py train trainer.use_ddp=yes ...")
+                raise ValueError(f"TrainerConfig.use_{'fsdp' if config.use_fsdp else 'ddp'} needs torch.distributed: "
+                                 f"launch with {config.launch_hint}")
             rank, world_size = dist.get_rank(), dist.get_world_size()
+        if config.use_fsdp and adapter_only:
+            raise ValueError("TrainerConfig.use_fsdp: fine-tuning (adapter weights only) runs on one process or under "
+                             "DDP (use_ddp); FSDP shards models trained whole")
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.model, self.config = model, config
         self.train_data, self.val_data = train_data, val_data
@@ -391,7 +503,7 @@ class Trainer:
         self.fault_hook = fault_hook
         self.guard = guard
         self.device = resolve_device(config)
-        if config.use_ddp and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
+        if config.distributed and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.dtype = resolve_dtype(config, self.device)
         self.loader = ThreadedDataLoader(dataset=train_data, batch_size=config.batch_size, seed=config.seed,
@@ -402,8 +514,9 @@ class Trainer:
         self.total_steps = total_steps(config, self.steps_per_epoch)  # None: the deadline ends the run
         self.state = TrainState(device=self.device.type, adapter_only=adapter_only)
         self.last_checkpoint: Optional[str] = None
+        self.last_checkpoint_step: Optional[int] = None  # the step it holds (every rank knows it, none reads files)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # task loss, general-text loss
-        self.step_model: Optional[torch.nn.Module] = None  # the model as the step runs it (DDP, compiled)
+        self.step_model: Optional[torch.nn.Module] = None  # the model as the step runs it (DDP, FSDP, compiled)
         self._session: Optional[_Session] = None
 
     @property
@@ -413,13 +526,15 @@ class Trainer:
     # ---- set-up when training starts --------------------------------------------------------
     def _place_model(self) -> None:
         """The model on the trainer's device with the runtime switches applied, wrapped for
-        DDP / torch.compile (once)."""
+        DDP / torch.compile, or sharded by FSDP with the optimizer built again over the
+        shards (once)."""
         if self.step_model is not None:
             return
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             self.model.check_inputs = False  # the data pipeline guarantees ids < vocab; no per-step sync
-        self.model.to(self.device)
+        if not self.config.use_fsdp:  # fully_shard moves one block at a time, never the whole model at once
+            self.model.to(self.device)
         self.model.set_runtime(use_flash=self.config.use_flash,
                                gradient_checkpointing=self.config.gradient_checkpointing)
         self.step_model = self.model
@@ -429,11 +544,14 @@ class Trainer:
             self.step_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.model.config.use_moe)  # an expert may get no tokens on a rank
+        elif self.config.use_fsdp:
+            shard_model(self.model, self.device)
+            self.optimizer = build_optimizer(self.model, self.config, self.device)  # over the sharded parameters
         if self.config.use_compile:
             self.step_model = torch.compile(self.step_model)
 
     def emit(self, event: Event) -> None:
-        if self.is_main:  # with DDP, rank 0 speaks for all
+        if self.is_main:  # under torchrun, rank 0 speaks for all
             for callback in self.callbacks:
                 callback(event)
 
@@ -450,14 +568,21 @@ class Trainer:
         return self.state.to_dict()
 
     def save_checkpoint(self, name: str) -> Optional[Path]:
-        if self.run_dir is None or not self.is_main:
-            self.last_checkpoint = name
-            return None
+        """Save the run's state as `run_dir/name`; rank 0 writes it. Under FSDP every rank
+        first helps gather the whole model and optimizer state to rank 0, so the checkpoint
+        is the one an unsharded run writes (and resumes on any number of processes)."""
         if self._session is not None and self._session.best_step == self.global_step:
             self.state.best_checkpoint = name  # this checkpoint holds the best evaluated state
+        gathered = None
+        if self.run_dir is not None and self.config.use_fsdp:
+            gathered = full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
+        if self.run_dir is None or not self.is_main:
+            self.last_checkpoint, self.last_checkpoint_step = name, self.global_step
+            return None
         started = time.perf_counter()
-        path = checkpoint.save(self.run_dir / name, self.model_state(), self.optimizer.state_dict(), self._snapshot())
-        self.last_checkpoint = name
+        model_state, optimizer_state = gathered or (self.model_state(), self.optimizer.state_dict())
+        path = checkpoint.save(self.run_dir / name, model_state, optimizer_state, self._snapshot())
+        self.last_checkpoint, self.last_checkpoint_step = name, self.global_step
         best = self.state.best_checkpoint
         removed = checkpoint.prune(self.run_dir, self.config.keep_last_n, protect=(best,) if best else ())
         self.emit(CheckpointSaved(name=name, step=self.global_step, seconds=time.perf_counter() - started,
@@ -491,21 +616,27 @@ class Trainer:
             int(state.loader["epoch"]), int(state.loader["position"])
         except (KeyError, TypeError, ValueError):
             raise checkpoint.CheckpointError(f"{path.name}: {checkpoint.STATE_FILE} is not a trainer state") from None
-        self._place_model()  # the optimizer state follows its parameters' device
+        self._place_model()  # the optimizer state follows its parameters' device (and shards)
         try:
-            self._load_model_state(model_state, state.adapter_only, path)
+            if self.config.use_fsdp:
+                load_full_state(self.model, self.optimizer, model_state, optimizer_state)
+            else:
+                self._load_model_state(model_state, state.adapter_only, path)
         except RuntimeError as error:  # shapes that do not match the model
             if isinstance(error, checkpoint.CheckpointError):
                 raise
             raise checkpoint.CheckpointError(f"{path.name} does not fit this model: {str(error)[:300]}") from None
-        if optimizer_state is not None:
+        if optimizer_state is not None and not self.config.use_fsdp:
             self.optimizer.load_state_dict(optimizer_state)
         if self.run_dir is not None and self.is_main:
             for name in checkpoint.set_aside_later(self.run_dir, path, state.global_step):
                 self.emit(CheckpointSetAside(name=name, reason=f"resumed from {path.name}"))
         self.state = state
-        self.last_checkpoint = path.name
-        self.loader.load_state_dict(state.loader)
+        self.last_checkpoint, self.last_checkpoint_step = path.name, state.global_step
+        try:
+            self.loader.load_state_dict(state.loader)
+        except ValueError as error:  # saved with another global batch that does not divide what was read
+            raise checkpoint.CheckpointError(f"{path.name}: {error}") from None
         if state.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.scaler)
         if state.rng is not None:
@@ -539,16 +670,21 @@ class Trainer:
         total = None
         for index, (xs, ys) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            # With DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or not self.config.use_ddp else self._ddp_module().no_sync()
-            with sync:
+            # Under DDP and FSDP, gradients are reduced once per optimizer step, on the last micro-batch.
+            with self._accumulating(last):
                 loss = self._forward_backward(xs, ys, counts[index] / total_targets)
             total = loss if total is None else total + loss
         return total
 
-    def _ddp_module(self):
+    def _accumulating(self, last: bool):
+        """What a micro-batch's backward runs in: nothing special for the last one (or on
+        one process); before it, without reducing gradients across ranks."""
+        if last or not self.config.distributed:
+            return contextlib.nullcontext()
+        if self.config.use_fsdp:
+            return fsdp_accumulating(self.model)
         module = self.step_model
-        return getattr(module, "_orig_mod", module)  # under torch.compile
+        return getattr(module, "_orig_mod", module).no_sync()  # (DDP under torch.compile)
 
     def _step_with_fallback(self, group: list) -> torch.Tensor:
         """`_run_group`, retried on out-of-memory with halved micro-batches, then on the CPU.
@@ -557,8 +693,8 @@ class Trainer:
             try:
                 return self._run_group(group)
             except Exception as error:  # noqa: BLE001 - only out-of-memory is handled
-                if not is_out_of_memory(error) or self.config.use_ddp:
-                    raise  # under DDP a rank retrying alone would hang the others
+                if not is_out_of_memory(error) or self.config.distributed:
+                    raise  # under torchrun a rank retrying alone would hang the others
                 self.optimizer.zero_grad(set_to_none=True)
                 self._free_memory()
                 batch_size = self.config.batch_size
@@ -598,14 +734,15 @@ class Trainer:
 
     def _optimizer_step(self, lr: float) -> torch.Tensor:
         """Set the learning rate, unscale and clip; returns the gradient norm (the step
-        itself is taken once the caller knows it is finite)."""
+        itself is taken once the caller knows it is finite). Under FSDP the gradients are
+        DTensor shards: their norm is computed over all ranks and clips every shard alike."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            return _replicated(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+        return _replicated(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -647,15 +784,15 @@ class Trainer:
                     self.emit(EpochEnd(epoch=epoch, step=self.global_step))
                     if not config.eval_interval and session.last_eval_step != self.global_step:
                         self._evaluate()  # with an eval_interval, evaluations keep to it (and the run's end)
-                    if config.use_epoch_checkpoints and read_step(self.run_dir, self.last_checkpoint) != \
-                            self.global_step:  # (the guard may have saved this step as its best)
+                    if config.use_epoch_checkpoints and self.last_checkpoint_step != self.global_step:
+                        # (the guard may have saved this step as its best)
                         self.save_checkpoint(f"epoch_{epoch + 1}")
                     self._check_early_stop()
             status = session.stop_reason or "finished"
             trained = self.global_step > session.start_step
             if trained and status in ("deadline", "max_steps", "finished") and session.last_eval_step != self.global_step:
                 self._evaluate()
-            if trained and status != "nonfinite" and read_step(self.run_dir, self.last_checkpoint) != self.global_step:
+            if trained and status != "nonfinite" and self.last_checkpoint_step != self.global_step:
                 self.save_checkpoint(f"step_{self.global_step}")
             result = TrainResult(status, self.global_step, self.loader.epoch, session.last_loss,
                                  self.state.best_val_loss, self.last_checkpoint, time.perf_counter() - started,
@@ -694,7 +831,7 @@ class Trainer:
         loss = self._step_with_fallback(group)
         grad_norm = self._optimizer_step(lr)
         stats = torch.stack([loss, grad_norm.to(loss.device).float()])
-        if config.use_ddp:  # the mean loss over ranks (the gradient norm is already shared)
+        if config.distributed:  # the mean loss over ranks (the gradient norm is already shared)
             import torch.distributed as dist
 
             dist.all_reduce(stats)
@@ -708,6 +845,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._share_expert_load()
         self.model.update_moe_bias()
         state.global_step += 1
         tokens = sum(int(x.numel()) for x, _ in group) * self.world_size
@@ -719,6 +857,16 @@ class Trainer:
         if self.global_step % config.log_interval == 0:
             session.window_started, session.window_tokens = time.perf_counter(), 0
         self._after_step()
+
+    def _share_expert_load(self) -> None:
+        """Under FSDP (which leaves buffers alone), the loss-free balancing bias follows the
+        load of the whole global batch, as on one process, and stays the same on every rank."""
+        if not (self.config.use_fsdp and self.model.config.use_moe and self.model.config.use_lossfreebalance):
+            return
+        import torch.distributed as dist
+
+        for moe in self.model.moe_layers():
+            dist.all_reduce(moe.pending_load)
 
     def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient: no update; too many in a row stop the run, saved."""
@@ -770,7 +918,7 @@ class Trainer:
             session.stop_reason = "deadline"
         elif session.interrupts:
             session.stop_reason = "interrupted"
-        if config.use_ddp:  # every rank stops at the same step, for the first reason any rank has
+        if config.distributed:  # every rank stops at the same step, for the first reason any rank has
             import torch.distributed as dist
 
             reasons = ["", "max_steps", "deadline", "interrupted"]
@@ -787,7 +935,7 @@ class Trainer:
         session.stop_reason = "early_stop"
         self.emit(EarlyStop(step=self.global_step, best_val_loss=self.state.best_val_loss,
                             patience=config.early_stopping_patience))
-        if read_step(self.run_dir, self.last_checkpoint) != self.global_step:
+        if self.last_checkpoint_step != self.global_step:
             self.save_checkpoint(f"step_{self.global_step}")
         return True
 
@@ -803,6 +951,7 @@ class Trainer:
         if guard is not None:
             general_loss = evaluate(self.model, guard.data, guard.batch_size, guard.max_batches, self.device,
                                     self.dtype)
+        val_loss, general_loss = self._agreed(val_loss, general_loss)
         within = guard is None or general_loss <= guard.limit
         best_before = state.best_val_loss if state.best_val_loss is not None or guard is None else guard.base_task_loss
         improved = within and (best_before is None or val_loss < best_before)
@@ -823,6 +972,32 @@ class Trainer:
         if improved and guard is not None:  # the best guarded state is kept as it is found
             self.save_checkpoint(f"step_{self.global_step}")
         return val_loss
+
+    def _agreed(self, *values: Optional[float]) -> tuple[Optional[float], ...]:
+        """Rank 0's figures on every rank: each rank evaluates the same batches, and the
+        decisions taken on them (best, early stop, the guard's save) must not differ by a
+        rounding."""
+        if not self.config.distributed:
+            return values
+        import torch.distributed as dist
+
+        shared = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, src=0)
+        return tuple(None if v is None else s for v, s in zip(values, shared.tolist()))
+
+    def unsharded_model(self) -> Optional[Transformer]:
+        """The trained model as one ordinary module: the model itself, or under FSDP a copy
+        built on rank 0 from the gathered weights (None on the other ranks, which must call
+        this too)."""
+        if not self.config.use_fsdp or self.step_model is None:
+            return self.model
+        state = full_model_state(self.model)
+        if not self.is_main:
+            return None
+        model = Transformer(self.model.config)
+        model.load_state_dict(state)
+        model.set_runtime(use_flash=self.config.use_flash)
+        return model.to(self.device)
 
     # ---- Ctrl-C and SIGTERM --------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
@@ -853,11 +1028,3 @@ def total_steps(config: TrainerConfig, steps_per_epoch: int) -> Optional[int]:
         return min(by_epochs, config.max_steps) if by_epochs else config.max_steps
     return by_epochs
 
-
-def read_step(run_dir: Optional[Path], name: Optional[str]) -> Optional[int]:
-    if run_dir is None or name is None:
-        return None
-    try:
-        return checkpoint.read_state(run_dir / name)["global_step"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return None

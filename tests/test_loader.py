@@ -52,12 +52,38 @@ def test_resume_mid_epoch_reproduces_the_rest():
     first = ThreadedDataLoader(dataset=data, batch_size=4, seed=3)
     head = collect(first) + collect(first, limit=3)  # stops inside the second epoch
     state = first.state_dict()
-    assert state == {"epoch": 1, "position": 3, "seed": 3}
+    assert state == {"epoch": 1, "position": 3, "seed": 3, "batch_size": 4, "world_size": 1}
     resumed = ThreadedDataLoader(dataset=data, batch_size=4, seed=999)
     resumed.load_state_dict(state)
     tail = collect(resumed)
     assert len(head) + len(tail) == len(reference)
     assert all(torch.equal(x, y) for x, y in zip(head + tail, reference))
+
+
+def test_resume_on_another_number_of_ranks_continues_with_the_next_blocks():
+    """2 ranks x batch 4 saved after 3 batches (24 blocks read); 1 process x batch 8 and
+    4 ranks x batch 2 continue from block 24 of the same permutation."""
+    data = blocks(64)
+    whole = torch.cat(collect(ThreadedDataLoader(dataset=data, batch_size=8, seed=5)))[:, 0].tolist()
+    pair = [ThreadedDataLoader(dataset=data, batch_size=4, seed=5, rank=r, world_size=2) for r in range(2)]
+    read = [torch.cat(collect(loader, limit=3))[:, 0].tolist() for loader in pair]
+    assert sorted(read[0] + read[1]) == sorted(whole[:24])  # the ranks together read a prefix
+    single = ThreadedDataLoader(dataset=data, batch_size=8, seed=5)
+    single.load_state_dict(pair[0].state_dict())
+    assert single.position == 3 and torch.cat(collect(single))[:, 0].tolist() == whole[24:]
+    quads = [ThreadedDataLoader(dataset=data, batch_size=2, seed=5, rank=r, world_size=4) for r in range(4)]
+    for loader in quads:
+        loader.load_state_dict(pair[1].state_dict())
+    rest = [torch.cat(collect(loader))[:, 0].tolist() for loader in quads]
+    assert sorted(sum(rest, [])) == sorted(whole[24:])
+    odd = ThreadedDataLoader(dataset=data, batch_size=5, seed=5)
+    with pytest.raises(ValueError, match="not a whole number of batches"):
+        odd.load_state_dict(pair[0].state_dict())
+    finished = ThreadedDataLoader(dataset=data, batch_size=4, seed=5, rank=0, world_size=2)
+    collect(finished)
+    state = {**finished.state_dict(), "epoch": 0, "position": len(finished)}  # the end of epoch 0
+    single.load_state_dict(state)
+    assert (single.epoch, single.position) == (0, len(single))
 
 
 def test_shards_are_disjoint_and_equal_sized():

@@ -126,6 +126,45 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_whole_batch(tmp_p
     np.testing.assert_allclose(step_losses_of(tmp_path / "runs" / "ddp"), single_losses, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_fsdp_under_torchrun_matches_one_process_and_resumes_on_one(tmp_path):
+    """The command line under torchrun: 2 FSDP ranks x batch 4 against 1 process x batch 8;
+    the FSDP run resumed from step 2 on one process continues the same curve, and its
+    checkpoints serve generate and export like any other."""
+    runs = tmp_path / "runs"
+    common = ["--cache-dir", str(tmp_path / "cache"), "--out", str(runs), "--seq-len", "32", "--preset", "tiny",
+              "data.subset_size=40", "trainer.max_steps=4", "trainer.seed=3", "trainer.save_every_n_steps=2"]
+    single = run_train("train", "--batch-size", "8", "--name", "single", *common)
+    assert single.returncode == 0, single.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    fsdp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "train.py", "train",
+                           "--batch-size", "4", "--name", "fsdp", "trainer.use_fsdp=yes", *common],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    single_losses = step_losses_of(runs / "single")
+    assert len(single_losses) == 4
+    np.testing.assert_allclose(step_losses_of(runs / "fsdp"), single_losses, rtol=1e-5)
+
+    resumed = run_train("resume", str(runs / "fsdp"), "--checkpoint", "step_2", "trainer.use_fsdp=no",
+                        "trainer.batch_size=8")
+    assert resumed.returncode == 0, resumed.stderr
+    losses = step_losses_of(runs / "fsdp")  # the first curve, then the resumed steps 3 and 4
+    assert len(losses) == 6
+    np.testing.assert_allclose(losses[4:], losses[2:4], rtol=1e-5)
+    generated = run_train("generate", str(runs / "fsdp"), "--prompt", "def ", "--max-new-tokens", "4")
+    assert generated.returncode == 0, generated.stderr
+    exported = run_train("export", str(runs / "fsdp"), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), exported.stderr
+
+
+def test_fsdp_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert train.main(["train", "trainer.use_fsdp=yes", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun --nproc_per_node=N train.py train trainer.use_fsdp=yes" in err and "trainer.use_fsdp=no" in err
+
+
 def test_ddp_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert train.main(["train", "trainer.use_ddp=yes", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2

@@ -43,6 +43,7 @@ def oom(*args):
     (dict(lr_schedule="step"), "lr_schedule"), (dict(optimizer="sgd"), "optimizer"),
     (dict(device="tpu"), "device"), (dict(use_dtype="int8"), "use_dtype"), (dict(warmup_ratio=1.5), "warmup_ratio"),
     (dict(betas=(0.9,)), "betas"), (dict(time_limit_s=-1), "time_limit_s"), (dict(max_steps=-2), "max_steps"),
+    (dict(use_ddp=True, use_fsdp=True), "use_fsdp"),
 ])
 def test_config_validation(overrides, field):
     with pytest.raises(ValueError, match=field):
