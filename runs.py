@@ -654,7 +654,8 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
             f"{perplexity(base_general):.2f} ({len(general)} x {general.seq_len} tokens of {request.general_data}); "
             f"the guard keeps checkpoints within +{request.max_general_rise:.0%}")
     else:
-        say(f"base model: task validation loss {base_task:.3f}; no general-text guard (--general-data none)")
+        say(f"base model: task validation loss {base_task:.3f}; no general-text guard (--general-data none) and "
+            f"no general text replayed")
     eval_seconds = time.perf_counter() - eval_started
     if lora_config.quantize_base:  # NF4 layers dequantize as they run: slower than the base just measured
         eval_seconds *= NF4_EVAL_SLOWDOWN
@@ -918,8 +919,14 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                             fallback_to_builtin=False, say=say)
     val, guard = prepared.val, None
     if finetuned:
-        if info["finetune"].get("replay"):
-            prepared = _with_replay(prepared, info["finetune"]["replay"], tokenizer, configs["data"].cache_dir)
+        recorded = info["finetune"].get("replay")
+        if recorded:
+            rebuilt = dict(recorded)
+            prepared = _with_replay(prepared, rebuilt, tokenizer, configs["data"].cache_dir)
+            if rebuilt != recorded:
+                raise ConfigError(f"{recorded['general_data']} holds less text than when {run_dir} started "
+                                  f"({rebuilt['pool']} blocks, not {recorded['pool']}): the replayed text would "
+                                  f"differ, so the run cannot resume exactly")
         val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)
         guard = _rebuild_guard(info, tokenizer, configs["data"].cache_dir, model.config.context_len)
     trainer = Trainer(model, configs["trainer"], prepared.train, val, run_dir=run_dir, adapter_only=finetuned,

@@ -308,7 +308,7 @@ def test_finetune_a_gguf_base_then_export_the_merged_model_as_gguf(tmp_path, bas
     assert changed > 0  # the adapter moved some weights
 
 
-def test_replayed_general_text_is_trained_on_and_rebuilt_on_resume(tmp_path, base_and_data, monkeypatch):
+def test_replayed_general_text_is_trained_on_and_rebuilt_on_resume(tmp_path, base_and_data, monkeypatch, capsys):
     base, data = base_and_data
     seen = []
 
@@ -335,6 +335,11 @@ def test_replayed_general_text_is_trained_on_and_rebuilt_on_resume(tmp_path, bas
         everything = np.arange(len(first))
         for mine, theirs in zip(seen[1].rows(everything, epoch), first.rows(everything, epoch)):
             assert np.array_equal(mine, theirs)
+    # general text that shrank since the run began cannot give the same rows: refused, not resumed differently
+    write_corpus(tmp_path / "general.jsonl", documents=4)
+    assert train.main(["resume", str(run), "trainer.max_steps=6"]) == 2
+    assert "cannot resume exactly" in capsys.readouterr().err
+    write_corpus(tmp_path / "general.jsonl")
     # --replay 0: the task alone
     assert train.main(finetune_args(tmp_path, base, data, "--replay", "0", "--seq-len", "24", "trainer.max_steps=1",
                                     "--overwrite")) == 0
