@@ -48,7 +48,7 @@ FINETUNE_TRAINER = dict(learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.03, earl
 FINETUNE_ALPHA_PER_RANK = 2.0
 # General text (from `general_data`'s training side, never what the guard measures) mixed
 # into a fine-tune: this many general target tokens per task target token.
-FINETUNE_REPLAY = 1.0
+FINETUNE_REPLAY = 3.0
 REPLAY_POOL_EPOCHS = 32  # general text for this many epochs of fresh blocks ...
 REPLAY_POOL_TOKENS = 262_144  # ... within this many tokens
 FINETUNE_VAL_SAMPLES = 256  # validation samples a fine-tune's evaluations read (the first ones)
