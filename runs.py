@@ -412,7 +412,8 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         if request.batch_size is not None:
             planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=request.batch_size)
         configs = apply_overrides(planned_configs, request.overrides)  # what the user set explicitly wins
-        stop_at = time.time() + the_plan.train_seconds  # the plan's finishing costs come after
+        if the_plan.trainer.time_limit_s:  # the plan's finishing costs come after; a fixed few steps have no deadline
+            stop_at = time.time() + the_plan.train_seconds
     elif budget is not None:  # a fixed model under the budget's deadline
         spent = since_launch(request.started)
         remaining = budget - spent - FINISH_RESERVE_S

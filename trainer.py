@@ -77,6 +77,8 @@ class TrainerConfig(ConfigIO):
     early_stopping_patience: int = described(0, "stop after N evaluations without improvement (0 = off)")
     max_steps: int = described(0, "stop after N optimizer steps (0 = no limit)")
     time_limit_s: float = described(0.0, "stop after this many seconds: finish the step, evaluate, save (0 = none)")
+    min_steps: int = described(0, "the deadline does not end the run before this many optimizer steps (a short "
+                                  "budget on a machine slower than measured still trains a little)")
     max_nonfinite_steps: int = described(5, "stop after this many non-finite losses in a row")
 
     def __post_init__(self) -> None:
@@ -88,7 +90,8 @@ class TrainerConfig(ConfigIO):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainerConfig.{name}={value!r}: must be a positive integer")
-        for name in ("num_epochs", "eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed"):
+        for name in ("num_epochs", "eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed",
+                     "min_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainerConfig.{name}={value!r}: must be an integer >= 0")
@@ -765,7 +768,8 @@ class Trainer:
             self.save_checkpoint(f"step_{self.global_step}")
         if config.max_steps and self.global_step >= config.max_steps:
             session.stop_reason = "max_steps"
-        elif session.deadline is not None and time.perf_counter() + 0.5 * session.last_step_s >= session.deadline:
+        elif session.deadline is not None and self.global_step >= config.min_steps \
+                and time.perf_counter() + 0.5 * session.last_step_s >= session.deadline:
             # the next step would end more than half past the deadline (a busy machine's steps are long)
             session.stop_reason = "deadline"
         elif session.interrupts:
