@@ -599,13 +599,11 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
                          f"~{_duration(finishing)}")
             notes.append(f"a budget of {_duration(budget_seconds)} is shorter than {FLOOR_STEPS} steps of the "
                          f"smallest model need here ({' and '.join(spent)}; one step takes "
-                         f"~{_duration(step_seconds)}): training {fixed_steps} steps anyway, "
-                         f"~{_duration(fixed_steps * step_seconds)} of steps (estimated), so the run is short but "
-                         f"useful; give a longer budget to stay inside it")
+                         f"~{_duration(step_seconds)} by the probes): training {fixed_steps} steps anyway, so the run "
+                         f"is short but useful; give a longer budget to stay inside it")
         else:
-            notes.append(f"a budget this short trains a fixed {fixed_steps} steps (~{_duration(fixed_steps * step_seconds)}"
-                         f", estimated) instead of running to a deadline: one slow step would cut such a run to one "
-                         f"or two")
+            notes.append(f"a budget this short trains a fixed {fixed_steps} steps instead of running to a deadline: "
+                         f"one slow step would cut such a run to one or two")
         train_seconds = fixed_steps * step_seconds
         tokens = train_seconds / seconds_per_token
     eval_tokens = eval_batches * batch_size * seq_len

@@ -24,8 +24,9 @@ import psutil
 import torch
 
 import checkpoint
-from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, enough_steps, finetune_seq_len, measure_step, parse_duration,
-                    plan, plan_finetune, sequence_length)
+from budget import (CostModel, Estimate, FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory,
+                    enough_steps, estimate_run, finetune_seq_len, measure, measure_step, parse_duration, plan,
+                    plan_finetune, probe, sequence_length, training_memory)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
                   instruction_lengths,
@@ -329,20 +330,23 @@ def sample_prompt(prepared: PreparedData, tokens: int = 4) -> str:
 
 
 def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display: Optional[Callback] = None,
-                   stop_at: Optional[float] = None, overwrite: bool = False) -> RunOutcome:
+                   stop_at: Optional[float] = None, overwrite: bool = False,
+                   estimate: Optional[Estimate] = None) -> RunOutcome:
     """Train a new model of `configs` (model, trainer, data) on prepared data in `run_dir`.
     `stop_at` (a time.time()) sets the deadline once the model is built, so everything
-    before it counts against a budget. `overwrite` moves an old run there aside."""
+    before it counts against a budget. `overwrite` moves an old run there aside.
+    `estimate` (what the plan or start summary showed) is what the live display starts
+    from, and its thread count is the one training uses: the speed it was measured at."""
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
     check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
-    with new_run(run_dir, overwrite, trainer_config.use_ddp) as moved:
+    with new_run(run_dir, overwrite, trainer_config.use_ddp) as moved, threads_set(estimate and estimate.threads):
         torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
         model = Transformer(model_config)
         if stop_at is not None:
             trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
         data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
-        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir)
+        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, estimate=estimate)
         if trainer.is_main:
             create_run(run_dir, run_info(model_config, trainer_config, data_config), prepared.tokenizer)
         result = _fit(trainer, display)
@@ -399,14 +403,13 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         start_distributed()
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say)
     configs["data"] = prepared.config or configs["data"]
-    stop_at = None
+    stop_at, estimate = None, None
     if planned:
         trainer_config = configs["trainer"]
-        stack.enter_context(chosen_threads(resolve_device(trainer_config).type, say))
-        hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
-        the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
-                        spent_seconds=since_launch(request.started), cache_dir=configs["data"].cache_dir,
-                        seq_len=trainer_config.max_seq_len, remeasure=request.remeasure)
+        the_plan = plan_prepared(budget, prepared, trainer_config, configs["data"].cache_dir,
+                                 spent_seconds=since_launch(request.started), remeasure=request.remeasure, say=say)
+        estimate = the_plan.estimate
+        stack.enter_context(threads_set(estimate.threads))  # the thread count the plan measured fastest
         say(the_plan.describe())
         planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": configs["data"]}
         if request.batch_size is not None:
@@ -423,8 +426,85 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         configs["trainer"] = dataclasses.replace(configs["trainer"], time_limit_s=remaining, schedule_by="time",
                                                  num_epochs=0, eval_steps=4, use_epoch_checkpoints=False)
         stop_at = time.time() + remaining
+    if estimate is not None and configs["trainer"] != the_plan.trainer:  # overrides changed the run: the real speed tells
+        estimate = None
     run_dir = new_run_dir(request.out, configs["trainer"], request.name)
-    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite)
+    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite, estimate)
+
+
+@contextlib.contextmanager
+def threads_set(threads: Optional[int]) -> Iterator[None]:
+    """Torch's thread count at `threads` while the block runs (None: as it is)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
+                  spent_seconds: float = 0.0, whole_run: bool = True, remeasure: bool = False,
+                  measure_chosen: bool = False, say: Say = _quiet) -> Plan:
+    """The plan for `budget_s` on prepared data, as every front end makes it: at torch's
+    thread count chosen by measurement (which the plan's estimate carries, so training uses
+    it too), from cached or fresh probes. `whole_run=False` (the wizard) budgets training
+    alone. `measure_chosen` then times a few steps of the chosen model at its micro-batch
+    when they are quick, so the estimate is measured rather than interpolated."""
+    device = resolve_device(trainer_config).type
+    with chosen_threads(device, say):
+        hardware = HardwareProfile.detect(device)
+        the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
+                        spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
+                        whole_run=whole_run, remeasure=remeasure)
+        t = the_plan.trainer
+        step_s = t.tokens_per_step / the_plan.tokens_per_second
+        if measure_chosen and step_s <= MEASURE_STEP_LIMIT_S and \
+                training_memory(the_plan.model, t.batch_size, t.max_seq_len) < 0.6 * hardware.memory_bytes:
+            rate = 1.0 / measure(fit_model_to_data(the_plan.model, t, prepared), t.batch_size, t.max_seq_len, device,
+                                 seconds=min(1.0, 4 * step_s))
+            estimate = estimate_run(t, len(prepared.train), rate, "measured",
+                                    f"3+ steps of this model at micro-batch {t.batch_size}", the_plan.estimate.threads)
+            the_plan = dataclasses.replace(the_plan, estimate=estimate)
+    return the_plan
+
+
+MEASURE_STEP_LIMIT_S = 1.0  # a step longer than this (by the estimate) is not timed before training: too slow
+
+
+def estimate_training(configs: dict, prepared: PreparedData, measured: Optional[dict] = None) -> Estimate:
+    """The one estimate of training `configs` (model, trainer) on prepared data, shown by
+    the start summary and the live display alike: the throughput of this model at its
+    micro-batch and precision, measured with a few real training steps at torch's thread
+    count chosen by measurement; from the planner's probes instead (interpolated) when the
+    step would not fit in memory to measure. `measured` caches the figures by shape."""
+    trainer_config = configs["trainer"]
+    model_config = fit_model_to_data(configs["model"], trainer_config, prepared)
+    device = resolve_device(trainer_config)
+    dtype = resolve_dtype(trainer_config, device)
+    batch, seq_len = trainer_config.batch_size, trainer_config.max_seq_len
+    measured = {} if measured is None else measured
+    key = (json.dumps(model_config.to_dict(), sort_keys=True), batch, seq_len, str(dtype), device.type)
+    if key not in measured:
+        threads = best_thread_count(device.type)[0] if device.type == "cpu" else None
+        with threads_set(threads):
+            hardware = HardwareProfile.detect(device.type)
+            if training_memory(model_config, batch, seq_len) < 0.8 * hardware.memory_bytes:
+                with torch.random.fork_rng(devices=[0] if device.type == "cuda" else []):
+                    rate = 1.0 / measure(model_config, batch, seq_len, device.type, seconds=1.0, dtype=dtype)
+                measured[key] = (rate, "measured", f"3+ steps of this model at micro-batch {batch}", threads)
+            else:
+                probes, cached = probe(hardware, model_config.vocab_size, seq_len, 2, 0.3, prepared_cache(prepared))
+                rate = 1.0 / CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
+                measured[key] = (rate, "interpolated", "the planner's probes: the step does not fit in memory to "
+                                                       "measure it", threads)
+    rate, basis, detail, threads = measured[key]
+    return estimate_run(trainer_config, len(prepared.train), rate, basis, detail, threads)
+
+
+def prepared_cache(prepared: PreparedData) -> Optional[str]:
+    return prepared.config.cache_dir if prepared.config is not None else None
 
 
 @contextlib.contextmanager
@@ -452,9 +532,8 @@ def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE
     seconds = parse_duration(budget)
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
     prepared = prepare_data(data_config, sequence_length(seconds), say=say)
-    with chosen_threads(resolve_device(TrainerConfig()).type, say):
-        return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
-                    spent_seconds=since_launch(started), cache_dir=data_config.cache_dir, remeasure=remeasure)
+    return plan_prepared(seconds, prepared, TrainerConfig(max_seq_len=sequence_length(seconds)), data_config.cache_dir,
+                         spent_seconds=since_launch(started), remeasure=remeasure, say=say)
 
 
 def start_distributed() -> None:

@@ -29,7 +29,7 @@ import torch
 import checkpoint
 from config_io import ConfigIO, described
 from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, EpochEnd, Eval, Event, Fallback,
-                    Finished, Interrupt, NonFinite, Resumed, Start, Step, Stopped, TrainResult)
+                    Finished, Interrupt, NonFinite, Reestimate, Resumed, Start, Step, Stopped, TrainResult)
 from loader import ThreadedDataLoader
 from lora import parameter_report
 from model import Transformer
@@ -360,6 +360,12 @@ class _Session:
     last_step_s: float = 0.0  # the latest optimizer step's duration: whether another fits before the deadline
     window_started: float = 0.0  # the throughput window: its start and its tokens
     window_tokens: int = 0
+    shown_total: Optional[int] = None  # the step total displays show while a deadline ends the run (an estimate)
+    reestimated: bool = False  # the shown total came from this run's own speed
+
+
+REESTIMATE_AFTER = 3  # steps of real speed before the estimate is corrected
+REESTIMATE_TOLERANCE = 0.15  # a later projection this far from the shown total replaces it (labelled)
 
 
 class Trainer:
@@ -372,13 +378,15 @@ class Trainer:
     saves the trainable weights alone. With a `guard` (fine-tuning), each evaluation also
     measures general text, only evaluations within the guard can be the best, and the best
     is saved when it is found. `fault_hook(step, micro_batch_size)` runs before each
-    micro-batch's forward pass; tests make it raise out-of-memory.
+    micro-batch's forward pass; tests make it raise out-of-memory. `estimate` (a
+    `budget.Estimate`: what the plan or start summary showed) is the step total displays
+    show until the real speed of the first steps corrects it, in a `Reestimate` event.
     """
 
     def __init__(self, model: Transformer, config: TrainerConfig, train_data, val_data=None,
                  run_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
                  adapter_only: bool = False, fault_hook: Optional[Callable[[int, int], None]] = None,
-                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None):
+                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None, estimate=None):
         if config.use_ddp:
             import torch.distributed as dist
 
@@ -393,6 +401,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.fault_hook = fault_hook
         self.guard = guard
+        self.estimate = estimate
         self.device = resolve_device(config)
         if config.use_ddp and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -620,6 +629,9 @@ class Trainer:
         deadline = started + config.time_limit_s - elapsed_before if config.time_limit_s else None
         session = self._session = _Session(started, deadline, self.global_step, elapsed_before,
                                            window_started=started)
+        estimate = self.estimate
+        if estimate is not None and self._total_is_estimate():
+            session.shown_total = self.global_step + estimate.steps if self.global_step else estimate.steps
         session.stop_reason = self.done_reason()  # a resumed run that had already ended trains nothing
         previous_handlers = self._install_signal_handlers()
         self.model.train()
@@ -632,7 +644,10 @@ class Trainer:
                         time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s else None,
                         schedule_by=config.schedule_by, device=self.device.type,
                         dtype=str(self.dtype).removeprefix("torch."), params=counts["total"],
-                        trainable=counts["trainable"], quantized=counts["quantized"]))
+                        trainable=counts["trainable"], quantized=counts["quantized"],
+                        estimated_steps=None if estimate is None else estimate.steps,
+                        estimated_seconds=None if estimate is None else estimate.seconds,
+                        estimate_basis=None if estimate is None else f"{estimate.basis}: {estimate.detail}"))
         try:
             while session.stop_reason is None and not self._steps_done() \
                     and (config.num_epochs == 0 or self.loader.epoch < config.num_epochs):
@@ -737,6 +752,11 @@ class Trainer:
                                      f"saved. Lower the learning rate or check the data."))
             self.save_checkpoint(f"step_{self.global_step}")
 
+    def _total_is_estimate(self) -> bool:
+        """Whether a deadline (not the epochs or max_steps alone) sets how many steps run."""
+        config = self.config
+        return bool(config.time_limit_s) and (config.schedule_by == "time" or self.total_steps is None)
+
     def _emit_step(self, epoch: int, loss: float, lr: float, grad_norm: float) -> None:
         session, config = self._session, self.config
         now = time.perf_counter()
@@ -746,17 +766,41 @@ class Trainer:
         total, eta = self.total_steps, None
         if total is not None:
             eta = done / steps_this_run * max(0, total - self.global_step)
+        estimated = self._total_is_estimate()
         if config.time_limit_s:
             time_left = max(0.0, config.time_limit_s - session.elapsed_before - done)
             eta = time_left if eta is None else min(eta, time_left)
-            if config.schedule_by == "time" or total is None:  # the deadline ends the run: estimate its steps
-                estimate = self.global_step + round(steps_this_run / max(done, 1e-9) * time_left)
-                total = estimate if total is None else min(total, estimate)
+            if estimated:  # the deadline ends the run: its steps are an estimate, corrected now and then
+                projected = self.global_step + round(steps_this_run / max(done, 1e-9) * time_left)
+                projected = projected if total is None else min(total, projected)
+                total = self._shown_total(projected, steps_this_run, time_left, tokens_per_s)
         load = self.model.expert_load() if self.model.config.use_moe else None
         self.emit(Step(epoch=epoch, step=self.global_step, total_steps=total, loss=loss, lr=lr, grad_norm=grad_norm,
                        tokens_per_s=tokens_per_s, tokens_seen=self.state.tokens_seen, eta_s=eta,
                        memory=memory_stats(self.device) if self.global_step % config.log_interval == 0 else None,
-                       expert_load=load.tolist() if load is not None else None))
+                       expert_load=load.tolist() if load is not None else None, total_estimated=estimated))
+
+    def _shown_total(self, projected: int, steps_this_run: int, time_left: float, tokens_per_s: float) -> int:
+        """The estimated step total displays show: the given estimate until REESTIMATE_AFTER
+        steps of real speed correct it (when they differ), then replaced only when a later
+        projection drifts by more than REESTIMATE_TOLERANCE or the run passes it; every
+        replacement is a `Reestimate` event, so the total never changes unannounced."""
+        session = self._session
+        shown = session.shown_total
+        if shown is not None and time_left <= 0:  # the last step: no news worth a line
+            return max(shown, self.global_step)
+        if shown is not None and self.global_step < shown:
+            if steps_this_run < REESTIMATE_AFTER:
+                return shown
+            tolerance = REESTIMATE_TOLERANCE * shown if session.reestimated else max(1.0, 0.05 * shown)
+            session.reestimated = True
+            if abs(projected - shown) <= tolerance:
+                return shown
+        projected = max(projected, self.global_step + (1 if time_left > 0 else 0))
+        self.emit(Reestimate(step=self.global_step, steps=projected, previous_steps=shown, seconds_left=time_left,
+                             tokens_per_s=tokens_per_s, from_steps=steps_this_run))
+        session.shown_total, session.reestimated = projected, True
+        return projected
 
     def _after_step(self) -> None:
         config, session = self.config, self._session

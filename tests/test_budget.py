@@ -100,7 +100,7 @@ def test_lightlm_walkthrough_budget_always_trains_a_few_steps(slowdown):
     assert the_plan.trainer.schedule_by == "steps" and the_plan.estimate.ends_by == "max_steps"
     assert the_plan.notes and "start-up" not in " ".join(the_plan.notes)  # the wizard's budget starts at training
     if the_plan.train_seconds > 3.6:
-        assert "anyway" in the_plan.notes[0] and "estimated" in the_plan.notes[0]
+        assert "anyway" in the_plan.notes[0] and "by the probes" in the_plan.notes[0]
 
 
 def test_a_budget_spent_before_training_still_trains_a_few_steps_and_says_why():

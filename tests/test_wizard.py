@@ -119,19 +119,26 @@ def test_hub_dataset_when_the_hub_is_unreachable_keeps_the_dataset(tmp_path, mon
 
 
 def test_start_training_shows_a_summary_and_can_be_declined(tmp_path, corpus, monkeypatch):
-    measured = []
-    real = HardwareManager.tokens_per_second
-    monkeypatch.setattr(HardwareManager, "tokens_per_second",
-                        lambda self, *args, **kwargs: measured.append(args) or real(self, *args, **kwargs))
+    """The summary's estimate is measured once, at the run's micro-batch, and the very same
+    object reaches the trainer, whose live display starts from it."""
+    measured, estimates, started = [], [], []
+    real_measure, real_estimate, real_train = runs.measure, runs.estimate_training, runs.train_prepared
+    monkeypatch.setattr(runs, "measure", lambda *args, **kwargs: measured.append(args) or real_measure(*args, **kwargs))
+    monkeypatch.setattr(runs, "estimate_training",
+                        lambda *args, **kwargs: estimates.append(real_estimate(*args, **kwargs)) or estimates[-1])
+    monkeypatch.setattr(runs, "train_prepared",
+                        lambda *args, **kwargs: started.append(kwargs["estimate"]) or real_train(*args, **kwargs))
     keys = [*use_corpus(corpus), "3", "tiny", "6", "2", "max_seq_len=16 batch_size=4 max_steps=3", "", "7",
             "1", "n", "1", "y", "3"]
     code, wizard, out = drive(tmp_path, keys)
     assert code == 0, out
-    assert "about to train" in out and "estimated time" in out and "tokens/s (measured" in out
-    assert len(measured) == 1 and measured[0][1:] == (4, 16)  # at the run's micro-batch, once for both summaries
+    assert "about to train" in out and "estimated time" in out and "tokens/s (measured: 3+ steps" in out
+    assert len(measured) == 1 and measured[0][1:3] == (4, 16)  # at the run's micro-batch, once for both summaries
+    assert started == [estimates[-1]] and started[0].steps == 3 and started[0].ends_by == "max_steps"
     (run,) = (tmp_path / "runs").iterdir()  # the declined start made no run
     assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == 3
     assert re.search(r"\w+: 3 steps, [\d,]+ tokens", out) and out.count("about to train") == 2
+    assert re.search(r"optimizer steps\W+3 \(max_steps\)", out)
 
 
 @pytest.fixture
