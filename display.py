@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
 from events import (CheckpointSaved, CheckpointSetAside, EarlyStop, Eval, Event, Fallback, Finished, Interrupt,
-                    NonFinite, Reestimate, Resumed, Start, Step, Stopped, perplexity)
+                    NonFinite, Progress, Reestimate, Resumed, Start, Step, Stopped, perplexity)
 
 
 @dataclass
@@ -150,7 +152,7 @@ class LiveDisplay:
         self.console = console
         self.history = History()
         self.metrics: dict = {}
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+        self.progress = ProgressBar(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("step {task.completed:.0f}/{task.fields[total_text]}"),
                                  TextColumn("eta {task.fields[eta]}"), console=console)
         self.title = title
@@ -264,6 +266,51 @@ class PlainDisplay:
             self.write(f"{event.kind}: {details(event)}")
         elif isinstance(event, Interrupt):
             self.write(f"\n{event.signal} received: finishing the current step and saving (press again to quit now)")
+
+
+def progress_text(event: Progress) -> str:
+    """'evaluating on the val split: 12/96 batches, eta 31s'."""
+    eta = format_seconds(event.eta_s) if event.eta_s is not None else "-"
+    return f"{event.task}: {event.done:,}/{event.total:,} {event.unit}, eta {eta}"
+
+
+class WaitDisplay:
+    """`Progress` events of a wait outside training (an evaluation, a comparison): on a
+    terminal a transient bar per task with n/N and an ETA; elsewhere (pipes, logs) a line
+    for the first unit, then at most one every `every_s` seconds, and the last."""
+
+    def __init__(self, console: Console, every_s: float = 2.0):
+        self.console = console
+        self.every_s = every_s
+        self.bar = ProgressBar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                               TextColumn("eta {task.fields[eta]}"), console=console, transient=True) \
+            if console.is_terminal else None
+        self.tasks: dict[str, int] = {}
+        self.last_line = -math.inf
+
+    def __enter__(self) -> "WaitDisplay":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, Progress):
+            return
+        if self.bar is not None:
+            if event.task not in self.tasks:
+                self.tasks[event.task] = self.bar.add_task(event.task, total=event.total, count="", eta="-")
+            eta = format_seconds(event.eta_s) if event.eta_s is not None else "-"
+            self.bar.update(self.tasks[event.task], completed=event.done, total=event.total, eta=eta,
+                            count=f"{event.done:,}/{event.total:,} {event.unit}")
+            return
+        now = time.monotonic()
+        if event.done <= 1 or event.done >= event.total or now - self.last_line >= self.every_s:
+            self.console.print(progress_text(event), markup=False, highlight=False)
+            self.last_line = now
 
 
 def text_curve(values: list[float], width: int = 60, height: int = 10) -> str:

@@ -206,6 +206,24 @@ class Finished(TrainResult, Event):
     kind: ClassVar[str] = "finished"
 
 
+@dataclass(frozen=True)
+class Progress(Event):
+    """How far a long wait outside training has got (an evaluation, ...): `done` of
+    `total` units after `elapsed_s` seconds."""
+
+    kind: ClassVar[str] = "progress"
+    task: str
+    done: int
+    total: int
+    unit: str
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the speed so far (None before anything is done)."""
+        return self.elapsed_s / self.done * (self.total - self.done) if self.done else None
+
+
 Callback = Callable[[Event], None]
 
 

@@ -31,7 +31,7 @@ from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
                   instruction_lengths,
                   load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note, tokenizer_hash)
-from events import Callback, MetricsLog, TensorBoardLog, perplexity
+from events import Callback, MetricsLog, Progress, TensorBoardLog, perplexity
 from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
 from gguf_io import export_gguf, load_gguf
 from lora import LoRAConfig, apply_lora, parameter_report
@@ -1125,9 +1125,22 @@ class EvalResult:
         return {**dataclasses.asdict(self), "perplexity": self.perplexity}
 
 
-def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None) -> EvalResult:
-    """Loss and perplexity of a trained model (`loaded`, or loaded from request.model)."""
-    loaded = loaded or load_trained(request.model, request.checkpoint)
+def progress_reporter(task: str, unit: str, progress: Optional[Callback]) -> Callable[[int, int], None]:
+    """A `(done, total)` callback that sends `Progress` events of `task` to `progress`."""
+    started = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(task=task, done=done, total=total, unit=unit, elapsed_s=time.perf_counter() - started))
+
+    return report
+
+
+def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None, progress: Optional[Callback] = None,
+                   say: Say = _quiet) -> EvalResult:
+    """Loss and perplexity of a trained model (`loaded`, or loaded from request.model);
+    `Progress` events (batches done of all) go to `progress`, news to `say`."""
+    loaded = loaded or load_trained(request.model, request.checkpoint, say=say)
     info = loaded.info or {}
     data_config = run_configs(info, loaded.source)["data"] if "data" in info else DataConfig()
     if request.data:
@@ -1138,13 +1151,15 @@ def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None) -> Eva
     seq_len = request.seq_len or info.get("trainer", {}).get("max_seq_len") or min(256, context)
     if seq_len > context:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({context})")
+    say(f"preparing {data_config.source} for {seq_len}-token sequences ...")
     prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
     dataset = prepared.val if request.split == "val" else prepared.train
     if len(dataset) == 0:
         raise DataError(f"{data_config.source}: the {request.split} split is empty at sequence length {seq_len}")
     device = resolve_device(TrainerConfig())
     started = time.perf_counter()
-    loss = evaluate(loaded.model.to(device), dataset, request.batch_size, request.max_batches, device=device)
+    loss = evaluate(loaded.model.to(device), dataset, request.batch_size, request.max_batches, device=device,
+                    progress=progress_reporter(f"evaluating on the {request.split} split", "batches", progress))
     batches = math.ceil(len(dataset) / request.batch_size)
     if request.max_batches is not None:
         batches = min(batches, request.max_batches)
@@ -1166,7 +1181,7 @@ class CompareRequest:
     cache_dir: Optional[str] = None
 
 
-def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
+def compare_models(request: CompareRequest, say: Say = _quiet, progress: Optional[Callback] = None) -> Comparison:
     tuned = load_trained(request.tuned, request.checkpoint, say=say)
     base = load_trained(request.base, say=say)
     info = tuned.info or {}
@@ -1190,15 +1205,16 @@ def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
     device = resolve_device(trainer_config)
     dtype = resolve_dtype(trainer_config, device)  # the precision the fine-tune evaluated in
     figures = []
-    for loaded in (base, tuned):
+    for name, loaded in (("base", base), ("fine-tuned", tuned)):
         prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
         model = loaded.model.to(device)
         task = evaluate(model, prepared.val, GUARD_SEQUENCES, math.ceil(FINETUNE_VAL_SAMPLES / GUARD_SEQUENCES),
-                        device, dtype)
+                        device, dtype, progress=progress_reporter(f"{name}: task loss", "batches", progress))
         general = None
         if general_data:
             held_out = general_text(general_data, loaded.tokenizer, data_config.cache_dir, context)
-            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device, dtype)
+            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device, dtype,
+                               progress=progress_reporter(f"{name}: general text", "batches", progress))
         figures.append((task, general))
         model.to("cpu")
     (base_task, base_general), (tuned_task, tuned_general) = figures

@@ -257,15 +257,19 @@ def _jsonable(value):
 
 @torch.no_grad()
 def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional[int] = None,
-             device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> float:
+             device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+             progress: Optional[Callable[[int, int], None]] = None) -> float:
     """Mean cross-entropy over (the first `max_batches` batches of) a dataset, in order,
-    weighted by the number of target tokens."""
+    weighted by the number of target tokens. `progress(done, total)` is called after each
+    batch."""
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise ValueError(f"evaluate: batch_size={batch_size}, max_batches={max_batches}: both must be at least 1")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     total, tokens, batches = 0.0, 0, 0
+    planned = math.ceil(len(dataset) / batch_size)
+    planned = planned if max_batches is None else min(planned, max_batches)
     for start in range(0, len(dataset), batch_size):
         if max_batches is not None and batches >= max_batches:
             break
@@ -277,6 +281,8 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
         total += ce_loss.float().item() * count
         tokens += count
         batches += 1
+        if progress is not None:
+            progress(batches, planned)
     model.train(was_training)
     if tokens == 0:
         raise ValueError("evaluate: the dataset has no target tokens")

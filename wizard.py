@@ -25,7 +25,7 @@ from config_editor import ConfigEditor, EndOfInput, ask, choose, confirm
 from config_io import ConfigError, load_configs, save_configs
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
 import runs
-from display import check_table, display_for, format_bytes, format_seconds, plan_table, report_outcome, \
+from display import WaitDisplay, check_table, display_for, format_bytes, format_seconds, plan_table, report_outcome, \
     summary_table
 from gguf_io import QUANTS
 from lora import LoRAConfig
@@ -526,11 +526,12 @@ class Wizard:
 
     def evaluate(self) -> None:
         path = self.pick_model("Model to evaluate")
-        with self.console.status("evaluating ..."):
+        with self.console.status("loading the model ..."):
             loaded = load_trained(path, say=self.say)
-            # The command line's defaults (the whole validation split), so both give the same figures.
-            cache_dir = self.configs["data"].cache_dir if loaded.kind == "huggingface" else None
-            result = runs.evaluate_model(runs.EvalRequest(path, cache_dir=cache_dir), loaded)
+        # The command line's defaults (the whole validation split), so both give the same figures.
+        cache_dir = self.configs["data"].cache_dir if loaded.kind == "huggingface" else None
+        with WaitDisplay(self.console) as progress:
+            result = runs.evaluate_model(runs.EvalRequest(path, cache_dir=cache_dir), loaded, progress, say=self.say)
         self.say(f"{result.model} ({result.checkpoint or loaded.kind}) on the validation split of "
                  f"{result.data}: loss [bold]{result.loss:.4f}[/bold], perplexity {result.perplexity:.2f} "
                  f"({result.sequences} sequences of {result.seq_len} tokens)")

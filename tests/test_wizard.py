@@ -180,8 +180,8 @@ def test_evaluate_gives_the_figures_the_command_line_gives(tmp_path, trained, ca
     """The same run, the same settings: one number from either front end."""
     requests = []
     evaluate_model = runs.evaluate_model
-    monkeypatch.setattr(runs, "evaluate_model", lambda request, *rest: requests.append(request)
-                        or evaluate_model(request, *rest))
+    monkeypatch.setattr(runs, "evaluate_model", lambda request, *rest, **options: requests.append(request)
+                        or evaluate_model(request, *rest, **options))
     assert train.main(["eval", str(trained), "--json"]) == 0
     cli = json.loads(capsys.readouterr().out)
     code, _, out = drive(tmp_path, ["7", "1", "3"])
@@ -189,6 +189,25 @@ def test_evaluate_gives_the_figures_the_command_line_gives(tmp_path, trained, ca
     assert f"loss {cli['loss']:.4f}, perplexity {cli['perplexity']:.2f} ({cli['sequences']} sequences" in out
     from_cli, from_wizard = requests
     assert dataclasses.replace(from_wizard, model=str(from_wizard.model)) == from_cli
+
+
+def test_evaluation_reports_progress_as_n_of_n_in_both_front_ends(tmp_path, trained, capsys):
+    """Every batch is a Progress event (n of N); piped, the command prints progress lines
+    on stderr (the first and the last at least) and keeps stdout for the result."""
+    from events import Progress
+
+    events = []
+    result = runs.evaluate_model(runs.EvalRequest(trained, batch_size=2), progress=events.append)
+    total = -(-result.sequences // 2)
+    assert [e.done for e in events] == list(range(1, total + 1)) and {e.total for e in events} == {total}
+    assert all(isinstance(e, Progress) and e.unit == "batches" for e in events) and events[-1].eta_s == 0
+    assert train.main(["eval", str(trained), "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"evaluating on the val split: 1/{total} batches, eta" in captured.err
+    assert f"evaluating on the val split: {total}/{total} batches, eta 0.0s" in captured.err
+    assert "batches" not in captured.out and "perplexity" in captured.out
+    code, _, out = drive(tmp_path, ["7", "1", "3"])
+    assert code == 0 and "evaluating on the val split: 1/" in out
 
 
 def test_finetune_from_the_menu_uses_the_lora_table_and_fits_the_base_context(tmp_path, corpus):
