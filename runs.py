@@ -130,7 +130,8 @@ def data_summary(prepared: PreparedData) -> list[str]:
     lines = [f"note: {note}" for note in report.notes]
     if report.format == "instruction":
         lines.append(f"{report.source}: {report.documents_kept} samples ({report.train_documents} train, "
-                     f"{report.val_documents} validation), {report.train_tokens:,} response tokens; truncated "
+                     f"{report.val_documents} validation), {report.train_tokens:,} training and {report.val_tokens:,} "
+                     f"validation response tokens (the answers, which the loss is on); truncated "
                      f"{report.truncated_samples}, dropped {report.dropped_samples}")
     else:
         lines.append(f"{report.source}: {report.documents_kept} documents, {report.train_tokens:,} training and "

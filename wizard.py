@@ -264,7 +264,8 @@ class Wizard:
         rows = [("format", report.format), ("documents read / kept", f"{report.documents_read:,} / {report.documents_kept:,}"),
                 ("empty / duplicates dropped", f"{report.empty_dropped:,} / {report.duplicates_dropped:,}"),
                 ("train / validation documents", f"{report.train_documents:,} / {report.val_documents:,}"),
-                ("train / validation tokens", f"{report.train_tokens:,} / {report.val_tokens:,}"),
+                ("train / validation response tokens (the loss's targets)" if report.format == "instruction" else
+                 "train / validation tokens", f"{report.train_tokens:,} / {report.val_tokens:,}"),
                 ("tokens per document (mean, median, p95, max)",
                  f"{report.length_mean:,.0f}, {report.length_p50:,.0f}, {report.length_p95:,.0f}, {report.length_max:,}")]
         if report.truncated_samples or report.dropped_samples:
