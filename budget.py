@@ -312,8 +312,10 @@ def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 1:
         return f"{seconds:.2f} s"
-    if seconds < 60:
+    if seconds < 10:
         return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     minutes, seconds = divmod(int(round(seconds)), 60)
     if minutes < 60:
         return f"{minutes}m{seconds:02d}s"

@@ -803,6 +803,10 @@ class Trainer:
             if abs(projected - shown) <= tolerance:
                 return shown
         projected = max(projected, self.global_step + (1 if time_left > 0 else 0))
+        if self.total_steps is not None:  # max_steps or the epochs still cap it
+            projected = min(projected, self.total_steps)
+        if projected == shown:
+            return shown
         self.emit(Reestimate(step=self.global_step, steps=projected, previous_steps=shown, seconds_left=time_left,
                              tokens_per_s=tokens_per_s, from_steps=steps_this_run))
         session.shown_total, session.reestimated = projected, True

@@ -235,7 +235,7 @@ def test_check_json_reports_every_check(tmp_path, capsys, monkeypatch):
     assert {c["name"] for c in report["checks"]} >= {"Python", "GPU", "CPU", "RAM", "Disk", "Packages", "Hub"}
     assert report["hardware"]["device"] in ("cpu", "cuda")
     hub = next(c for c in report["checks"] if c["name"] == "Hub")
-    assert hub["status"] == "warn"
+    assert hub["message"].startswith("offline mode") and hub["facts"]["offline_mode"] is True
 
 
 def test_check_plain_text(tmp_path, capsys, monkeypatch):
