@@ -43,6 +43,14 @@ MAX_USEFUL_EPOCHS = 4
 PROBE_WIDTHS = (64, 128, 256)
 PROBE_BATCH = 2  # sequences per probe step: enough to be representative, cheap enough to be quick
 PROBE_METHOD = "median"  # in the cache key: probes cached by an earlier way of measuring are measured again
+# Past ~16 passes repeated data is worth almost nothing more (Muennighoff et al. 2023 fit its
+# value's decay constant at ~15 epochs), so no plan trains longer than that: the rest of a
+# larger budget is left unused, and the plan says so.
+MAX_PLANNED_EPOCHS = 16
+# A budget that fits fewer deadline-bound steps than this trains a fixed number of steps
+# instead (at least FLOOR_STEPS): one slow step would otherwise cut such a run to one or two.
+FIXED_STEPS_BELOW = 10
+FLOOR_STEPS = 5  # LightLM's table gives its tiny walkthrough 5 steps
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -268,38 +276,174 @@ class CostModel:
         return self.overhead + self.seconds_per_flop * flops_per_token
 
 
+# ---- the one estimate ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    """How many optimizer steps a run takes and how long it trains, from one throughput
+    figure. The plan, the start summary and the live display all show this same object
+    until the trainer corrects it from the real speed of the first steps."""
+
+    steps: int
+    seconds: float
+    tokens_per_second: float
+    tokens_per_step: int
+    basis: str  # how tokens_per_second was found: measured | interpolated | extrapolated
+    detail: str  # from what, e.g. "3+ steps of this model at micro-batch 16"
+    ends_by: str  # what ends the run: deadline | epochs | max_steps | steps (a fixed short run)
+    threads: Optional[int] = None  # torch's CPU threads the speed holds for (None: leave them as they are)
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    def rate_text(self) -> str:
+        """'1,121 tokens/s (interpolated from probes of widths 64, 128, 256; cached)'."""
+        return f"{self.tokens_per_second:,.0f} tokens/s ({self.basis}: {self.detail})"
+
+    def describe(self) -> str:
+        """'~395 optimizer steps, 1m05s of training (estimated at 1,121 tokens/s, interpolated ...)'."""
+        ends = {"deadline": "the deadline ends the run", "epochs": "its epochs end the run",
+                "max_steps": "max_steps ends the run", "steps": "a fixed number of steps"}[self.ends_by]
+        return (f"~{self.steps:,} optimizer steps, {_duration(self.seconds)} of training ({ends}); estimated at "
+                f"{self.rate_text()}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{seconds:.2f} s"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:,}h{minutes:02d}m"
+
+
+def estimate_run(trainer: TrainerConfig, train_sequences: int, tokens_per_second: float, basis: str, detail: str,
+                 threads: Optional[int] = None, world_size: int = 1) -> Estimate:
+    """Steps and seconds of training for `trainer` over `train_sequences` sequences at
+    `tokens_per_second`: its epochs or max_steps, or as many steps as its deadline holds,
+    whichever ends first (the trainer's own rules)."""
+    if not tokens_per_second > 0:
+        raise ValueError(f"estimate_run: tokens_per_second={tokens_per_second}: must be positive")
+    tokens_per_step = trainer.tokens_per_step * world_size
+    batches = math.ceil(train_sequences / world_size / trainer.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches / trainer.accumulation_steps))
+    by_epochs = steps_per_epoch * trainer.num_epochs if trainer.num_epochs else None
+    candidates = [(by_epochs, "epochs")] if by_epochs else []
+    if trainer.max_steps:
+        candidates.append((trainer.max_steps, "max_steps"))
+    steps, ends_by = min(candidates) if candidates else (None, "deadline")
+    step_seconds = tokens_per_step / tokens_per_second
+    if trainer.time_limit_s and (steps is None or trainer.schedule_by == "time"
+                                 or steps * step_seconds > trainer.time_limit_s):
+        by_deadline = max(1, int(trainer.time_limit_s / step_seconds))
+        if steps is None or by_deadline < steps:
+            steps, ends_by = by_deadline, "deadline"
+    seconds = trainer.time_limit_s if ends_by == "deadline" else steps * step_seconds
+    return Estimate(steps, seconds, tokens_per_second, tokens_per_step, basis, detail, ends_by, threads)
+
+
+def probe_basis(width: int, probes: list[Probe], cached: bool) -> tuple[str, str]:
+    """How the cost model's figure for a shape `width` wide was found: measured (a probed
+    width), interpolated between probed widths, or extrapolated beyond them."""
+    widths = sorted(p.width for p in probes)
+    when = "cached from an earlier measurement" if cached else "just measured"
+    listed = ", ".join(str(w) for w in widths)
+    if width in widths:
+        return "measured", f"a probe of this shape at {PROBE_BATCH} sequences per step, {when}"
+    if widths[0] < width < widths[-1]:
+        return "interpolated", f"between probes of widths {listed}, {when}"
+    return "extrapolated", f"beyond probes of widths {listed}, {when}"
+
+
+def epochs_text(epochs: float) -> str:
+    """'12 epochs', '1.5 epochs', '0.25 epochs', '3% of an epoch', '<1% of an epoch'."""
+    if epochs >= 10:
+        return f"{epochs:,.0f} epochs"
+    if epochs >= 0.995:
+        return f"{epochs:.1f} epoch{'' if round(epochs, 1) == 1 else 's'}"
+    if epochs >= 0.1:
+        return f"{epochs:.2f} epochs"
+    return f"{epochs:.0%} of an epoch" if epochs >= 0.005 else "<1% of an epoch"
+
+
+def tokens_text(tokens: float) -> str:
+    """'9,728 tokens', '1.53M tokens', '48.0M tokens', '2.10B tokens'."""
+    if tokens < 1e6:
+        return f"{tokens:,.0f} tokens"
+    if tokens < 1e9:
+        return f"{tokens / 1e6:,.{2 if tokens < 1e7 else 1}f}M tokens"
+    return f"{tokens / 1e9:,.2f}B tokens"
+
+
+def ratio_text(value: float) -> str:
+    """A ratio with the digits that matter: 1,234 / 45 / 3.2 / 0.041."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.0f}"
+    if value >= 1:
+        return f"{value:.1f}"
+    return f"{value:.2g}"
+
+
 # ---- the plan -------------------------------------------------------------------------------------
 @dataclass
 class Plan:
+    """A configuration for a time budget, the estimate it was chosen on, and why."""
+
     model: ModelConfig
     trainer: TrainerConfig
     budget_s: float
-    train_seconds: float
-    tokens_per_second: float
-    tokens: int
-    steps: int
-    epochs: float
+    train_seconds: float  # of training steps (the deadline, or the fixed steps' estimated time)
+    dataset_tokens: int
     params: int
     memory_bytes: int
     finish_s: float
     probe_seconds: float
     probes_cached: bool
     reasoning: str
+    estimate: Estimate
+    notes: list[str] = field(default_factory=list)  # where the plan departs from the budget, and why
+
+    @property
+    def steps(self) -> int:
+        return self.estimate.steps
+
+    @property
+    def tokens(self) -> int:
+        return self.estimate.tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.estimate.tokens_per_second
+
+    @property
+    def epochs(self) -> float:
+        return self.tokens / max(self.dataset_tokens, 1)
 
     def summary(self) -> dict:
         values = asdict(self)
         values["model"], values["trainer"] = self.model.to_dict(), self.trainer.to_dict()
+        values.update(steps=self.steps, tokens=self.tokens, tokens_per_second=self.tokens_per_second,
+                      epochs=self.epochs)
         return values
 
     def describe(self) -> str:
-        """The plan in two lines: the shape and run it chose, and why."""
+        """The plan in a few lines: the shape and run it chose, its estimate, why, and any cap or floor."""
         m, t = self.model, self.trainer
-        return (f"plan for {self.budget_s:.0f} s: {m.num_layers} layers x {m.num_dims} wide ({m.num_heads}/"
-                f"{m.num_kv_heads} heads, FFN {m.ffn_hidden_dims}), {self.params / 1e6:.2f}M parameters; batch "
-                f"{t.batch_size} x {t.max_seq_len}, lr {t.learning_rate:g}; {self.train_seconds:.0f} s of training at "
-                f"{self.tokens_per_second:,.0f} tokens/s = {self.tokens / 1e6:.2f}M tokens "
-                f"(~{self.steps} steps, {self.epochs:.2f} epochs); probes "
-                f"{'cached' if self.probes_cached else f'{self.probe_seconds:.1f} s'}\nwhy: {self.reasoning}")
+        probes = "probes cached" if self.probes_cached else f"probes {self.probe_seconds:.1f} s"
+        lines = [f"plan for {_duration(self.budget_s)}: {m.num_layers} layers x {m.num_dims} wide ({m.num_heads}/"
+                 f"{m.num_kv_heads} heads, FFN {m.ffn_hidden_dims}), {self.params / 1e6:.2f}M parameters; batch "
+                 f"{t.batch_size} x {t.max_seq_len}, lr {t.learning_rate:g}; {tokens_text(self.tokens)} "
+                 f"({epochs_text(self.epochs)}); {probes}",
+                 f"estimate: {self.estimate.describe()}", f"why: {self.reasoning}"]
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
 def sequence_length(budget_s: float) -> int:
@@ -410,39 +554,85 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
         return best
 
     # A budget too short for three steps of the smallest shape gets smaller batches (a slow
-    # or busy machine still trains for LightLM's 3.6-second walkthrough) before it is refused.
+    # or busy machine still trains for LightLM's 3.6-second walkthrough).
     planned_batch = batch_size
     best = best_shape(batch_size)
     while best is None and batch_size > 1:
         batch_size //= 2
         best = best_shape(batch_size)
-    if best is None:
-        smallest = shape(LADDER[0], vocab_size, seq_len)
-        need = spent_seconds + (probe_seconds if whole_run else 0.0) + \
-            finish_seconds(smallest, cost, seq_len, eval_batches * planned_batch * seq_len, whole_run) + \
-            3 * cost.seconds_per_token(smallest.flops_per_token(seq_len)) * planned_batch * seq_len
-        raise ValueError(f"a budget of {budget_seconds:.0f} s is too short: start-up and data preparation took "
-                         f"{spent_seconds:.0f} s and the smallest model needs about {need - spent_seconds:.0f} s more; "
-                         f"give at least {math.ceil(need * 1.1)} s")
+    smallest = shape(LADDER[0], vocab_size, seq_len)
+    if best is None and training_memory(smallest, 1, seq_len) > memory_limit:
+        raise ValueError(f"not even the smallest model ({LADDER[0]} wide) fits a training step in 60% of the "
+                         f"{hardware.memory_bytes / 2**30:.1f} GiB of memory available on {hardware.device}")
+    notes: list[str] = []
+    if best is not None and best[2] / best[5] >= FIXED_STEPS_BELOW:
+        _, config, train_seconds, tokens, memory, step_seconds = best
+        basis, detail = probe_basis(config.num_dims, probes, cached)
+        most_tokens = MAX_PLANNED_EPOCHS * dataset_tokens
+        if tokens > most_tokens:  # more time than the data can use: stop where repeats stop teaching
+            unused = train_seconds - most_tokens / tokens * train_seconds
+            train_seconds *= most_tokens / tokens
+            tokens = most_tokens
+            notes.append(f"the budget is more than this data can use: {MAX_PLANNED_EPOCHS} passes over its "
+                         f"{dataset_tokens:,} tokens take ~{_duration(train_seconds)} of training here, and repeated "
+                         f"data past that teaches almost nothing, so the run stops there ({_duration(unused)} of the "
+                         f"budget unused); more data would use it")
+        fixed_steps = None
+    else:  # too short for a deadline to be safe: a fixed few steps of the smallest shape
+        config = smallest
+        basis, detail = probe_basis(config.num_dims, probes, cached)
+        seconds_per_token = cost.seconds_per_token(config.flops_per_token(seq_len))
+
+        def room(batch: int) -> float:  # seconds of steps after the final evaluation and save at this batch
+            return left - finish_seconds(config, cost, seq_len, eval_batches * batch * seq_len, whole_run)
+
+        batch_size = planned_batch
+        while batch_size > 1 and (room(batch_size) < FLOOR_STEPS * seconds_per_token * batch_size * seq_len
+                                  or training_memory(config, batch_size, seq_len) > memory_limit):
+            batch_size //= 2
+        train_seconds = max(room(batch_size), 0.0)
+        step_seconds = seconds_per_token * batch_size * seq_len
+        fixed_steps = max(FLOOR_STEPS, min(FIXED_STEPS_BELOW - 1, int(train_seconds / step_seconds)))
+        memory = training_memory(config, batch_size, seq_len)
+        if fixed_steps * step_seconds > train_seconds:
+            spent = [f"start-up and data preparation took {spent_seconds:.0f} s"] if whole_run and spent_seconds else []
+            finishing = finish_seconds(config, cost, seq_len, eval_batches * batch_size * seq_len, whole_run)
+            spent.append(f"the final evaluation and save{' and the sample' if whole_run else ''} need "
+                         f"~{_duration(finishing)}")
+            notes.append(f"a budget of {_duration(budget_seconds)} is shorter than {FLOOR_STEPS} steps of the "
+                         f"smallest model need here ({' and '.join(spent)}; one step takes "
+                         f"~{_duration(step_seconds)} by the probes): training {fixed_steps} steps anyway, so the run "
+                         f"is short but useful; give a longer budget to stay inside it")
+        else:
+            notes.append(f"a budget this short trains a fixed {fixed_steps} steps instead of running to a deadline: "
+                         f"one slow step would cut such a run to one or two")
+        train_seconds = fixed_steps * step_seconds
+        tokens = train_seconds / seconds_per_token
     eval_tokens = eval_batches * batch_size * seq_len
-    _, config, train_seconds, tokens, memory, step_seconds = best
-    steps = max(1, int(tokens // (batch_size * seq_len)))
     params = non_embedding_params(config)
     learning_rate = 3e-3 if params < 2e6 else 2e-3 if params < 10e6 else 1e-3 if params < 50e6 else 6e-4
-    # The deadline ends the run, not the epochs (the throughput may beat the prediction).
-    trainer = TrainerConfig(num_epochs=0, batch_size=batch_size,
-                            max_seq_len=seq_len, learning_rate=learning_rate, min_lr=learning_rate / 10,
-                            warmup_ratio=min(0.05, 20 / steps) if steps > 20 else 0.0, lr_schedule="cosine",
-                            schedule_by="time", time_limit_s=train_seconds, eval_steps=eval_batches,
-                            use_epoch_checkpoints=False, log_interval=max(1, steps // 50))
-    epochs = tokens / max(dataset_tokens, 1)
-    reasoning = (f"measured {1 / cost.seconds_per_token(config.flops_per_token(seq_len)):,.0f} tokens/s for this "
-                 f"shape; {train_seconds:.0f} s of training → {tokens / 1e6:.2f}M tokens = "
-                 f"{tokens / max(params, 1):.1f} tokens per non-embedding parameter ({epochs:.1f} epochs), the lowest "
-                 f"predicted loss among {len(LADDER)} shapes that fit in memory")
+    if fixed_steps is None:  # the deadline ends the run, not the epochs (the throughput may beat the prediction)
+        steps = max(1, int(tokens // (batch_size * seq_len)))
+        trainer = TrainerConfig(num_epochs=0, batch_size=batch_size, max_seq_len=seq_len, learning_rate=learning_rate,
+                                min_lr=learning_rate / 10, warmup_ratio=min(0.05, 20 / steps) if steps > 20 else 0.0,
+                                lr_schedule="cosine", schedule_by="time", time_limit_s=train_seconds,
+                                eval_steps=eval_batches, use_epoch_checkpoints=False, min_steps=FLOOR_STEPS,
+                                log_interval=max(1, steps // 50))
+    else:
+        trainer = TrainerConfig(num_epochs=0, max_steps=fixed_steps, batch_size=batch_size, max_seq_len=seq_len,
+                                learning_rate=learning_rate, min_lr=learning_rate / 10, warmup_ratio=0.0,
+                                lr_schedule="cosine", eval_steps=eval_batches, use_epoch_checkpoints=False,
+                                log_interval=1)
+    rate = 1 / cost.seconds_per_token(config.flops_per_token(seq_len))
+    estimate = estimate_run(trainer, 0, rate, basis, detail, hardware.threads if hardware.device == "cpu" else None)
+    reasoning = (f"{rate:,.0f} tokens/s for this shape ({basis}); {_duration(train_seconds)} of training → "
+                 f"{tokens_text(tokens)} = {ratio_text(tokens / max(params, 1))} tokens per non-embedding "
+                 f"parameter ({epochs_text(tokens / max(dataset_tokens, 1))}), the lowest predicted loss among "
+                 f"{len(LADDER)} shapes that fit in memory" if fixed_steps is None else
+                 f"{rate:,.0f} tokens/s for the smallest shape ({basis}); the budget holds only a few steps")
     finish = budget_seconds - (left - train_seconds - finish_seconds(config, cost, seq_len, eval_tokens, whole_run))
-    return Plan(config, trainer, budget_seconds, train_seconds, tokens / train_seconds, int(tokens), steps, epochs,
-                config.num_params(), memory, finish, probe_seconds, cached, reasoning)
+    return Plan(config, trainer, budget_seconds, train_seconds, dataset_tokens, config.num_params(), memory, finish,
+                probe_seconds, cached, reasoning, estimate, notes)
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------

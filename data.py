@@ -171,10 +171,18 @@ def builtin_documents(limit: Optional[int] = None) -> Iterator[str]:
         yield topics[name]
 
 
+TRAINED_BPE_NOTE = "trained a"  # said by the run that trained the tokenizer, never by one that read it back
+
+
+def hub_offline_mode() -> bool:
+    """HF_HUB_OFFLINE is set: the user chose not to reach the hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout_s: float = 3.0, host: tuple[str, int] = HUB_HOST) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within `timeout_s`; False
     at once when HF_HUB_OFFLINE is set."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline_mode():
         return False
     try:
         with socket.create_connection(host, timeout=timeout_s):
@@ -342,7 +350,7 @@ def _records_to_items(records: list[dict], config: DataConfig, origin: str) -> l
 
 def _read_hub(config: DataConfig, report: QualityReport) -> tuple[list, QualityReport]:
     name = config.source if config.hub_config is None else f"{config.source} ({config.hub_config})"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline_mode()
     if not offline and not hub_reachable(config.hub_timeout_s):
         raise DataError(f"cannot fetch the hub dataset {name}: the Hugging Face hub is unreachable. "
                         f"Use the built-in corpus (--data builtin) or a local file or folder.")
@@ -927,7 +935,8 @@ def prepare(config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builti
     arrays = cache / "arrays" / f"{fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}"
     _save_arrays(arrays, train, val, report)
     if trained_bpe:  # said this time only: the cached report is read back by later runs
-        report.notes.append(f"trained a {len(tokenizer)}-token byte-level BPE on the data")
+        report.notes.append(f"{TRAINED_BPE_NOTE} {len(tokenizer)}-token byte-level BPE on the data (cached for later "
+                            f"runs)")
     return PreparedData(tokenizer, train, val, report, fingerprint, config)
 
 
@@ -951,6 +960,8 @@ def _save_arrays(directory: Path, train, val, report: QualityReport) -> None:
 
 def _load_arrays(directory: Path, tokenizer, fingerprint: str, started: float) -> PreparedData:
     report = QualityReport(**json.loads((directory / "report.json").read_text()))
+    # Caches written before the note was kept out of them say a BPE was trained: not this time.
+    report.notes = [note for note in report.notes if not note.startswith(TRAINED_BPE_NOTE)]
     parts = []
     for name in ("train", "val"):
         packed = directory / f"{name}_tokens.npy"

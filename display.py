@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
 from events import (CheckpointSaved, CheckpointSetAside, EarlyStop, Eval, Event, Fallback, Finished, Interrupt,
-                    NonFinite, Resumed, Start, Step, Stopped, perplexity)
+                    NonFinite, Progress, Reestimate, Resumed, Start, Step, Stopped, perplexity)
 
 
 @dataclass
@@ -80,13 +82,38 @@ def guard_text(event: Eval) -> str:
 
 def length(start: Start) -> str:
     """How long a run will train, from its start event: a deadline that sets the schedule
-    replaces the step count."""
+    replaces the step count, and the estimate the plan or summary showed is repeated."""
     steps = f"{start.total_steps:,} optimizer steps"
     if start.time_left_s is None:
-        return steps
-    if start.schedule_by == "time" or not start.total_steps:
-        return f"{format_seconds(start.time_left_s)} of training (the deadline ends the run)"
-    return f"{steps} or {format_seconds(start.time_left_s)} of training, whichever ends first"
+        text = steps
+    elif start.schedule_by == "time" or not start.total_steps:
+        text = f"{format_seconds(start.time_left_s)} of training (the deadline ends the run)"
+    else:
+        text = f"{steps} or {format_seconds(start.time_left_s)} of training, whichever ends first"
+    return text + estimate_text(start)
+
+
+def estimate_text(start: Start) -> str:
+    """'; estimated ~395 steps in 1m05s (interpolated: ...), corrected after the first steps'."""
+    if start.estimated_steps is None:
+        return ""
+    seconds = format_seconds(start.estimated_seconds) if start.estimated_seconds is not None else "?"
+    basis = f" ({start.estimate_basis})" if start.estimate_basis else ""
+    if start.total_steps and start.schedule_by != "time":  # the steps are known: only their time is estimated
+        return f"; estimated {seconds}{basis}"
+    return f"; estimated ~{start.estimated_steps:,} steps in {seconds}{basis}, corrected from the real speed after " \
+           f"the first steps"
+
+
+def total_text(total: int, estimated: bool) -> str:
+    return f"~{total:,}" if estimated else f"{total:,}"
+
+
+def reestimate_text(event: Reestimate) -> str:
+    was = f" (was ~{event.previous_steps:,})" if event.previous_steps is not None else ""
+    return (f"re-estimated from the real speed of {event.from_steps} step{'s' if event.from_steps != 1 else ''} "
+            f"({event.tokens_per_s:,.0f} tokens/s): ~{event.steps:,} steps{was}, "
+            f"{format_seconds(event.seconds_left)} left")
 
 
 def expert_shares(load: list[list[float]]) -> list[float]:
@@ -125,10 +152,11 @@ class LiveDisplay:
         self.console = console
         self.history = History()
         self.metrics: dict = {}
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                                 TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        self.progress = ProgressBar(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("step {task.completed:.0f}/{task.fields[total_text]}"),
                                  TextColumn("eta {task.fields[eta]}"), console=console)
-        self.task = self.progress.add_task(title, total=1, eta="-")
+        self.title = title
+        self.task = self.progress.add_task(title, total=1, eta="-", total_text="?")
         self.live = Live(Group(self.progress, self._metrics_table()), console=console, refresh_per_second=4,
                          transient=False)
 
@@ -161,7 +189,12 @@ class LiveDisplay:
     def __call__(self, event: Event) -> None:
         self.history.record(event)
         if isinstance(event, Start):
-            self.progress.update(self.task, total=max(1, event.total_steps), completed=event.step)
+            estimated = event.estimated_steps is not None and (event.schedule_by == "time" or not event.total_steps)
+            total = event.estimated_steps if estimated else event.total_steps
+            eta = format_seconds(event.estimated_seconds) if event.estimated_seconds is not None else "-"
+            self.progress.update(self.task, total=max(1, total or 0), completed=event.step, eta=eta,
+                                 total_text=total_text(total, estimated) if total else "?",
+                                 description=f"{self.title} (estimated)" if estimated else self.title)
             self.console.print(f"{size_line(event)} on {event.device} ({event.dtype}), {length(event)}, "
                                f"effective batch {event.effective_batch}")
         elif isinstance(event, Step):
@@ -170,8 +203,13 @@ class LiveDisplay:
                 self.metrics["memory"] = event.memory
             if event.expert_load is not None:
                 self.metrics["expert_load"] = event.expert_load
-            self.progress.update(self.task, total=max(event.total_steps, event.step), completed=event.step,
-                                 eta=format_seconds(event.eta_s))
+            total = max(event.total_steps, event.step)
+            self.progress.update(self.task, total=total, completed=event.step, eta=format_seconds(event.eta_s),
+                                 total_text=total_text(total, event.total_estimated))
+        elif isinstance(event, Reestimate):
+            self.progress.update(self.task, total=max(1, event.steps), total_text=total_text(event.steps, True),
+                                 description=f"{self.title} (re-estimated)")
+            self.console.print(f"[cyan]{reestimate_text(event)}[/cyan]")
         elif isinstance(event, Eval):
             self.metrics.update(val_loss=event.val_loss, perplexity=event.perplexity)
             self.console.print(f"eval at step {event.step}: validation loss {event.val_loss:.3f}, perplexity "
@@ -189,7 +227,8 @@ class LiveDisplay:
         elif isinstance(event, Finished) and event.status == "interrupted":  # the bar stays where the run stopped
             self.progress.update(self.task, completed=event.global_step, eta="-")
         elif isinstance(event, Finished):
-            self.progress.update(self.task, total=max(1, event.global_step), completed=event.global_step, eta="0s")
+            self.progress.update(self.task, total=max(1, event.global_step), completed=event.global_step, eta="0s",
+                                 total_text=f"{event.global_step:,}", description=self.title)
         self._refresh()
 
 
@@ -214,17 +253,64 @@ class PlainDisplay:
                        f"effective batch {event.effective_batch}")
         elif isinstance(event, Step) and (event.step % self.every == 0 or event.step == event.total_steps):
             experts = f"  experts {load_text(event.expert_load)}" if event.expert_load else ""
-            self.write(f"step {event.step:5d}/{event.total_steps}  loss {event.loss:.3f}  lr {event.lr:.2e}  "
+            self.write(f"step {event.step:5d}/{total_text(event.total_steps, event.total_estimated)}  loss {event.loss:.3f}  lr {event.lr:.2e}  "
                        f"{event.tokens_per_s:,.0f} tok/s  eta {event.eta_s:.0f}s{experts}")
         elif isinstance(event, Eval):
             self.write(f"eval  step {event.step:5d}  val loss {event.val_loss:.3f}  "
                        f"perplexity {event.perplexity:.1f}{guard_text(event)}{'  (best)' if event.improved else ''}")
+        elif isinstance(event, Reestimate):
+            self.write(reestimate_text(event))
         elif isinstance(event, CheckpointSaved):
             self.write(f"saved checkpoint {event.name} ({event.seconds:.1f} s)")
         elif isinstance(event, (Fallback, *NOTICES)):
             self.write(f"{event.kind}: {details(event)}")
         elif isinstance(event, Interrupt):
             self.write(f"\n{event.signal} received: finishing the current step and saving (press again to quit now)")
+
+
+def progress_text(event: Progress) -> str:
+    """'evaluating on the val split: 12/96 batches, eta 31s'."""
+    eta = format_seconds(event.eta_s) if event.eta_s is not None else "-"
+    return f"{event.task}: {event.done:,}/{event.total:,} {event.unit}, eta {eta}"
+
+
+class WaitDisplay:
+    """`Progress` events of a wait outside training (an evaluation, a comparison): on a
+    terminal a transient bar per task with n/N and an ETA; elsewhere (pipes, logs) a line
+    for the first unit, then at most one every `every_s` seconds, and the last."""
+
+    def __init__(self, console: Console, every_s: float = 2.0):
+        self.console = console
+        self.every_s = every_s
+        self.bar = ProgressBar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                               TextColumn("eta {task.fields[eta]}"), console=console, transient=True) \
+            if console.is_terminal else None
+        self.tasks: dict[str, int] = {}
+        self.last_line = -math.inf
+
+    def __enter__(self) -> "WaitDisplay":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, Progress):
+            return
+        if self.bar is not None:
+            if event.task not in self.tasks:
+                self.tasks[event.task] = self.bar.add_task(event.task, total=event.total, count="", eta="-")
+            eta = format_seconds(event.eta_s) if event.eta_s is not None else "-"
+            self.bar.update(self.tasks[event.task], completed=event.done, total=event.total, eta=eta,
+                            count=f"{event.done:,}/{event.total:,} {event.unit}")
+            return
+        now = time.monotonic()
+        if event.done <= 1 or event.done >= event.total or now - self.last_line >= self.every_s:
+            self.console.print(progress_text(event), markup=False, highlight=False)
+            self.last_line = now
 
 
 def text_curve(values: list[float], width: int = 60, height: int = 10) -> str:
@@ -360,4 +446,69 @@ def check_table(report, hardware) -> Table:
         table.add_row(check.name, marks.get(check.status, check.status), check.message)
     table.add_row("Training", "", f"device {hardware.device}, dtype {hardware.recommended_dtype()}, flash attention "
                                   f"{'yes' if hardware.flash_attention_available else 'no'}")
+    return table
+
+
+def steps_text(estimate, trainer_config) -> str:
+    """'~395 (estimated; the deadline ends the run)' or '1,234 (2 epochs of 617)'."""
+    if estimate.ends_by == "epochs":
+        per_epoch = estimate.steps // max(trainer_config.num_epochs, 1)
+        epochs = trainer_config.num_epochs
+        return f"{estimate.steps:,} ({epochs} epoch{'s' if epochs != 1 else ''} of {per_epoch:,})"
+    if estimate.ends_by == "max_steps":
+        return f"{estimate.steps:,} (max_steps)"
+    return f"~{estimate.steps:,} (estimated; the deadline ends the run)"
+
+
+def summary_table(model_config, trainer_config, report, estimate, memory: int, runs_in: Path) -> Table:
+    """What Start training is about to do (the wizard's confirmation), from the one
+    `budget.Estimate` that the live display then starts from."""
+    table = Table(title="about to train", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    m, t = model_config, trainer_config
+    table.add_row("model", f"{m.num_layers} layers x {m.num_dims}, {m.num_heads}/{m.num_kv_heads} heads, FFN "
+                           f"{m.ffn_hidden_dims}" + (f", {m.moe_num_experts} experts" if m.use_moe else ""))
+    table.add_row("parameters", f"{m.num_params() / 1e6:.2f}M")
+    table.add_row("data", f"{report.source}: {report.train_tokens:,} training "
+                          f"{'response ' if report.format == 'instruction' else ''}tokens")
+    table.add_row("tokens per optimizer step", f"{t.tokens_per_step:,} ({t.batch_size} x {t.accumulation_steps} x "
+                                               f"{t.max_seq_len})")
+    table.add_row("optimizer steps", steps_text(estimate, t))
+    table.add_row("tokens to train on", f"~{estimate.tokens / 1e6:,.2f}M")
+    table.add_row("estimated time", f"{format_seconds(estimate.seconds)} at {estimate.rate_text()}; corrected from "
+                                    f"the real speed after the first steps")
+    table.add_row("estimated memory", format_bytes(memory))
+    table.add_row("runs in", str(runs_in))
+    return table
+
+
+def plan_table(the_plan, hardware, max_batch: int, flash: bool, batch_limit: int) -> Table:
+    """A time-budget plan (a `budget.Plan`) with its estimate, labelled as measured,
+    interpolated or extrapolated, and any cap or floor it applied."""
+    from budget import epochs_text, tokens_text
+
+    m, t, estimate = the_plan.model, the_plan.trainer, the_plan.estimate
+    table = Table(title="planned configuration", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("hardware", f"{hardware.device}: {hardware.device_name}, {hardware.threads} threads, "
+                              f"{format_bytes(hardware.memory_bytes)} available; flash attention "
+                              f"{'yes' if flash else 'no'}")
+    most = "" if max_batch < batch_limit else " or more (the most it looks for)"
+    table.add_row("largest micro-batch", f"{max_batch} sequences of {t.max_seq_len} tokens{most} for this model (from "
+                                         f"measured activation memory)" if max_batch else
+                                         "not even one sequence fits in memory")
+    table.add_row("speed", estimate.rate_text())
+    table.add_row("model", f"{m.num_layers} layers x {m.num_dims} wide, {m.num_heads}/{m.num_kv_heads} heads, FFN "
+                           f"{m.ffn_hidden_dims}: {the_plan.params / 1e6:.2f}M parameters")
+    table.add_row("training", f"batch {t.batch_size} x {t.max_seq_len} tokens, learning rate {t.learning_rate:g} "
+                              f"(cosine to {t.min_lr:g})")
+    table.add_row("time", f"{format_seconds(the_plan.budget_s)} from the start of training to the saved checkpoint: "
+                          f"{format_seconds(estimate.seconds)} of steps, then the final evaluation and the save")
+    table.add_row("expected", f"{steps_text(estimate, t)}, {tokens_text(estimate.tokens)} "
+                              f"({epochs_text(the_plan.epochs)}), memory {format_bytes(the_plan.memory_bytes)}")
+    table.add_row("why", the_plan.reasoning)
+    for note in the_plan.notes:
+        table.add_row("note", note)
     return table

@@ -48,6 +48,9 @@ class Start(Event):
     params: int  # NF4 weights counted as the parameters they stand for
     trainable: int
     quantized: int = 0  # of params, held in 4-bit NF4
+    estimated_steps: Optional[int] = None  # the estimate the plan / start summary showed (budget.Estimate)
+    estimated_seconds: Optional[float] = None
+    estimate_basis: Optional[str] = None  # e.g. "interpolated: between probes of widths 64, 128, 256"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Step(Event):
     kind: ClassVar[str] = "step"
     epoch: int
     step: int
-    total_steps: int  # an estimate when the deadline ends the run
+    total_steps: int  # an estimate when the deadline ends the run (then total_estimated)
     loss: float
     lr: float
     grad_norm: float
@@ -64,6 +67,21 @@ class Step(Event):
     eta_s: float
     memory: Optional[dict] = None  # every log_interval steps
     expert_load: Optional[list] = None  # (layers, experts) token counts of MoE models
+    total_estimated: bool = False  # total_steps is an estimate (a deadline ends the run)
+
+
+@dataclass(frozen=True)
+class Reestimate(Event):
+    """The run's estimate corrected from the real speed of its steps so far: the step
+    total a display shows changes only here, so every change is labelled."""
+
+    kind: ClassVar[str] = "reestimate"
+    step: int
+    steps: int  # the new estimate of the run's optimizer steps
+    previous_steps: Optional[int]  # what was shown before (None: nothing yet)
+    seconds_left: float
+    tokens_per_s: float
+    from_steps: int  # how many steps of this session the speed was measured over
 
 
 @dataclass(frozen=True)
@@ -186,6 +204,24 @@ class Finished(TrainResult, Event):
     """The run's last event: its `TrainResult`."""
 
     kind: ClassVar[str] = "finished"
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    """How far a long wait outside training has got (an evaluation, ...): `done` of
+    `total` units after `elapsed_s` seconds."""
+
+    kind: ClassVar[str] = "progress"
+    task: str
+    done: int
+    total: int
+    unit: str
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the speed so far (None before anything is done)."""
+        return self.elapsed_s / self.done * (self.total - self.done) if self.done else None
 
 
 Callback = Callable[[Event], None]

@@ -24,13 +24,14 @@ import psutil
 import torch
 
 import checkpoint
-from budget import (FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory, enough_steps,
-                    finetune_seq_len, measure_step, parse_duration, plan, plan_finetune, sequence_length)
+from budget import (CostModel, Estimate, FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory,
+                    enough_steps, estimate_run, finetune_seq_len, measure, measure_step, parse_duration, plan,
+                    plan_finetune, probe, sequence_length, training_memory)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
                   instruction_lengths, load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note,
                   tokenizer_hash, training_side_text, WithGeneralText)
-from events import Callback, MetricsLog, TensorBoardLog, perplexity
+from events import Callback, MetricsLog, Progress, TensorBoardLog, perplexity
 from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
 from gguf_io import export_gguf, load_gguf
 from lora import LoRAConfig, apply_lora, parameter_report
@@ -134,7 +135,8 @@ def data_summary(prepared: PreparedData) -> list[str]:
     lines = [f"note: {note}" for note in report.notes]
     if report.format == "instruction":
         lines.append(f"{report.source}: {report.documents_kept} samples ({report.train_documents} train, "
-                     f"{report.val_documents} validation), {report.train_tokens:,} response tokens; truncated "
+                     f"{report.val_documents} validation), {report.train_tokens:,} training and {report.val_tokens:,} "
+                     f"validation response tokens (the answers, which the loss is on); truncated "
                      f"{report.truncated_samples}, dropped {report.dropped_samples}")
     else:
         lines.append(f"{report.source}: {report.documents_kept} documents, {report.train_tokens:,} training and "
@@ -335,20 +337,23 @@ def sample_prompt(prepared: PreparedData, tokens: int = 4) -> str:
 
 
 def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display: Optional[Callback] = None,
-                   stop_at: Optional[float] = None, overwrite: bool = False) -> RunOutcome:
+                   stop_at: Optional[float] = None, overwrite: bool = False,
+                   estimate: Optional[Estimate] = None) -> RunOutcome:
     """Train a new model of `configs` (model, trainer, data) on prepared data in `run_dir`.
     `stop_at` (a time.time()) sets the deadline once the model is built, so everything
-    before it counts against a budget. `overwrite` moves an old run there aside."""
+    before it counts against a budget. `overwrite` moves an old run there aside.
+    `estimate` (what the plan or start summary showed) is what the live display starts
+    from, and its thread count is the one training uses: the speed it was measured at."""
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
     check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
-    with new_run(run_dir, overwrite, trainer_config.distributed) as moved:
+    with new_run(run_dir, overwrite, trainer_config.distributed) as moved, threads_set(estimate and estimate.threads):
         torch.manual_seed(trainer_config.seed)  # the initialisation depends on the seed alone
         model = Transformer(model_config)
         if stop_at is not None:
             trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
         data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
-        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir)
+        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, estimate=estimate)
         if trainer.is_main:
             create_run(run_dir, run_info(model_config, trainer_config, data_config), prepared.tokenizer)
         result = _fit(trainer, display)
@@ -405,20 +410,20 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         start_distributed(configs["trainer"])
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say)
     configs["data"] = prepared.config or configs["data"]
-    stop_at = None
+    stop_at, estimate = None, None
     if planned:
         trainer_config = configs["trainer"]
-        stack.enter_context(chosen_threads(resolve_device(trainer_config).type, say))
-        hardware = HardwareProfile.detect(None if trainer_config.device == "auto" else trainer_config.device)
-        the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
-                        spent_seconds=since_launch(request.started), cache_dir=configs["data"].cache_dir,
-                        seq_len=trainer_config.max_seq_len, remeasure=request.remeasure)
+        the_plan = plan_prepared(budget, prepared, trainer_config, configs["data"].cache_dir,
+                                 spent_seconds=since_launch(request.started), remeasure=request.remeasure, say=say)
+        estimate = the_plan.estimate
+        stack.enter_context(threads_set(estimate.threads))  # the thread count the plan measured fastest
         say(the_plan.describe())
         planned_configs = {"model": the_plan.model, "trainer": the_plan.trainer, "data": configs["data"]}
         if request.batch_size is not None:
             planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=request.batch_size)
         configs = apply_overrides(planned_configs, request.overrides)  # what the user set explicitly wins
-        stop_at = time.time() + the_plan.train_seconds  # the plan's finishing costs come after
+        if the_plan.trainer.time_limit_s:  # the plan's finishing costs come after; a fixed few steps have no deadline
+            stop_at = time.time() + the_plan.train_seconds
     elif budget is not None:  # a fixed model under the budget's deadline
         spent = since_launch(request.started)
         remaining = budget - spent - FINISH_RESERVE_S
@@ -428,8 +433,85 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         configs["trainer"] = dataclasses.replace(configs["trainer"], time_limit_s=remaining, schedule_by="time",
                                                  num_epochs=0, eval_steps=4, use_epoch_checkpoints=False)
         stop_at = time.time() + remaining
+    if estimate is not None and configs["trainer"] != the_plan.trainer:  # overrides changed the run: the real speed tells
+        estimate = None
     run_dir = new_run_dir(request.out, configs["trainer"], request.name)
-    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite)
+    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite, estimate)
+
+
+@contextlib.contextmanager
+def threads_set(threads: Optional[int]) -> Iterator[None]:
+    """Torch's thread count at `threads` while the block runs (None: as it is)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
+                  spent_seconds: float = 0.0, whole_run: bool = True, remeasure: bool = False,
+                  measure_chosen: bool = False, say: Say = _quiet) -> Plan:
+    """The plan for `budget_s` on prepared data, as every front end makes it: at torch's
+    thread count chosen by measurement (which the plan's estimate carries, so training uses
+    it too), from cached or fresh probes. `whole_run=False` (the wizard) budgets training
+    alone. `measure_chosen` then times a few steps of the chosen model at its micro-batch
+    when they are quick, so the estimate is measured rather than interpolated."""
+    device = resolve_device(trainer_config).type
+    with chosen_threads(device, say):
+        hardware = HardwareProfile.detect(device)
+        the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
+                        spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
+                        whole_run=whole_run, remeasure=remeasure)
+        t = the_plan.trainer
+        step_s = t.tokens_per_step / the_plan.tokens_per_second
+        if measure_chosen and step_s <= MEASURE_STEP_LIMIT_S and \
+                training_memory(the_plan.model, t.batch_size, t.max_seq_len) < 0.6 * hardware.memory_bytes:
+            rate = 1.0 / measure(fit_model_to_data(the_plan.model, t, prepared), t.batch_size, t.max_seq_len, device,
+                                 seconds=min(1.0, 4 * step_s))
+            estimate = estimate_run(t, len(prepared.train), rate, "measured",
+                                    f"3+ steps of this model at micro-batch {t.batch_size}", the_plan.estimate.threads)
+            the_plan = dataclasses.replace(the_plan, estimate=estimate)
+    return the_plan
+
+
+MEASURE_STEP_LIMIT_S = 1.0  # a step longer than this (by the estimate) is not timed before training: too slow
+
+
+def estimate_training(configs: dict, prepared: PreparedData, measured: Optional[dict] = None) -> Estimate:
+    """The one estimate of training `configs` (model, trainer) on prepared data, shown by
+    the start summary and the live display alike: the throughput of this model at its
+    micro-batch and precision, measured with a few real training steps at torch's thread
+    count chosen by measurement; from the planner's probes instead (interpolated) when the
+    step would not fit in memory to measure. `measured` caches the figures by shape."""
+    trainer_config = configs["trainer"]
+    model_config = fit_model_to_data(configs["model"], trainer_config, prepared)
+    device = resolve_device(trainer_config)
+    dtype = resolve_dtype(trainer_config, device)
+    batch, seq_len = trainer_config.batch_size, trainer_config.max_seq_len
+    measured = {} if measured is None else measured
+    key = (json.dumps(model_config.to_dict(), sort_keys=True), batch, seq_len, str(dtype), device.type)
+    if key not in measured:
+        threads = best_thread_count(device.type)[0] if device.type == "cpu" else None
+        with threads_set(threads):
+            hardware = HardwareProfile.detect(device.type)
+            if training_memory(model_config, batch, seq_len) < 0.8 * hardware.memory_bytes:
+                with torch.random.fork_rng(devices=[0] if device.type == "cuda" else []):
+                    rate = 1.0 / measure(model_config, batch, seq_len, device.type, seconds=1.0, dtype=dtype)
+                measured[key] = (rate, "measured", f"3+ steps of this model at micro-batch {batch}", threads)
+            else:
+                probes, cached = probe(hardware, model_config.vocab_size, seq_len, 2, 0.3, prepared_cache(prepared))
+                rate = 1.0 / CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
+                measured[key] = (rate, "interpolated", "the planner's probes: the step does not fit in memory to "
+                                                       "measure it", threads)
+    rate, basis, detail, threads = measured[key]
+    return estimate_run(trainer_config, len(prepared.train), rate, basis, detail, threads)
+
+
+def prepared_cache(prepared: PreparedData) -> Optional[str]:
+    return prepared.config.cache_dir if prepared.config is not None else None
 
 
 @contextlib.contextmanager
@@ -457,9 +539,8 @@ def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE
     seconds = parse_duration(budget)
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
     prepared = prepare_data(data_config, sequence_length(seconds), say=say)
-    with chosen_threads(resolve_device(TrainerConfig()).type, say):
-        return plan(seconds, HardwareProfile.detect(), prepared.report.train_tokens, len(prepared.tokenizer),
-                    spent_seconds=since_launch(started), cache_dir=data_config.cache_dir, remeasure=remeasure)
+    return plan_prepared(seconds, prepared, TrainerConfig(max_seq_len=sequence_length(seconds)), data_config.cache_dir,
+                         spent_seconds=since_launch(started), remeasure=remeasure, say=say)
 
 
 def start_distributed(trainer_config: TrainerConfig) -> None:
@@ -1097,9 +1178,22 @@ class EvalResult:
         return {**dataclasses.asdict(self), "perplexity": self.perplexity}
 
 
-def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None) -> EvalResult:
-    """Loss and perplexity of a trained model (`loaded`, or loaded from request.model)."""
-    loaded = loaded or load_trained(request.model, request.checkpoint)
+def progress_reporter(task: str, unit: str, progress: Optional[Callback]) -> Callable[[int, int], None]:
+    """A `(done, total)` callback that sends `Progress` events of `task` to `progress`."""
+    started = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(task=task, done=done, total=total, unit=unit, elapsed_s=time.perf_counter() - started))
+
+    return report
+
+
+def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None, progress: Optional[Callback] = None,
+                   say: Say = _quiet) -> EvalResult:
+    """Loss and perplexity of a trained model (`loaded`, or loaded from request.model);
+    `Progress` events (batches done of all) go to `progress`, news to `say`."""
+    loaded = loaded or load_trained(request.model, request.checkpoint, say=say)
     info = loaded.info or {}
     data_config = run_configs(info, loaded.source)["data"] if "data" in info else DataConfig()
     if request.data:
@@ -1110,13 +1204,15 @@ def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None) -> Eva
     seq_len = request.seq_len or info.get("trainer", {}).get("max_seq_len") or min(256, context)
     if seq_len > context:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({context})")
+    say(f"preparing {data_config.source} for {seq_len}-token sequences ...")
     prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
     dataset = prepared.val if request.split == "val" else prepared.train
     if len(dataset) == 0:
         raise DataError(f"{data_config.source}: the {request.split} split is empty at sequence length {seq_len}")
     device = resolve_device(TrainerConfig())
     started = time.perf_counter()
-    loss = evaluate(loaded.model.to(device), dataset, request.batch_size, request.max_batches, device=device)
+    loss = evaluate(loaded.model.to(device), dataset, request.batch_size, request.max_batches, device=device,
+                    progress=progress_reporter(f"evaluating on the {request.split} split", "batches", progress))
     batches = math.ceil(len(dataset) / request.batch_size)
     if request.max_batches is not None:
         batches = min(batches, request.max_batches)
@@ -1138,7 +1234,7 @@ class CompareRequest:
     cache_dir: Optional[str] = None
 
 
-def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
+def compare_models(request: CompareRequest, say: Say = _quiet, progress: Optional[Callback] = None) -> Comparison:
     tuned = load_trained(request.tuned, request.checkpoint, say=say)
     base = load_trained(request.base, say=say)
     info = tuned.info or {}
@@ -1162,15 +1258,16 @@ def compare_models(request: CompareRequest, say: Say = _quiet) -> Comparison:
     device = resolve_device(trainer_config)
     dtype = resolve_dtype(trainer_config, device)  # the precision the fine-tune evaluated in
     figures = []
-    for loaded in (base, tuned):
+    for name, loaded in (("base", base), ("fine-tuned", tuned)):
         prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
         model = loaded.model.to(device)
         task = evaluate(model, prepared.val, GUARD_SEQUENCES, math.ceil(FINETUNE_VAL_SAMPLES / GUARD_SEQUENCES),
-                        device, dtype)
+                        device, dtype, progress=progress_reporter(f"{name}: task loss", "batches", progress))
         general = None
         if general_data:
             held_out = general_text(general_data, loaded.tokenizer, data_config.cache_dir, context)
-            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device, dtype)
+            general = evaluate(model, held_out, GUARD_SEQUENCES, 1, device, dtype,
+                               progress=progress_reporter(f"{name}: general text", "batches", progress))
         figures.append((task, general))
         model.to("cpu")
     (base_task, base_general), (tuned_task, tuned_general) = figures

@@ -26,7 +26,7 @@ import runs
 from config_editor import render_table
 from config_io import ConfigError, apply_overrides, save_configs
 from data import BUILTIN, DataError
-from display import check_table, comparison_text, display_for, report_outcome
+from display import WaitDisplay, check_table, comparison_text, display_for, report_outcome
 from gguf_io import QUANTS
 from lora import LoRAConfig
 from model import PRESETS
@@ -126,10 +126,12 @@ def general_source(value: str) -> Optional[str]:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    waiting = WaitDisplay(Console(stderr=True, highlight=False))  # progress beside the result, not in it
     if args.compare:
         request = runs.CompareRequest(args.run_dir, args.compare, args.data, args.general_data,
                                       args.max_general_rise, args.checkpoint, args.cache_dir)
-        comparison = runs.compare_models(request, say=note)
+        with waiting:
+            comparison = runs.compare_models(request, say=note, progress=waiting)
         if args.json:
             print(json.dumps(comparison.to_dict(), indent=2))
         else:
@@ -137,7 +139,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         return 0
     request = runs.EvalRequest(args.run_dir, args.checkpoint, args.data, args.split, args.max_batches,
                                args.batch_size, args.seq_len, args.cache_dir)
-    result = runs.evaluate_model(request, runs.load_trained(request.model, request.checkpoint, say=note))
+    with waiting:
+        result = runs.evaluate_model(request, runs.load_trained(request.model, request.checkpoint, say=note), waiting,
+                                     say=note)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -28,7 +28,7 @@ import torch
 import checkpoint
 from config_io import ConfigIO, described
 from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, EpochEnd, Eval, Event, Fallback,
-                    Finished, Interrupt, NonFinite, Resumed, Start, Step, Stopped, TrainResult)
+                    Finished, Interrupt, NonFinite, Reestimate, Resumed, Start, Step, Stopped, TrainResult)
 from loader import ThreadedDataLoader
 from lora import parameter_report
 from model import Transformer
@@ -79,6 +79,8 @@ class TrainerConfig(ConfigIO):
     early_stopping_patience: int = described(0, "stop after N evaluations without improvement (0 = off)")
     max_steps: int = described(0, "stop after N optimizer steps (0 = no limit)")
     time_limit_s: float = described(0.0, "stop after this many seconds: finish the step, evaluate, save (0 = none)")
+    min_steps: int = described(0, "the deadline does not end the run before this many optimizer steps (a short "
+                                  "budget on a machine slower than measured still trains a little)")
     max_nonfinite_steps: int = described(5, "stop after this many non-finite losses in a row")
 
     def __post_init__(self) -> None:
@@ -90,7 +92,8 @@ class TrainerConfig(ConfigIO):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainerConfig.{name}={value!r}: must be a positive integer")
-        for name in ("num_epochs", "eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed"):
+        for name in ("num_epochs", "eval_interval", "save_every_n_steps", "keep_last_n", "early_stopping_patience", "max_steps", "seed",
+                     "min_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainerConfig.{name}={value!r}: must be an integer >= 0")
@@ -270,15 +273,19 @@ def _jsonable(value):
 
 @torch.no_grad()
 def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional[int] = None,
-             device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> float:
+             device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+             progress: Optional[Callable[[int, int], None]] = None) -> float:
     """Mean cross-entropy over (the first `max_batches` batches of) a dataset, in order,
-    weighted by the number of target tokens."""
+    weighted by the number of target tokens. `progress(done, total)` is called after each
+    batch."""
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise ValueError(f"evaluate: batch_size={batch_size}, max_batches={max_batches}: both must be at least 1")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     total, tokens, batches = 0.0, 0, 0
+    planned = math.ceil(len(dataset) / batch_size)
+    planned = planned if max_batches is None else min(planned, max_batches)
     for start in range(0, len(dataset), batch_size):
         if max_batches is not None and batches >= max_batches:
             break
@@ -290,6 +297,8 @@ def evaluate(model: Transformer, dataset, batch_size: int, max_batches: Optional
         total += ce_loss.float().item() * count
         tokens += count
         batches += 1
+        if progress is not None:
+            progress(batches, planned)
     model.train(was_training)
     if tokens == 0:
         raise ValueError("evaluate: the dataset has no target tokens")
@@ -464,6 +473,12 @@ class _Session:
     last_step_s: float = 0.0  # the latest optimizer step's duration: whether another fits before the deadline
     window_started: float = 0.0  # the throughput window: its start and its tokens
     window_tokens: int = 0
+    shown_total: Optional[int] = None  # the step total displays show while a deadline ends the run (an estimate)
+    reestimated: bool = False  # the shown total came from this run's own speed
+
+
+REESTIMATE_AFTER = 3  # steps of real speed before the estimate is corrected
+REESTIMATE_TOLERANCE = 0.15  # a later projection this far from the shown total replaces it (labelled)
 
 
 class Trainer:
@@ -478,13 +493,15 @@ class Trainer:
     checkpoints, which hold the whole model either way. With a `guard` (fine-tuning), each evaluation also
     measures general text, only evaluations within the guard can be the best, and the best
     is saved when it is found. `fault_hook(step, micro_batch_size)` runs before each
-    micro-batch's forward pass; tests make it raise out-of-memory.
+    micro-batch's forward pass; tests make it raise out-of-memory. `estimate` (a
+    `budget.Estimate`: what the plan or start summary showed) is the step total displays
+    show until the real speed of the first steps corrects it, in a `Reestimate` event.
     """
 
     def __init__(self, model: Transformer, config: TrainerConfig, train_data, val_data=None,
                  run_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
                  adapter_only: bool = False, fault_hook: Optional[Callable[[int, int], None]] = None,
-                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None):
+                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None, estimate=None):
         if config.distributed:
             import torch.distributed as dist
 
@@ -502,6 +519,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.fault_hook = fault_hook
         self.guard = guard
+        self.estimate = estimate
         self.device = resolve_device(config)
         if config.distributed and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -754,6 +772,9 @@ class Trainer:
         deadline = started + config.time_limit_s - elapsed_before if config.time_limit_s else None
         session = self._session = _Session(started, deadline, self.global_step, elapsed_before,
                                            window_started=started)
+        estimate = self.estimate
+        if estimate is not None and self._total_is_estimate():
+            session.shown_total = self.global_step + estimate.steps if self.global_step else estimate.steps
         session.stop_reason = self.done_reason()  # a resumed run that had already ended trains nothing
         previous_handlers = self._install_signal_handlers()
         self.model.train()
@@ -766,7 +787,10 @@ class Trainer:
                         time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s else None,
                         schedule_by=config.schedule_by, device=self.device.type,
                         dtype=str(self.dtype).removeprefix("torch."), params=counts["total"],
-                        trainable=counts["trainable"], quantized=counts["quantized"]))
+                        trainable=counts["trainable"], quantized=counts["quantized"],
+                        estimated_steps=None if estimate is None else estimate.steps,
+                        estimated_seconds=None if estimate is None else estimate.seconds,
+                        estimate_basis=None if estimate is None else f"{estimate.basis}: {estimate.detail}"))
         try:
             while session.stop_reason is None and not self._steps_done() \
                     and (config.num_epochs == 0 or self.loader.epoch < config.num_epochs):
@@ -882,6 +906,11 @@ class Trainer:
                                      f"saved. Lower the learning rate or check the data."))
             self.save_checkpoint(f"step_{self.global_step}")
 
+    def _total_is_estimate(self) -> bool:
+        """Whether a deadline (not the epochs or max_steps alone) sets how many steps run."""
+        config = self.config
+        return bool(config.time_limit_s) and (config.schedule_by == "time" or self.total_steps is None)
+
     def _emit_step(self, epoch: int, loss: float, lr: float, grad_norm: float) -> None:
         session, config = self._session, self.config
         now = time.perf_counter()
@@ -891,17 +920,45 @@ class Trainer:
         total, eta = self.total_steps, None
         if total is not None:
             eta = done / steps_this_run * max(0, total - self.global_step)
+        estimated = self._total_is_estimate()
         if config.time_limit_s:
             time_left = max(0.0, config.time_limit_s - session.elapsed_before - done)
             eta = time_left if eta is None else min(eta, time_left)
-            if config.schedule_by == "time" or total is None:  # the deadline ends the run: estimate its steps
-                estimate = self.global_step + round(steps_this_run / max(done, 1e-9) * time_left)
-                total = estimate if total is None else min(total, estimate)
+            if estimated:  # the deadline ends the run: its steps are an estimate, corrected now and then
+                projected = self.global_step + round(steps_this_run / max(done, 1e-9) * time_left)
+                projected = projected if total is None else min(total, projected)
+                total = self._shown_total(projected, steps_this_run, time_left, tokens_per_s)
         load = self.model.expert_load() if self.model.config.use_moe else None
         self.emit(Step(epoch=epoch, step=self.global_step, total_steps=total, loss=loss, lr=lr, grad_norm=grad_norm,
                        tokens_per_s=tokens_per_s, tokens_seen=self.state.tokens_seen, eta_s=eta,
                        memory=memory_stats(self.device) if self.global_step % config.log_interval == 0 else None,
-                       expert_load=load.tolist() if load is not None else None))
+                       expert_load=load.tolist() if load is not None else None, total_estimated=estimated))
+
+    def _shown_total(self, projected: int, steps_this_run: int, time_left: float, tokens_per_s: float) -> int:
+        """The estimated step total displays show: the given estimate until REESTIMATE_AFTER
+        steps of real speed correct it (when they differ), then replaced only when a later
+        projection drifts by more than REESTIMATE_TOLERANCE or the run passes it; every
+        replacement is a `Reestimate` event, so the total never changes unannounced."""
+        session = self._session
+        shown = session.shown_total
+        if shown is not None and time_left <= 0:  # the last step: no news worth a line
+            return max(shown, self.global_step)
+        if shown is not None and self.global_step < shown:
+            if steps_this_run < REESTIMATE_AFTER:
+                return shown
+            tolerance = REESTIMATE_TOLERANCE * shown if session.reestimated else max(1.0, 0.05 * shown)
+            session.reestimated = True
+            if abs(projected - shown) <= tolerance:
+                return shown
+        projected = max(projected, self.global_step + (1 if time_left > 0 else 0))
+        if self.total_steps is not None:  # max_steps or the epochs still cap it
+            projected = min(projected, self.total_steps)
+        if projected == shown:
+            return shown
+        self.emit(Reestimate(step=self.global_step, steps=projected, previous_steps=shown, seconds_left=time_left,
+                             tokens_per_s=tokens_per_s, from_steps=steps_this_run))
+        session.shown_total, session.reestimated = projected, True
+        return projected
 
     def _after_step(self) -> None:
         config, session = self.config, self._session
@@ -913,7 +970,8 @@ class Trainer:
             self.save_checkpoint(f"step_{self.global_step}")
         if config.max_steps and self.global_step >= config.max_steps:
             session.stop_reason = "max_steps"
-        elif session.deadline is not None and time.perf_counter() + 0.5 * session.last_step_s >= session.deadline:
+        elif session.deadline is not None and self.global_step >= config.min_steps \
+                and time.perf_counter() + 0.5 * session.last_step_s >= session.deadline:
             # the next step would end more than half past the deadline (a busy machine's steps are long)
             session.stop_reason = "deadline"
         elif session.interrupts:

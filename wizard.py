@@ -10,32 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-import torch
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 import checkpoint
-from budget import CostModel, HardwareProfile, Plan, batch_tokens, parse_duration, plan, probe, sequence_length, \
-    training_memory
+from budget import Plan, parse_duration, sequence_length, training_memory
 from config_editor import ConfigEditor, EndOfInput, ask, choose, confirm
 from config_io import ConfigError, load_configs, save_configs
 from data import BUILTIN, DataConfig, DataError, builtin_documents, hub_reachable, prepare, read_source
 import runs
-from display import check_table, display_for, format_bytes, format_seconds, report_outcome
+from display import WaitDisplay, check_table, display_for, format_bytes, format_seconds, plan_table, report_outcome, \
+    summary_table
 from gguf_io import QUANTS
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from runs import chat_prompt, data_summary, default_configs, fit_model_to_data, list_runs, load_trained, stop_token, \
     stream_text
 from system_check import HardwareManager, SystemCheck
-from trainer import TrainerConfig, resolve_dtype
 
 MAIN_MENU = (("1", "Start training"), ("2", "Manage dataset/configuration"), ("3", "Exit"),
              ("4", "Resume a run"), ("5", "Fine-tune a model with LoRA / QLoRA"),
@@ -267,7 +264,8 @@ class Wizard:
         rows = [("format", report.format), ("documents read / kept", f"{report.documents_read:,} / {report.documents_kept:,}"),
                 ("empty / duplicates dropped", f"{report.empty_dropped:,} / {report.duplicates_dropped:,}"),
                 ("train / validation documents", f"{report.train_documents:,} / {report.val_documents:,}"),
-                ("train / validation tokens", f"{report.train_tokens:,} / {report.val_tokens:,}"),
+                ("train / validation response tokens (the loss's targets)" if report.format == "instruction" else
+                 "train / validation tokens", f"{report.train_tokens:,} / {report.val_tokens:,}"),
                 ("tokens per document (mean, median, p95, max)",
                  f"{report.length_mean:,.0f}, {report.length_p50:,.0f}, {report.length_p95:,.0f}, {report.length_max:,}")]
         if report.truncated_samples or report.dropped_samples:
@@ -351,20 +349,18 @@ class Wizard:
                 self.error(str(error))
         seq_len = sequence_length(budget)
         prepared = self.prepared_data(seq_len)
-        device = self.configs["trainer"].device
-        hardware = HardwareProfile.detect(None if device == "auto" else device)
         self.say("\n[bold]Starting configuration optimization[/bold]")
         self.say(f"target training time: {format_seconds(budget)} ({budget / 3600:.6f} hours), counted from the "
                  f"start of training")
+        trainer_config = dataclasses.replace(self.configs["trainer"], max_seq_len=seq_len)
         with self.console.status("measuring this machine (a few short training steps; cached afterwards) ..."):
-            probes, cached = probe(hardware, len(prepared.tokenizer), seq_len, max(1, batch_tokens(budget) // seq_len),
-                                   min(0.5, max(0.1, 0.005 * budget)), self.configs["data"].cache_dir)
-        the_plan = plan(budget, hardware, prepared.report.train_tokens, len(prepared.tokenizer), probes=probes,
-                        seq_len=seq_len, whole_run=False)
+            the_plan = runs.plan_prepared(budget, prepared, trainer_config, self.configs["data"].cache_dir,
+                                          whole_run=False, measure_chosen=True, say=self.say)
         with self.console.status("measuring the memory of a training step ..."):
-            manager = HardwareManager(hardware.device)
+            manager = HardwareManager(None if trainer_config.device == "auto" else trainer_config.device)
             max_batch = manager.max_micro_batch(the_plan.model, seq_len, limit=MICRO_BATCH_LIMIT)
-        self.console.print(plan_table(the_plan, hardware, cached, max_batch, manager.flash_attention_available))
+        self.console.print(plan_table(the_plan, manager.profile(), max_batch, manager.flash_attention_available,
+                                      MICRO_BATCH_LIMIT))
         if not self.confirm("Apply these optimizations?"):
             self.say("kept the current configuration")
             return
@@ -381,13 +377,17 @@ class Wizard:
         trainer_config = self.configs["trainer"]
         model_config = fit_model_to_data(self.configs["model"], trainer_config, prepared)
         self.configs["model"] = model_config
-        self.console.print(self.summary_table(model_config, trainer_config, prepared))
+        estimate = self.estimate(prepared)
+        memory = training_memory(model_config, trainer_config.batch_size, trainer_config.max_seq_len)
+        self.console.print(summary_table(model_config, trainer_config, prepared.report, estimate, memory,
+                                         self.runs_dir))
         if self.plan is not None:
             self.say("starting the accepted plan (the budget counts from now)")
         elif not self.confirm("Start training?", default=True):
             return
         run_dir = runs.new_run_dir(None, trainer_config, None)
-        self.run_operation(lambda display: runs.train_prepared(self.configs, prepared, run_dir, display))
+        self.run_operation(lambda display: runs.train_prepared(self.configs, prepared, run_dir, display,
+                                                               estimate=estimate))
         self.plan = None
 
     def run_operation(self, operation: Callable[[object], runs.RunOutcome]) -> None:
@@ -398,67 +398,14 @@ class Wizard:
             outcome = operation(display)
         report_outcome(self.console, outcome, display.history, resume_hint=RESUME_HINT)
 
-    def summary_table(self, model_config: ModelConfig, trainer_config: TrainerConfig, prepared) -> Table:
-        seq_len, batch = trainer_config.max_seq_len, trainer_config.batch_size
-        tokens_per_step = trainer_config.tokens_per_step
-        memory = training_memory(model_config, batch, seq_len)
+    def estimate(self, prepared) -> "runs.Estimate":
+        """The one estimate of the run Start training would do: the accepted plan's, or one
+        measured with a few steps of this model (runs.estimate_training)."""
         if self.plan is not None:
-            seconds, steps = self.plan.train_seconds, f"~{self.plan.steps:,} (the deadline ends the run)"
-            rate, measured = self.plan.tokens_per_second, "measured on this machine for the plan"
-        else:
-            rate, measured = self.throughput(model_config, batch, seq_len, memory)
-            steps_per_epoch = math.ceil(len(prepared.train) / batch / trainer_config.accumulation_steps)
-            total = steps_per_epoch * trainer_config.num_epochs
-            steps = f"{total:,} ({trainer_config.num_epochs} epoch{'s' if trainer_config.num_epochs > 1 else ''} " \
-                    f"of {steps_per_epoch:,})"
-            if trainer_config.max_steps and trainer_config.max_steps < total:
-                total = trainer_config.max_steps
-                steps = f"{total:,} (max_steps; an epoch is {steps_per_epoch:,})"
-            seconds = total * tokens_per_step / rate
-            if trainer_config.time_limit_s and (seconds > trainer_config.time_limit_s
-                                                or trainer_config.schedule_by == "time"):
-                seconds = trainer_config.time_limit_s
-                total = max(1, round(seconds * rate / tokens_per_step))
-                steps = f"~{total:,} (time_limit_s ends the run)"
-        table = Table(title="about to train", title_justify="left", show_header=False)
-        table.add_column(style="bold")
-        table.add_column()
-        table.add_row("model", f"{model_config.num_layers} layers x {model_config.num_dims}, {model_config.num_heads}/"
-                               f"{model_config.num_kv_heads} heads, FFN {model_config.ffn_hidden_dims}"
-                               + (f", {model_config.moe_num_experts} experts" if model_config.use_moe else ""))
-        table.add_row("parameters", f"{model_config.num_params() / 1e6:.2f}M")
-        table.add_row("data", f"{prepared.report.source}: {prepared.report.train_tokens:,} training tokens")
-        table.add_row("tokens per optimizer step", f"{tokens_per_step:,} ({batch} x {trainer_config.accumulation_steps}"
-                                                   f" x {seq_len})")
-        table.add_row("optimizer steps", steps)
-        table.add_row("tokens to train on", f"~{seconds * rate / 1e6:,.2f}M")
-        table.add_row("estimated time", f"{format_seconds(seconds)} at {rate:,.0f} tokens/s ({measured})")
-        table.add_row("estimated memory", format_bytes(memory))
-        table.add_row("runs in", str(self.runs_dir))
-        return table
-
-    def throughput(self, model_config: ModelConfig, batch_size: int, seq_len: int,
-                   memory: int) -> tuple[float, str]:
-        """Tokens per second of this model at this micro-batch, measured with a few real
-        training steps; from the planner's cached probes instead when the step would not
-        fit in memory (measuring it could take the machine down)."""
-        trainer_config = self.configs["trainer"]
-        manager = HardwareManager(None if trainer_config.device == "auto" else trainer_config.device)
-        dtype = resolve_dtype(trainer_config, torch.device(manager.device))
-        key = (json.dumps(model_config.to_dict(), sort_keys=True), batch_size, seq_len, str(dtype), manager.device)
-        if key not in self._throughput and memory < 0.8 * manager.memory_available_bytes:
-            with self.console.status("measuring a few training steps of this model on this machine (a step takes "
-                                     "as long as in training) ..."):
-                self._throughput[key] = manager.tokens_per_second(model_config, batch_size, seq_len, dtype=dtype)
-        if key in self._throughput:
-            return self._throughput[key], "measured: 3+ steps of this model"
-        with self.console.status("estimating throughput from the planner's probes (cached afterwards) ..."):
-            probes, _ = probe(manager.profile(), model_config.vocab_size, seq_len, 2, 0.3,
-                              self.configs["data"].cache_dir)
-        self.error(f"this step needs ~{format_bytes(memory)}, more than the {format_bytes(manager.memory_available_bytes)}"
-                   f" available: training will fall back to smaller micro-batches or fail")
-        rate = 1.0 / CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
-        return rate, "estimated from small probes: the step does not fit in memory to measure it"
+            return self.plan.estimate
+        with self.console.status("measuring a few training steps of this model on this machine (a step takes "
+                                 "as long as in training) ..."):
+            return runs.estimate_training(self.configs, prepared, self._throughput)
 
     # ---- runs and models --------------------------------------------------------------------------
     def pick_model(self, what: str, runs_only: bool = False) -> Path:
@@ -580,11 +527,12 @@ class Wizard:
 
     def evaluate(self) -> None:
         path = self.pick_model("Model to evaluate")
-        with self.console.status("evaluating ..."):
+        with self.console.status("loading the model ..."):
             loaded = load_trained(path, say=self.say)
-            # The command line's defaults (the whole validation split), so both give the same figures.
-            cache_dir = self.configs["data"].cache_dir if loaded.kind == "huggingface" else None
-            result = runs.evaluate_model(runs.EvalRequest(path, cache_dir=cache_dir), loaded)
+        # The command line's defaults (the whole validation split), so both give the same figures.
+        cache_dir = self.configs["data"].cache_dir if loaded.kind == "huggingface" else None
+        with WaitDisplay(self.console) as progress:
+            result = runs.evaluate_model(runs.EvalRequest(path, cache_dir=cache_dir), loaded, progress, say=self.say)
         self.say(f"{result.model} ({result.checkpoint or loaded.kind}) on the validation split of "
                  f"{result.data}: loss [bold]{result.loss:.4f}[/bold], perplexity {result.perplexity:.2f} "
                  f"({result.sequences} sequences of {result.seq_len} tokens)")
@@ -611,32 +559,6 @@ class Wizard:
 
 class _Back(Exception):
     """Leave the manage menu for the main menu."""
-
-
-def plan_table(the_plan: Plan, hardware: HardwareProfile, cached: bool, max_batch: int, flash: bool) -> Table:
-    m, t = the_plan.model, the_plan.trainer
-    table = Table(title="planned configuration", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("hardware", f"{hardware.device}: {hardware.device_name}, {hardware.threads} threads, "
-                              f"{format_bytes(hardware.memory_bytes)} available; flash attention "
-                              f"{'yes' if flash else 'no'}")
-    most = "" if max_batch < MICRO_BATCH_LIMIT else " or more (the most it looks for)"
-    table.add_row("largest micro-batch", f"{max_batch} sequences of {t.max_seq_len} tokens{most} for this model (from "
-                                         f"measured activation memory)" if max_batch else
-                                         "not even one sequence fits in memory")
-    table.add_row("measured", f"{the_plan.tokens_per_second:,.0f} tokens/s for this shape "
-                              f"({'from the cache' if cached else 'just measured'})")
-    table.add_row("model", f"{m.num_layers} layers x {m.num_dims} wide, {m.num_heads}/{m.num_kv_heads} heads, FFN "
-                           f"{m.ffn_hidden_dims}: {the_plan.params / 1e6:.2f}M parameters")
-    table.add_row("training", f"batch {t.batch_size} x {t.max_seq_len} tokens, learning rate {t.learning_rate:g} "
-                              f"(cosine to {t.min_lr:g})")
-    table.add_row("time", f"{format_seconds(the_plan.budget_s)} from the start of training to the saved checkpoint: "
-                          f"{the_plan.train_seconds:.1f} s of steps, then the final evaluation and the save")
-    table.add_row("expected", f"~{the_plan.steps:,} steps, {the_plan.tokens / 1e6:.2f}M tokens "
-                              f"({the_plan.epochs:.2f} epochs), memory {format_bytes(the_plan.memory_bytes)}")
-    table.add_row("why", the_plan.reasoning)
-    return table
 
 
 def run_wizard(console: Console, stream: Optional[TextIO] = None, **options) -> int:

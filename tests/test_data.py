@@ -197,6 +197,11 @@ def test_prepare_caches_arrays(tmp_path, tokenizer):
     assert not first.report.cached and second.report.cached
     assert any("trained a" in note for note in first.report.notes)
     assert not any("trained a" in note for note in second.report.notes)  # the cached run trained nothing
+    # a cache written before the note was kept out of it still says nothing of training
+    (stale,) = (tmp_path / "cache" / "arrays").iterdir()
+    report = json.loads((stale / "report.json").read_text())
+    (stale / "report.json").write_text(json.dumps({**report, "notes": ["trained a 300-token byte-level BPE on the data"]}))
+    assert not any("trained a" in note for note in prepare(cfg, seq_len=16).report.notes)
     assert np.array_equal(first.train.tokens, second.train.tokens)
     assert np.array_equal(first.val.tokens, second.val.tokens)
     assert data.tokenizer_hash(first.tokenizer) == data.tokenizer_hash(second.tokenizer)

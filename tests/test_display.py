@@ -113,3 +113,27 @@ def test_an_interrupted_run_leaves_the_bar_where_it_stopped():
         display(dataclasses.replace(EVENTS[-1], status="interrupted", global_step=2))
     task = display.progress.tasks[0]
     assert (task.completed, task.total) == (2, 4)
+
+
+def test_the_bar_starts_at_the_estimate_and_labels_a_reestimate():
+    from events import Reestimate
+
+    output = io.StringIO()
+    console = Console(file=output, width=160, color_system=None, force_terminal=True)
+    start = dataclasses.replace(START, total_steps=0, time_left_s=60.0, schedule_by="time", estimated_steps=395,
+                                estimated_seconds=60.0, estimate_basis="interpolated: between probes")
+    with LiveDisplay(console) as display:
+        display(start)
+        task = display.progress.tasks[0]
+        assert (task.total, task.fields["total_text"], task.description) == (395, "~395", "training (estimated)")
+        display(Reestimate(step=3, steps=114, previous_steps=395, seconds_left=55.0, tokens_per_s=900.0, from_steps=3))
+        assert (task.total, task.fields["total_text"]) == (114, "~114")
+        assert task.description == "training (re-estimated)"
+    text = " ".join(output.getvalue().split())
+    assert "estimated ~395 steps in 1m00s (interpolated: between probes)" in text
+    assert "re-estimated from the real speed of 3 steps (900 tokens/s): ~114 steps (was ~395), 55s left" in text
+    lines = []
+    plain = PlainDisplay(write=lines.append, every=1)
+    plain(Step(epoch=0, step=4, total_steps=114, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=900.0, tokens_seen=1,
+               eta_s=50.0, total_estimated=True))
+    assert lines[0].startswith("step     4/~114")

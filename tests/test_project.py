@@ -48,7 +48,7 @@ def test_main_job_trains_saves_samples_and_resumes(tmp_path):
     result = run_train("train", "--budget", "5m", "--out", str(tmp_path / "runs"), "--seq-len", "32",
                        "--batch-size", "4", "data.subset_size=30", "trainer.max_steps=6", *common)
     assert result.returncode == 0, result.stderr
-    assert "plan for 300 s" in result.stdout and "max_steps: 6 steps" in result.stdout
+    assert "plan for 5m00s" in result.stdout and "max_steps: 6 steps" in result.stdout
     assert "sample:" in result.stdout
     (run,) = (tmp_path / "runs").iterdir()
     assert {"run.json", "tokenizer.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}

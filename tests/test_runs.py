@@ -164,3 +164,14 @@ def test_a_save_killed_between_its_renames_is_put_back_not_deleted(tmp_path, com
     assert checkpoint.clean_stale(run) == [f".step_3.old-{dead}"]
     assert checkpoint.verify(run / "step_3") is None
     assert not [p for p in run.iterdir() if p.name.startswith(".step_3")]
+
+
+def test_the_instruction_data_summary_says_its_tokens_are_response_tokens():
+    from types import SimpleNamespace
+
+    from data import QualityReport
+
+    report = QualityReport(source="chat.jsonl", format="instruction", documents_kept=20, train_documents=18,
+                           val_documents=2, train_tokens=514, val_tokens=23)
+    (line,) = runs.data_summary(SimpleNamespace(report=report))
+    assert "514 training and 23 validation response tokens" in line

@@ -46,12 +46,18 @@ def test_hub_honours_hf_hub_offline_and_reports_a_reachable_hub(monkeypatch):
     started = time.perf_counter()
     hub = SystemCheck(hub_timeout_s=5).check_hub()
     assert time.perf_counter() - started < 0.5
+    assert hub.message.startswith("offline mode") and "not reachable" not in hub.message
+    assert hub.facts["offline_mode"] is True
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout_s: False)
+    hub = SystemCheck().check_hub()
     assert hub.status == "warn" and "not reachable" in hub.message and hub.facts["reachable"] is False
     monkeypatch.setattr(data, "hub_reachable", lambda timeout_s: True)
     assert SystemCheck().check_hub().status == "ok"
 
 
 def test_a_hanging_hub_check_does_not_hold_up_the_others(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # (offline mode answers at once)
     monkeypatch.setattr(data, "hub_reachable", lambda timeout_s: time.sleep(5))
     started = time.perf_counter()
     report = SystemCheck(hub_timeout_s=0.2).run_all()

@@ -474,3 +474,37 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
                     blocks(8))
     with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
         other.load_checkpoint(checkpoint.latest(tmp_path))
+
+
+def test_the_step_total_starts_from_the_estimate_and_changes_only_when_reestimated(tmp_path):
+    """A deadline run shows the plan's estimate until the real speed of its first steps
+    corrects it; every later change of the total is announced by a Reestimate event. (The
+    deadline is far, max_steps ends the run: the same on a slow or busy machine.)"""
+    from budget import estimate_run
+    from events import Reestimate, Start
+
+    events = []
+    trainer = make(tmp_path, callback=events.append, num_epochs=0, schedule_by="time", time_limit_s=60.0,
+                   max_steps=8, eval_steps=1)
+    trainer.estimate = dataclasses.replace(estimate_run(trainer.config, 32, 1000.0, "interpolated", "test probes"),
+                                           steps=100)  # far off: max_steps ends the run at 8
+    trainer.fit()
+    (start,) = [e for e in events if isinstance(e, Start)]
+    assert start.estimated_steps == 100 and "interpolated" in start.estimate_basis
+    steps = [e for e in events if isinstance(e, Step)]
+    assert len(steps) == 8 and all(e.total_estimated for e in steps)
+    assert [e.total_steps for e in steps[:2]] == [100, 100]  # the estimate until real speed is measured
+    shown, announced = 100, []
+    for event in events:
+        if isinstance(event, Reestimate):
+            assert event.previous_steps == shown
+            shown = event.steps
+            announced.append(event)
+        elif isinstance(event, Step):
+            assert event.total_steps == shown  # never changed without an announcement
+    assert announced[0].step == 3 and announced[0].steps == 8 and shown == 8
+
+
+def test_min_steps_holds_off_the_deadline_for_a_few_steps(tmp_path):
+    result = make(tmp_path, num_epochs=0, schedule_by="time", time_limit_s=0.001, min_steps=3).fit()
+    assert result.status == "deadline" and result.global_step == 3

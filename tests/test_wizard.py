@@ -119,19 +119,26 @@ def test_hub_dataset_when_the_hub_is_unreachable_keeps_the_dataset(tmp_path, mon
 
 
 def test_start_training_shows_a_summary_and_can_be_declined(tmp_path, corpus, monkeypatch):
-    measured = []
-    real = HardwareManager.tokens_per_second
-    monkeypatch.setattr(HardwareManager, "tokens_per_second",
-                        lambda self, *args, **kwargs: measured.append(args) or real(self, *args, **kwargs))
+    """The summary's estimate is measured once, at the run's micro-batch, and the very same
+    object reaches the trainer, whose live display starts from it."""
+    measured, estimates, started = [], [], []
+    real_measure, real_estimate, real_train = runs.measure, runs.estimate_training, runs.train_prepared
+    monkeypatch.setattr(runs, "measure", lambda *args, **kwargs: measured.append(args) or real_measure(*args, **kwargs))
+    monkeypatch.setattr(runs, "estimate_training",
+                        lambda *args, **kwargs: estimates.append(real_estimate(*args, **kwargs)) or estimates[-1])
+    monkeypatch.setattr(runs, "train_prepared",
+                        lambda *args, **kwargs: started.append(kwargs["estimate"]) or real_train(*args, **kwargs))
     keys = [*use_corpus(corpus), "3", "tiny", "6", "2", "max_seq_len=16 batch_size=4 max_steps=3", "", "7",
             "1", "n", "1", "y", "3"]
     code, wizard, out = drive(tmp_path, keys)
     assert code == 0, out
-    assert "about to train" in out and "estimated time" in out and "tokens/s (measured" in out
-    assert len(measured) == 1 and measured[0][1:] == (4, 16)  # at the run's micro-batch, once for both summaries
+    assert "about to train" in out and "estimated time" in out and "tokens/s (measured: 3+ steps" in out
+    assert len(measured) == 1 and measured[0][1:3] == (4, 16)  # at the run's micro-batch, once for both summaries
+    assert started == [estimates[-1]] and started[0].steps == 3 and started[0].ends_by == "max_steps"
     (run,) = (tmp_path / "runs").iterdir()  # the declined start made no run
     assert checkpoint.read_state(checkpoint.latest(run))["global_step"] == 3
     assert re.search(r"\w+: 3 steps, [\d,]+ tokens", out) and out.count("about to train") == 2
+    assert re.search(r"optimizer steps\W+3 \(max_steps\)", out)
 
 
 @pytest.fixture
@@ -173,8 +180,8 @@ def test_evaluate_gives_the_figures_the_command_line_gives(tmp_path, trained, ca
     """The same run, the same settings: one number from either front end."""
     requests = []
     evaluate_model = runs.evaluate_model
-    monkeypatch.setattr(runs, "evaluate_model", lambda request, *rest: requests.append(request)
-                        or evaluate_model(request, *rest))
+    monkeypatch.setattr(runs, "evaluate_model", lambda request, *rest, **options: requests.append(request)
+                        or evaluate_model(request, *rest, **options))
     assert train.main(["eval", str(trained), "--json"]) == 0
     cli = json.loads(capsys.readouterr().out)
     code, _, out = drive(tmp_path, ["7", "1", "3"])
@@ -182,6 +189,25 @@ def test_evaluate_gives_the_figures_the_command_line_gives(tmp_path, trained, ca
     assert f"loss {cli['loss']:.4f}, perplexity {cli['perplexity']:.2f} ({cli['sequences']} sequences" in out
     from_cli, from_wizard = requests
     assert dataclasses.replace(from_wizard, model=str(from_wizard.model)) == from_cli
+
+
+def test_evaluation_reports_progress_as_n_of_n_in_both_front_ends(tmp_path, trained, capsys):
+    """Every batch is a Progress event (n of N); piped, the command prints progress lines
+    on stderr (the first and the last at least) and keeps stdout for the result."""
+    from events import Progress
+
+    events = []
+    result = runs.evaluate_model(runs.EvalRequest(trained, batch_size=2), progress=events.append)
+    total = -(-result.sequences // 2)
+    assert [e.done for e in events] == list(range(1, total + 1)) and {e.total for e in events} == {total}
+    assert all(isinstance(e, Progress) and e.unit == "batches" for e in events) and events[-1].eta_s == 0
+    assert train.main(["eval", str(trained), "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"evaluating on the val split: 1/{total} batches, eta" in captured.err
+    assert f"evaluating on the val split: {total}/{total} batches, eta 0.0s" in captured.err
+    assert "batches" not in captured.out and "perplexity" in captured.out
+    code, _, out = drive(tmp_path, ["7", "1", "3"])
+    assert code == 0 and "evaluating on the val split: 1/" in out
 
 
 def test_finetune_from_the_menu_uses_the_lora_table_and_fits_the_base_context(tmp_path, corpus):
