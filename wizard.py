@@ -67,8 +67,8 @@ def menu_table(title: str, items: tuple) -> Group:
     return Group(Text(title, style="bold cyan"), table)
 
 
-def derived_figures(configs: dict) -> list[tuple[str, str]]:
-    """What the editor shows under the table: size, tokens per step, memory."""
+def derived_figures(configs: dict, section: str = "model") -> list[tuple[str, str]]:
+    """What the editor shows under the table (any `section`): size, tokens per step, memory."""
     model, trainer = configs["model"], configs["trainer"]
     figures = [("parameters", f"{model.num_params() / 1e6:.2f}M"
                               + (f" ({model.num_params(active=True) / 1e6:.2f}M active)" if model.use_moe else ""))]
