@@ -49,7 +49,7 @@ def ask(console: Console, prompt: str, stream: Optional[TextIO] = None, default:
     a captured transcript reads like the screen), else the terminal. Raises EndOfInput when
     the input has ended; with `back`, GoBack for b / back / Esc, or for an empty line where
     there is no default."""
-    shown = prompt + (f" [dim]{escape(f'[{default}]')}[/dim]" if default is not None else "") + ": "
+    shown = prompt + (f" [dim]{escape(f'[{default}]')}[/dim]" if default else "") + ": "
     if stream is None:
         try:
             line = console.input(shown)
@@ -548,7 +548,9 @@ class ConfigEditor:
             self.console.print(f"[yellow]There are no presets for {escape(section)}.[/yellow]")
             return configs
         names = list(self.presets)
-        name = choose(self.console, "Reset to which preset?", names, self.stream, default=names[0], back=True)
+        self.console.print(f"presets: {escape(', '.join(names))}; b or Esc: back", highlight=False)
+        name = choose(self.console, "Reset to preset", names, self.stream, default=names[0], show_options=False,
+                      back=True)
         try:
             new = self.presets[name]()
         except (ValueError, TypeError) as error:

@@ -13,7 +13,7 @@ from conftest import write_corpus
 
 pexpect = pytest.importorskip("pexpect")
 ROOT = Path(__file__).resolve().parent.parent
-MENU = r"Select option \(1-8\): "
+MENU = r"Select option \(1-[89]\): "
 
 
 def spawn(cwd: Path):
