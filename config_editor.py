@@ -289,7 +289,7 @@ def editor_help(config: Any) -> str:
 
 _ASSIGNMENT_START = re.compile(r"\s+(?=[A-Za-z_][\w.]*\s*=)")  # where the next `name=` begins
 _ASSIGNMENT = re.compile(r"[A-Za-z_][\w.]*\s*=")  # a line that starts with `name=`
-EDIT_HINT = "Row number or field name to edit; FIELD=VALUE to set; help FIELD; help. Enter or b: done."
+EDIT_HINT = "row number or field name: edit · FIELD=VALUE: set · help [FIELD] · Enter: done"
 class ConfigEditor:
     """The table editor screen: shows one section of the configs as a table and edits it
     by row number, field name or `field=value`, keeping every accepted state valid.
@@ -324,6 +324,7 @@ class ConfigEditor:
                 self.console.print("\n[yellow]Ctrl-C: left the table; the changes shown above are kept.[/yellow]")
                 return configs
             except EndOfInput:
+                self.console.print("[dim]Ctrl-D: left the table[/dim]")
                 return configs
             command, _, argument = answer.partition(" ")
             command, argument = command.lower(), argument.strip()
@@ -385,7 +386,7 @@ class ConfigEditor:
             for label, value in figures:
                 self.console.print(f"  {escape(label)}: [green]{escape(value)}[/green]", highlight=False)
         else:
-            self.console.print("  " + "   ".join(f"{escape(label)}: [green]{escape(value)}[/green]"
+            self.console.print("  " + " · ".join(f"{escape(label)}: [green]{escape(value)}[/green]"
                                                  for label, value in figures), highlight=False)
 
     def _print_changes(self, before: ConfigIO, after: ConfigIO) -> None:

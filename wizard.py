@@ -280,7 +280,10 @@ class Wizard:
             try:
                 answer = self.menu("Dataset and Configuration Management", MANAGE_MENU,
                                    status=f"dataset: {self.configs['data'].source}; model: {self.model_line()}")
-            except (GoBack, EndOfInput):
+            except GoBack:
+                return
+            except EndOfInput:
+                self.say("[dim]Ctrl-D: back to the first menu[/dim]")
                 return
             except KeyboardInterrupt:
                 self.note("\nCtrl-C: back to the first menu")

@@ -299,11 +299,23 @@ def test_b_q_esc_and_enter_go_back_from_the_table_choice_and_the_duration(tmp_pa
 
 def test_ctrl_c_at_a_prompt_cancels_that_action_and_says_so(tmp_path):
     walk = Walkthrough(tmp_path).main("Manage dataset/configuration").manage("Optimize for training time")
-    walk.press("desired training time", CTRL_C).press("Select option (1-8)", CTRL_C).main("Exit")
+    walk.press("desired training time", CTRL_C).press("Select option (1-8)", CTRL_C)
+    walk.press("Select option (1-9)", CTRL_C)  # at the first menu: leave, as Exit does
     code, _, out = walk.run()
     assert code == 0, out
     assert "Ctrl-C: cancelled Optimize for training time; back to the configuration menu" in out
-    assert "Ctrl-C: back to the first menu" in out and out.rstrip().endswith("bye")
+    assert "Ctrl-C: back to the first menu" in out and "Ctrl-C at the first menu" in out
+    assert out.rstrip().endswith("bye")
+
+
+def test_ctrl_c_at_the_first_menu_still_asks_about_unsaved_changes(tmp_path):
+    walk = Walkthrough(tmp_path).main("Manage dataset/configuration").manage("Create new configuration")
+    walk.answer("Preset", "tiny").manage("Continue with current settings")
+    walk.press("Select option (1-9)", CTRL_C).press("Save before leaving", CTRL_C)  # Ctrl-C again: stay
+    walk.press("Select option (1-9)", CTRL_D).answer("Save before leaving", "n")
+    code, wizard, out = walk.run()
+    assert code == 0, out
+    assert out.count("unsaved configuration changes: model.") == 2 and "staying" in out
 
 
 def test_ctrl_d_goes_up_one_level_not_out_of_the_wizard(tmp_path):
@@ -315,6 +327,7 @@ def test_ctrl_d_goes_up_one_level_not_out_of_the_wizard(tmp_path):
     walk.main("Exit")
     code, _, out = walk.run()
     assert code == 0, out
+    assert "Ctrl-D: left the table" in out and "Ctrl-D: back to the first menu" in out
     assert "Ctrl-D: left Optimize for training time; back to the configuration menu" in out
     assert out.count("Training Setup") == 2 and out.rstrip().endswith("bye")
 
@@ -491,7 +504,7 @@ def test_every_screen_fits_the_terminal_and_leaves_room_to_type(tmp_path, monkey
     assert max(len(line) for line in lines) <= width
     assert not [line for line in lines if re.match(r"\d\. ", line) and line != line.rstrip()]  # menus unpadded
     assert max(len(prompt) for prompt in walk.prompts) <= 50  # 30 columns left to type at 80
-    model_table = out.split("model (ModelConfig)")[1].split("Row number or field name")[0]
+    model_table = out.split("model (ModelConfig)")[1].split("row number or field name")[0]
     # one line a field, plus the header, four rules and three figures (it was ~60 lines at 80 columns)
     assert len(model_table.splitlines()) <= len(dataclasses.fields(runs.ModelConfig)) + 9
     assert not (tmp_path / "configs").exists() and not (tmp_path / "exports").exists()
