@@ -365,25 +365,33 @@ def _matches(name: str, patterns: tuple[str, ...]) -> Optional[str]:
     return next((p for p in patterns if fnmatch.fnmatchcase(leaf, p) or fnmatch.fnmatchcase(name, p)), None)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Replace the linears matching `config.target_modules` by `LoRALinear`s (their base in
-    NF4 with `quantize_base`), freeze everything else, and return the adapted names. The
-    output head, embeddings and norms stay as they are. A pattern that matches nothing
-    is an error naming it and the linears there are."""
+def target_linears(model: nn.Module, patterns: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The linears (not the output head) that `patterns` select, by name; ValueError naming
+    any pattern that matches nothing, and the names the linears have."""
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name != "lm_head"}
-    used = {pattern: False for pattern in config.target_modules}
-    chosen = []
-    for name in linears:
-        pattern = _matches(name, config.target_modules)
+    used = {pattern: False for pattern in patterns}
+    chosen = {}
+    for name, linear in linears.items():
+        pattern = _matches(name, patterns)
         if pattern is not None:
             used[pattern] = True
-            chosen.append(name)
+            chosen[name] = linear
     unused = [pattern for pattern, hit in used.items() if not hit]
     if unused:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ValueError(f"LoRA target pattern(s) {', '.join(map(repr, unused))} match no linear layer; "
                          f"linear layers are named: {', '.join(leaves)}")
+    return chosen
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Replace the linears matching `config.target_modules` by `LoRALinear`s (their base in
+    NF4 with `quantize_base`), freeze everything else, and return the adapted names. The
+    output head, embeddings and norms stay as they are. A pattern that matches nothing
+    is an error naming it and the linears there are."""
+    linears = target_linears(model, config.target_modules)
+    chosen = list(linears)
     backend = resolve_backend(config.quant_backend)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")

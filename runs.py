@@ -52,6 +52,7 @@ FINETUNE_ALPHA_PER_RANK = 2.0
 FINETUNE_REPLAY = 3.0
 REPLAY_POOL_EPOCHS = 32  # general text for this many epochs of fresh blocks ...
 REPLAY_POOL_TOKENS = 262_144  # ... within this many tokens
+FINETUNE_BATCH = 8  # a fine-tune's micro-batch without --batch-size or a budget
 FINETUNE_VAL_SAMPLES = 256  # validation samples a fine-tune's evaluations read (the first ones)
 
 Say = Callable[[str], None]
@@ -566,7 +567,7 @@ class FinetuneRequest:
 
     base: str
     data: str
-    rank: int = 16
+    rank: int = LoRAConfig.rank
     qlora: bool = False
     merge: bool = False
     epochs: int = 3
@@ -679,7 +680,7 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
         say(f"note: {template_note(tokenizer)}")
     configs = {"model": model.config,
                "trainer": TrainerConfig(max_seq_len=min(TrainerConfig().max_seq_len, model.config.context_len),
-                                        num_epochs=request.epochs, batch_size=request.batch_size or 8,
+                                        num_epochs=request.epochs, batch_size=request.batch_size or FINETUNE_BATCH,
                                         **FINETUNE_TRAINER),
                "data": DataConfig(source=request.data, cache_dir=request.cache_dir, format="instruction"),
                "lora": request.lora or LoRAConfig(rank=request.rank, alpha=FINETUNE_ALPHA_PER_RANK * request.rank,
@@ -841,7 +842,7 @@ def _plan_finetune(request: FinetuneRequest, budget: float, model: Transformer, 
     (largest first, halving while too few steps would fit) and plan the budget."""
     model.to(device)
     samples = len(prepared.train)
-    batch = min(request.batch_size or 8, samples)
+    batch = min(request.batch_size or FINETUNE_BATCH, samples)
     measured: dict[int, float] = {}
     began = time.perf_counter()  # the end-of-run answer: 4 tokens measured, 60 generated then
     held_out_answer(model, prepared.tokenizer, prepared.val, None, max_new_tokens=4)
@@ -1104,6 +1105,16 @@ def sample_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int 
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
 
+@dataclass
+class GenerateSettings:
+    """How text is sampled: the defaults of `generate` and of the wizard's chat."""
+
+    max_new_tokens: int = 100
+    temperature: float = 0.8  # 0 is greedy
+    top_k: Optional[int] = 40
+    top_p: Optional[float] = None
+
+
 def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: Optional[int], top_p: Optional[float], stop_at: Optional[int] = None,
                 seed: Optional[int] = None) -> Iterator[str]:
@@ -1276,9 +1287,11 @@ def compare_models(request: CompareRequest, say: Say = _quiet, progress: Optiona
 
 
 EXPORT_FORMATS = ("hf", "gguf")
+DEFAULT_EXPORT_FORMAT = "hf"
+DEFAULT_GGUF_QUANT = "f16"
 
 
-def export_model(loaded: Loaded, out: Path, fmt: str = "hf", quant: str = "f16") -> Path:
+def export_model(loaded: Loaded, out: Path, fmt: str = DEFAULT_EXPORT_FORMAT, quant: str = DEFAULT_GGUF_QUANT) -> Path:
     """The model (fine-tuned models with the adapter merged in) with its tokenizer: in the
     Hugging Face layout (Llama, or Mixtral for MoE), or as a GGUF file with an Ollama
     Modelfile beside it (returns the GGUF's path)."""

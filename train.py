@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from rich import box
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 import checkpoint
 import runs
@@ -41,12 +42,28 @@ def output_console() -> Console:
     return console if console.is_terminal else Console(soft_wrap=True, highlight=False, width=1000)
 
 
-def show_table(console: Console, table) -> None:
+def show_table(console: Console, table: Table) -> None:
     """A table as drawn boxes on a terminal; in a pipe or a log, Markdown rows (ASCII,
-    one line per row) for grep and diff."""
-    if not console.is_terminal:
-        table.box = box.MARKDOWN
-    console.print(table)
+    one line per row, cells not padded) for grep and diff."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    for line in markdown_lines(table):
+        console.print(line, markup=False, highlight=False)
+
+
+def markdown_lines(table: Table) -> list[str]:
+    """A rich table as its title and unpadded Markdown rows (`| a | b |`)."""
+    def plain(cell) -> str:
+        text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+        return " ".join(text.split()).replace("|", "\\|")
+
+    columns = [[plain(cell) for cell in column.cells] for column in table.columns]
+    lines = [plain(table.title)] if table.title else []
+    lines.append("| " + " | ".join(plain(column.header) for column in table.columns) + " |")
+    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in zip(*columns)]
+    return lines
 
 
 def say_to(console: Console):
@@ -293,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--budget", default=None, help="time from launch to exit (90s, 5m, 1h): micro-batch, steps and "
                                                          "schedule planned from measurements of BASE on this device")
     finetune.add_argument("--epochs", type=positive_int, default=runs.FinetuneRequest.epochs, help="without --budget")
-    finetune.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch (default 8, "
-                                                                                "or planned)")
+    finetune.add_argument("--batch-size", type=positive_int, default=None,
+                          help=f"sequences per micro-batch (default {runs.FINETUNE_BATCH}, or planned)")
     finetune.add_argument("--seq-len", type=positive_int, default=None,
                           help="tokens per sample (default: the data's longest record, within the base's context)")
     add_guard_arguments(finetune)
@@ -322,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Continue PROMPT with a trained model, streaming the text.")
     generate.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=positive_int, default=100)
-    generate.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
-    generate.add_argument("--top-k", type=positive_int, default=40)
-    generate.add_argument("--top-p", type=probability, default=None)
+    sampling = runs.GenerateSettings()
+    generate.add_argument("--max-new-tokens", type=positive_int, default=sampling.max_new_tokens)
+    generate.add_argument("--temperature", type=non_negative_float, default=sampling.temperature, help="0 is greedy")
+    generate.add_argument("--top-k", type=positive_int, default=sampling.top_k)
+    generate.add_argument("--top-p", type=probability, default=sampling.top_p)
     generate.add_argument("--seed", type=int, default=None, help="for a repeatable sample")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (fine-tuned models)")
     generate.add_argument("--checkpoint", default=None, help="checkpoint name (default: the latest)")
@@ -354,9 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "MoE) or llama.cpp / Ollama (gguf) loads it; fine-tuned runs are "
                                              "exported with the adapter merged in.")
     export.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
-    export.add_argument("--format", default="hf", choices=runs.EXPORT_FORMATS,
+    export.add_argument("--format", default=runs.DEFAULT_EXPORT_FORMAT, choices=runs.EXPORT_FORMATS,
                         help="hf: safetensors + config.json + tokenizer; gguf: one .gguf file + an Ollama Modelfile")
-    export.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF tensor type (default f16)")
+    export.add_argument("--quant", default=runs.DEFAULT_GGUF_QUANT, choices=QUANTS,
+                        help=f"GGUF tensor type (default {runs.DEFAULT_GGUF_QUANT})")
     export.add_argument("--out", required=True, help="a new (or empty) directory")
     export.add_argument("--checkpoint", default=None, help="checkpoint name (default: the latest)")
     export.set_defaults(func=cmd_export)
@@ -373,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.set_defaults(func=cmd_plan)
 
     check = commands.add_parser("check", help="check this machine: Python, GPU, CPU, RAM, disk, packages, hub")
-    check.add_argument("--out", default="checkpoints", help="where checkpoints go (its free disk space is checked)")
+    check.add_argument("--out", default=TrainerConfig.path_to_checkpoints,
+                       help="where checkpoints go (its free disk space is checked)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=cmd_check)
 

@@ -34,7 +34,7 @@ from budget import CostModel, HardwareProfile, parse_duration, probe
 from wizard import Wizard
 
 ROOT = Path(__file__).resolve().parent.parent
-MENU = r"Select option \(1-8\): "
+MENU = r"Select option \(1-[89]\): "
 
 
 def walkthrough(cwd: Path, budget: str) -> dict:

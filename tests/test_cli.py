@@ -243,8 +243,17 @@ def test_check_plain_text(tmp_path, capsys, monkeypatch):
     assert train.main(["check", "--out", str(tmp_path)]) == 0  # warnings (no GPU, no hub) are not failures
     out = capsys.readouterr().out
     assert "Python" in out and "Disk" in out and "device" in out
-    assert re.search(r"^\| Packages +\| \w+ +\| torch .*, bitsandbytes", out, re.MULTILINE)  # a row a line, no box
+    assert re.search(r"^\| Packages \| \w+ \| torch .*, bitsandbytes", out, re.MULTILINE)  # a row a line, no box
     assert not set("┃│┏━") & set(out) and "\x1b[" not in out
+    assert not [line for line in out.splitlines() if line != line.rstrip() or "   " in line]  # no padding
+
+
+def test_config_show_in_a_pipe_is_unpadded_markdown(capsys):
+    assert train.main(["config", "show", "--section", "lora"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["lora (LoRAConfig)", "| # | field | value | help |", "|---|---|---|---|"]
+    assert "| 1 | rank | 16 | rank r of the update B·A |" in lines
+    assert all(line == line.rstrip() and "   " not in line for line in lines)
 
 
 def test_check_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch):
@@ -255,6 +264,25 @@ def test_check_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch):
                         lambda self: system_check.Check("Python", "fail", "Python 3.8.0: Sprat needs Python 3.9"))
     assert train.main(["check", "--out", str(tmp_path)]) == 1
     assert "Sprat needs Python 3.9" in capsys.readouterr().out
+
+
+def test_the_commands_and_the_wizard_take_their_defaults_from_runs():
+    """One place for each default: the request dataclasses and constants of runs.py."""
+    parser = train.build_parser()
+    generate = parser.parse_args(["generate", "RUN", "--prompt", "x"])
+    sampling = runs.GenerateSettings()
+    assert (generate.max_new_tokens, generate.temperature, generate.top_k, generate.top_p) == \
+        (sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p)
+    export = parser.parse_args(["export", "RUN", "--out", "x"])
+    assert (export.format, export.quant) == (runs.DEFAULT_EXPORT_FORMAT, runs.DEFAULT_GGUF_QUANT)
+    finetune = parser.parse_args(["finetune", "BASE", "--data", "x"])
+    request = runs.FinetuneRequest(base="BASE", data="x")
+    assert (finetune.rank, finetune.epochs, finetune.merge, finetune.general_data, finetune.max_general_rise) == \
+        (request.rank, request.epochs, request.merge, request.general_data, request.max_general_rise)
+    assert request.rank == runs.LoRAConfig().rank  # the wizard's default rank is the LoRA table's
+    check = parser.parse_args(["check"])
+    assert check.out == runs.TrainerConfig().path_to_checkpoints
+    assert parser.parse_args(["train"]).cache_dir == runs.DEFAULT_CACHE
 
 
 def test_config_show_lists_every_field(capsys):

@@ -4,12 +4,13 @@ driven by io.StringIO input and a recording console."""
 import dataclasses
 import io
 import json
+import re
 import sys
 
 import pytest
 from rich.console import Console
 
-from config_editor import ConfigEditor, EndOfInput, ask, choose, confirm, render_table, summary_figures
+from config_editor import ConfigEditor, EndOfInput, ask, choose, confirm, editor_help, render_table, summary_figures
 from config_io import (ConfigError, ConfigIO, apply_overrides, described, fields_of, format_value, load_configs,
                        parse_value, save_configs)
 from data import DataConfig
@@ -17,7 +18,7 @@ from lora import LoRAConfig
 from model import ModelConfig
 from trainer import TrainerConfig
 
-EDIT_PROMPT = "Edit (row number"
+EDIT_PROMPT = "Edit: "
 
 
 def console() -> Console:
@@ -261,7 +262,7 @@ def test_an_invalid_change_is_refused_and_the_last_valid_state_kept(configs, sec
 def test_an_invalid_value_for_one_field_asks_for_that_field_again(configs):
     result, text = edit(configs, "trainer", "batch_size=16\nlearning_rate\n-1\nabc\n3e-4\n\n")
     assert result["trainer"] == TrainerConfig(batch_size=16, learning_rate=3e-4)
-    assert text.count("New value for learning_rate") == 3
+    assert text.count("New learning_rate") == 3
     assert "expected a number" in text
 
 
@@ -340,13 +341,43 @@ def test_help_and_show(configs):
     assert text.count("model (ModelConfig)") == 2  # shown at the start and on `show`
 
 
-def test_end_of_input_in_the_middle_raises(configs):
-    with pytest.raises(EndOfInput):
-        edit(configs, "model", "num_layers=6\n")
-    with pytest.raises(EndOfInput):
-        edit(configs, "model", "num_layers\n")
-    with pytest.raises(EndOfInput):
-        edit(configs, "model", "reset\n", presets={"tiny": lambda: ModelConfig.from_name("tiny")})
+def test_end_of_input_goes_up_one_level_and_keeps_accepted_changes(configs):
+    """Ctrl-D (or a closed input) at a value prompt drops that value; at the Edit prompt it
+    leaves the table with what was accepted."""
+    result, text = edit(configs, "model", "num_layers=6\n")
+    assert result["model"].num_layers == 6
+    result, text = edit(configs, "model", "num_layers=6\nnum_dims\n")
+    assert result["model"] == dataclasses.replace(configs["model"], num_layers=6)
+    assert "Nothing changed" in text
+    result, _ = edit(configs, "model", "reset\n", presets={"tiny": lambda: ModelConfig.from_name("tiny")})
+    assert result["model"] == configs["model"]
+
+
+class Keys(io.StringIO):
+    """Input lines where the line "^C" is a Ctrl-C (KeyboardInterrupt, as a terminal raises it)."""
+
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if line == "^C\n":
+            raise KeyboardInterrupt
+        return line
+
+
+def test_ctrl_c_drops_the_value_being_typed_then_leaves_the_table_saying_so(configs):
+    screen = console()
+    editor = ConfigEditor(screen, Keys("num_layers=6\nnum_dims\n^C\n^C\n"))
+    result = editor.edit(configs, "model")
+    text = output(screen)
+    assert result["model"] == dataclasses.replace(configs["model"], num_layers=6)
+    assert "Ctrl-C: cancelled; nothing changed" in text
+    assert "Ctrl-C: left the table; the changes shown above are kept" in text
+
+
+@pytest.mark.parametrize("back", ["b", "back", "\x1b", ""])
+def test_b_esc_and_enter_leave_the_table_and_keep_the_value(configs, back):
+    result, text = edit(configs, "model", f"num_layers\n{back}\n{back}\nnum_dims=64\n")
+    assert result["model"] == configs["model"]
+    assert "num_layers unchanged" in text and "num_dims" not in text.split("num_layers unchanged")[1]
 
 
 # ---- save / load --------------------------------------------------------------------------------
@@ -447,3 +478,67 @@ def test_the_editor_refuses_a_model_that_cannot_fit_in_memory(configs):
     result, text = edit(configs, "model", "num_layers=10000000\n\n")
     assert result["model"].num_layers == configs["model"].num_layers
     assert "Not changed: this model needs" in " ".join(text.split()) and "GiB" in text
+
+
+# ---- 80 columns, help on request, checks at entry ---------------------------------------------
+@pytest.mark.parametrize("config", [ModelConfig(), TrainerConfig(), DataConfig(), LoRAConfig()])
+def test_the_brief_table_is_one_line_a_field_at_80_columns(config):
+    screen = Console(file=io.StringIO(), width=80, color_system=None)
+    screen.print(render_table(config, "section", brief=True))
+    lines = output(screen).splitlines()
+    rows = [line for line in lines if re.match(r"│\s+\d+ │", line)]
+    assert len(rows) == len(fields_of(config))
+    continued = [line for line in lines if re.match(r"│\s+│", line)]  # a long value wraps in its column ...
+    assert all(line.split("│")[-2].strip() == "" for line in continued)  # ... the help never does
+    assert max(map(len, lines)) <= 80
+
+
+def test_help_field_shows_the_whole_help_and_the_choices(configs):
+    _, text = edit(configs, "trainer", "help lr_schedule\n? device\nuse_dtype?\n\n")
+    words = " ".join(text.split())
+    assert "lr_schedule: " + TrainerConfig.__dataclass_fields__["lr_schedule"].metadata["help"] in words
+    assert "choices: cosine, linear, constant" in words and "choices: auto, cpu, cuda" in words
+    assert "use_dtype:" in words
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), TrainerConfig(), LoRAConfig()])
+def test_the_commands_example_names_a_row_and_its_own_field(config):
+    text = editor_help(config)
+    row, name = re.search(r"(\d+)\[/cyan\] or \[cyan\](\w+)", text).groups()
+    assert fields_of(config)[int(row) - 1].name == name
+
+
+def test_reset_to_the_current_values_says_so_once(configs):
+    presets = {"tiny": lambda: ModelConfig.from_name("tiny")}
+    _, text = edit(configs, "model", "reset\ntiny\n\n", presets=presets)
+    assert "already is preset tiny: nothing changed" in text
+    assert "reset to preset" not in text and "No change" not in text
+
+
+def test_a_device_this_machine_lacks_is_refused_when_typed(configs, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result, text = edit(configs, "trainer", "device=cuda\ndevice\ncuda\ncpu\n\n")
+    assert result["trainer"].device == "cpu"
+    assert " ".join(text.split()).count("Not changed: TrainerConfig.device='cuda' but no CUDA device") == 2
+
+
+def test_a_data_source_that_does_not_exist_is_refused_when_typed(configs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.docx").write_text("x")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text")
+    lines = [f"source={tmp_path / 'nonexistent'}", f"source={tmp_path / 'empty'}", f"source={tmp_path / 'notes.docx'}",
+             "source=wikitext", f"source={corpus}", ""]
+    result, text = edit(configs, "data", "\n".join(lines) + "\n")
+    words = " ".join(text.split())
+    assert "no such file or folder" in words and "holds no" in words and "is not one of" in words
+    assert result["data"].source == str(corpus)  # a hub name and a real file are accepted
+    assert "source: builtin -> wikitext" in words
+
+
+def test_lora_targets_that_match_nothing_are_refused_when_typed(configs):
+    configs = {**configs, "lora": LoRAConfig()}
+    result, text = edit(configs, "lora", "target_modules=wq,wv\ntarget_modules=q_proj,v_proj\n\n")
+    assert result["lora"].target_modules == ("q_proj", "v_proj")
+    words = " ".join(text.split())
+    assert "'wq', 'wv' match no linear layer" in words and "q_proj" in words

@@ -169,3 +169,40 @@ def test_ddp_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert train.main(["train", "trainer.use_ddp=yes", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "torchrun --nproc_per_node" in capsys.readouterr().err
+
+
+def readme_section(title: str) -> str:
+    return (ROOT / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_preset_table_matches_the_presets():
+    from model import PRESETS
+
+    rows = {}
+    for line in readme_section("Model presets").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        match = re.match(r"`([^`]+)`", cells[0]) if line.startswith("| `") else None
+        if match:
+            rows[match.group(1)] = cells[1:]
+    assert list(rows) == list(PRESETS)
+    for name, (vocab, width, layers, heads, ffn, context, parameters) in rows.items():
+        config = ModelConfig.from_name(name)
+        assert (int(vocab), int(width), int(layers), heads, int(ffn), int(context)) == \
+            (config.vocab_size, config.num_dims, config.num_layers, f"{config.num_heads} / {config.num_kv_heads}",
+             config.ffn_hidden_dims, config.context_len), name
+        shown = float(parameters.rstrip("M"))
+        decimals = len(parameters.rstrip("M").partition(".")[2])
+        assert shown == round(config.num_params() / 1e6, decimals), name
+
+
+def test_the_readme_wizard_menus_match_the_program():
+    from wizard import MAIN_MENU, MANAGE_MENU
+
+    block = re.search(r"```text\n(Training Setup.*?)```", readme_section("The wizard"), re.S).group(1)
+    left, right = [], []
+    for line in block.splitlines()[1:]:
+        first, _, second = line.partition("  ")
+        left.append(first.strip())
+        right.append(second.strip())
+    assert [item for item in left if item] == [f"{key}. {label}" for key, label in MAIN_MENU]
+    assert [item for item in right if item] == [f"{key}. {label}" for key, label in MANAGE_MENU]

@@ -13,7 +13,7 @@ from conftest import write_corpus
 
 pexpect = pytest.importorskip("pexpect")
 ROOT = Path(__file__).resolve().parent.parent
-MENU = r"Select option \(1-8\): "
+MENU = r"Select option \(1-[89]\): "
 
 
 def spawn(cwd: Path):
@@ -79,5 +79,36 @@ def test_end_of_input_at_the_first_menu_exits_cleanly(tmp_path):
     child = spawn(tmp_path)
     child.expect(MENU)
     child.sendeof()
+    child.expect("bye")
+    assert finish(child) == 0
+
+
+def test_esc_ctrl_c_and_ctrl_d_on_a_real_terminal_go_back_one_level(tmp_path):
+    """The keys as a terminal sends them: Esc (then Enter) reaches the wizard as an escape
+    character, Ctrl-C as an interrupt in the read, Ctrl-D as an end of input that the next
+    read no longer sees."""
+    child = spawn(tmp_path)
+    answer(child, MENU, "2")
+    answer(child, MENU, "6")
+    answer(child, "Select table", "\x1b")
+    child.expect("back to the configuration menu")
+    answer(child, MENU, "5")
+    child.expect("desired training time")
+    child.sendcontrol("c")
+    child.expect("Ctrl-C: cancelled Optimize for training time; back to the configuration menu")
+    answer(child, MENU, "6")
+    answer(child, "Select table", "1")
+    answer(child, "Edit: ", "num_layers")
+    child.expect("New num_layers")
+    child.sendcontrol("d")  # drops the value, the table stays
+    child.expect("Nothing changed")
+    answer(child, "Edit: ", "num_layers=6")
+    child.expect("Edit: ")
+    child.sendcontrol("d")  # leaves the table
+    child.expect(MENU)
+    child.sendcontrol("d")  # leaves the configuration menu
+    child.expect("Training Setup")
+    answer(child, MENU, "3")
+    answer(child, "Save before leaving", "n")
     child.expect("bye")
     assert finish(child) == 0
