@@ -410,6 +410,7 @@ class Plan:
     reasoning: str
     estimate: Estimate
     notes: list[str] = field(default_factory=list)  # where the plan departs from the budget, and why
+    reserve_s: float = 0.0  # kept after training for the last evaluation, the save, the sample and the exit
 
     @property
     def steps(self) -> int:
@@ -630,9 +631,10 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
                  f"parameter ({epochs_text(tokens / max(dataset_tokens, 1))}), the lowest predicted loss among "
                  f"{len(LADDER)} shapes that fit in memory" if fixed_steps is None else
                  f"{rate:,.0f} tokens/s for the smallest shape ({basis}); the budget holds only a few steps")
-    finish = budget_seconds - (left - train_seconds - finish_seconds(config, cost, seq_len, eval_tokens, whole_run))
+    reserve = finish_seconds(config, cost, seq_len, eval_tokens, whole_run)
+    finish = budget_seconds - (left - train_seconds - reserve)
     return Plan(config, trainer, budget_seconds, train_seconds, dataset_tokens, config.num_params(), memory, finish,
-                probe_seconds, cached, reasoning, estimate, notes)
+                probe_seconds, cached, reasoning, estimate, notes, reserve)
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------

@@ -339,12 +339,14 @@ def sample_prompt(prepared: PreparedData, tokens: int = 4) -> str:
 
 def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display: Optional[Callback] = None,
                    stop_at: Optional[float] = None, overwrite: bool = False,
-                   estimate: Optional[Estimate] = None) -> RunOutcome:
+                   estimate: Optional[Estimate] = None, finish_s: float = 0.0) -> RunOutcome:
     """Train a new model of `configs` (model, trainer, data) on prepared data in `run_dir`.
     `stop_at` (a time.time()) sets the deadline once the model is built, so everything
     before it counts against a budget. `overwrite` moves an old run there aside.
     `estimate` (what the plan or start summary showed) is what the live display starts
-    from, and its thread count is the one training uses: the speed it was measured at."""
+    from, and its thread count is the one training uses: the speed it was measured at.
+    `finish_s` (the work after the deadline, at the estimated speed) grows with the real
+    speed's shortfall, taken from the deadline."""
     model_config = fit_model_to_data(configs["model"], configs["trainer"], prepared)
     trainer_config = configs["trainer"]
     check_memory(model_config, True, trainer_config.max_seq_len, resolve_device(trainer_config).type)
@@ -354,7 +356,8 @@ def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display
         if stop_at is not None:
             trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
         data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
-        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, estimate=estimate)
+        trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, estimate=estimate,
+                          finish_s=finish_s)
         if trainer.is_main:
             create_run(run_dir, run_info(model_config, trainer_config, data_config), prepared.tokenizer)
         result = _fit(trainer, display)
@@ -411,11 +414,11 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         start_distributed(configs["trainer"])
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say)
     configs["data"] = prepared.config or configs["data"]
-    stop_at, estimate = None, None
+    stop_at, estimate, finish_s = None, None, 0.0
     if planned:
         trainer_config = configs["trainer"]
         the_plan = plan_prepared(budget, prepared, trainer_config, configs["data"].cache_dir,
-                                 spent_seconds=since_launch(request.started), remeasure=request.remeasure, say=say)
+                                 spent=lambda: since_launch(request.started), remeasure=request.remeasure, say=say)
         estimate = the_plan.estimate
         stack.enter_context(threads_set(estimate.threads))  # the thread count the plan measured fastest
         say(the_plan.describe())
@@ -423,8 +426,11 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         if request.batch_size is not None:
             planned_configs["trainer"] = dataclasses.replace(the_plan.trainer, batch_size=request.batch_size)
         configs = apply_overrides(planned_configs, request.overrides)  # what the user set explicitly wins
-        if the_plan.trainer.time_limit_s:  # the plan's finishing costs come after; a fixed few steps have no deadline
-            stop_at = time.time() + the_plan.train_seconds
+        if the_plan.trainer.time_limit_s:  # a fixed few steps have no deadline
+            # The deadline counts from launch: planning that took longer than the plan allowed for (measuring
+            # threads on a busy machine) comes out of training, not past the budget. The finishing costs follow.
+            stop_at = time.time() - since_launch(request.started) + budget - the_plan.reserve_s
+            finish_s = the_plan.reserve_s
     elif budget is not None:  # a fixed model under the budget's deadline
         spent = since_launch(request.started)
         remaining = budget - spent - FINISH_RESERVE_S
@@ -434,10 +440,11 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
         configs["trainer"] = dataclasses.replace(configs["trainer"], time_limit_s=remaining, schedule_by="time",
                                                  num_epochs=0, eval_steps=4, use_epoch_checkpoints=False)
         stop_at = time.time() + remaining
+        finish_s = FINISH_RESERVE_S
     if estimate is not None and configs["trainer"] != the_plan.trainer:  # overrides changed the run: the real speed tells
         estimate = None
     run_dir = new_run_dir(request.out, configs["trainer"], request.name)
-    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite, estimate)
+    return train_prepared(configs, prepared, run_dir, display, stop_at, request.overwrite, estimate, finish_s)
 
 
 @contextlib.contextmanager
@@ -454,14 +461,19 @@ def threads_set(threads: Optional[int]) -> Iterator[None]:
 
 def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
                   spent_seconds: float = 0.0, whole_run: bool = True, remeasure: bool = False,
-                  measure_chosen: bool = False, say: Say = _quiet) -> Plan:
+                  measure_chosen: bool = False, say: Say = _quiet,
+                  spent: Optional[Callable[[], float]] = None) -> Plan:
     """The plan for `budget_s` on prepared data, as every front end makes it: at torch's
     thread count chosen by measurement (which the plan's estimate carries, so training uses
     it too), from cached or fresh probes. `whole_run=False` (the wizard) budgets training
     alone. `measure_chosen` then times a few steps of the chosen model at its micro-batch
-    when they are quick, so the estimate is measured rather than interpolated."""
+    when they are quick, so the estimate is measured rather than interpolated. `spent`
+    (the seconds since launch), read once the thread count is measured, replaces
+    `spent_seconds`: the measurement counts against the budget too."""
     device = resolve_device(trainer_config).type
     with chosen_threads(device, say):
+        if spent is not None:
+            spent_seconds = spent()
         hardware = HardwareProfile.detect(device)
         the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
                         spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
@@ -541,7 +553,7 @@ def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
     prepared = prepare_data(data_config, sequence_length(seconds), say=say)
     return plan_prepared(seconds, prepared, TrainerConfig(max_seq_len=sequence_length(seconds)), data_config.cache_dir,
-                         spent_seconds=since_launch(started), remeasure=remeasure, say=say)
+                         spent=lambda: since_launch(started), remeasure=remeasure, say=say)
 
 
 def start_distributed(trainer_config: TrainerConfig) -> None:

@@ -475,9 +475,11 @@ class _Session:
     window_tokens: int = 0
     shown_total: Optional[int] = None  # the step total displays show while a deadline ends the run (an estimate)
     reestimated: bool = False  # the shown total came from this run's own speed
+    finish_checked: bool = False  # the finishing reserve was weighed against the real speed
 
 
 REESTIMATE_AFTER = 3  # steps of real speed before the estimate is corrected
+MAX_SLOWDOWN = 4.0  # the most the finishing reserve grows when the machine runs slower than measured
 REESTIMATE_TOLERANCE = 0.15  # a later projection this far from the shown total replaces it (labelled)
 
 
@@ -501,7 +503,8 @@ class Trainer:
     def __init__(self, model: Transformer, config: TrainerConfig, train_data, val_data=None,
                  run_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
                  adapter_only: bool = False, fault_hook: Optional[Callable[[int, int], None]] = None,
-                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None, estimate=None):
+                 rank: int = 0, world_size: int = 1, guard: Optional[Guard] = None, estimate=None,
+                 finish_s: float = 0.0):
         if config.distributed:
             import torch.distributed as dist
 
@@ -520,6 +523,7 @@ class Trainer:
         self.fault_hook = fault_hook
         self.guard = guard
         self.estimate = estimate
+        self.finish_s = finish_s
         self.device = resolve_device(config)
         if config.distributed and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -921,6 +925,8 @@ class Trainer:
         if total is not None:
             eta = done / steps_this_run * max(0, total - self.global_step)
         estimated = self._total_is_estimate()
+        if not session.finish_checked and steps_this_run >= REESTIMATE_AFTER:
+            self._reserve_for_finishing(tokens_per_s)
         if config.time_limit_s:
             time_left = max(0.0, config.time_limit_s - session.elapsed_before - done)
             eta = time_left if eta is None else min(eta, time_left)
@@ -933,6 +939,19 @@ class Trainer:
                        tokens_per_s=tokens_per_s, tokens_seen=self.state.tokens_seen, eta_s=eta,
                        memory=memory_stats(self.device) if self.global_step % config.log_interval == 0 else None,
                        expert_load=load.tolist() if load is not None else None, total_estimated=estimated))
+
+    def _reserve_for_finishing(self, tokens_per_s: float) -> None:
+        """Once the first steps show the real speed: when it is below the estimate's (other
+        processes share the CPU), the finishing work after the deadline (`finish_s` at the
+        estimated speed: the last evaluation, the save, the sample) will be slower by as much,
+        so the deadline moves earlier by the difference and the run still ends in its budget."""
+        session = self._session
+        session.finish_checked = True
+        if session.deadline is None or not self.finish_s or self.estimate is None or tokens_per_s <= 0:
+            return
+        slowdown = min(MAX_SLOWDOWN, self.estimate.tokens_per_second / tokens_per_s)
+        if slowdown > 1.0:
+            session.deadline -= self.finish_s * (slowdown - 1.0)
 
     def _shown_total(self, projected: int, steps_this_run: int, time_left: float, tokens_per_s: float) -> int:
         """The estimated step total displays show: the given estimate until REESTIMATE_AFTER

@@ -508,3 +508,19 @@ def test_the_step_total_starts_from_the_estimate_and_changes_only_when_reestimat
 def test_min_steps_holds_off_the_deadline_for_a_few_steps(tmp_path):
     result = make(tmp_path, num_epochs=0, schedule_by="time", time_limit_s=0.001, min_steps=3).fit()
     assert result.status == "deadline" and result.global_step == 3
+
+
+@pytest.mark.parametrize("rate, shift", [(1e12, 3 * 10.0), (1.0, 0.0)])
+def test_a_machine_slower_than_measured_keeps_more_of_the_deadline_for_finishing(tmp_path, rate, shift):
+    """The work after the deadline (finish_s at the estimated speed) grows with the real
+    speed's shortfall, capped at 4x: an estimate no real machine reaches moves the deadline
+    3 x finish_s earlier; an estimate every machine beats leaves it where it was."""
+    from budget import estimate_run
+
+    trainer = make(tmp_path, num_epochs=0, schedule_by="time", time_limit_s=1000.0, max_steps=4)
+    trainer.estimate = estimate_run(trainer.config, 32, rate, "measured", "test")
+    trainer.finish_s = 10.0
+    trainer.fit()
+    session = trainer._session
+    assert session.finish_checked
+    assert session.deadline == pytest.approx(session.started + 1000.0 - shift, abs=1e-6)
