@@ -174,14 +174,30 @@ def builtin_documents(limit: Optional[int] = None) -> Iterator[str]:
 TRAINED_BPE_NOTE = "trained a"  # said by the run that trained the tokenizer, never by one that read it back
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def offline_variable() -> Optional[str]:
+    """The first of OFFLINE_VARIABLES that is set to a true value (the user chose not to
+    reach the hub), or None."""
+    return next((name for name in OFFLINE_VARIABLES
+                 if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
+
+
 def hub_offline_mode() -> bool:
-    """HF_HUB_OFFLINE is set: the user chose not to reach the hub."""
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: the user chose not to reach the hub."""
+    return offline_variable() is not None
+
+
+def offline_mode_text() -> str:
+    """'offline mode (HF_HUB_OFFLINE is set)': how every front end names the user's choice,
+    which is not a fault like an unreachable hub."""
+    return f"offline mode ({offline_variable() or 'HF_HUB_OFFLINE'} is set)"
 
 
 def hub_reachable(timeout_s: float = 3.0, host: tuple[str, int] = HUB_HOST) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within `timeout_s`; False
-    at once when HF_HUB_OFFLINE is set."""
+    at once in offline mode."""
     if hub_offline_mode():
         return False
     try:

@@ -29,8 +29,8 @@ from budget import Plan, parse_duration, sequence_length, training_memory
 from config_editor import ConfigEditor, EndOfInput, GoBack, ask, choose, confirm, lora_targets, source_problem, \
     wants_back
 from config_io import ConfigError, load_configs, save_configs
-from data import BUILTIN, RECORD_EXTENSIONS, DataConfig, DataError, builtin_documents, hub_reachable, prepare, \
-    read_source
+from data import BUILTIN, RECORD_EXTENSIONS, DataConfig, DataError, builtin_documents, hub_offline_mode, hub_reachable, \
+    offline_mode_text, prepare, read_source
 import runs
 from display import WaitDisplay, check_table, display_for, format_bytes, format_seconds, plan_table, report_outcome, \
     summary_table
@@ -360,8 +360,9 @@ class Wizard:
         with self.console.status("checking the hub ..."):
             reachable = hub_reachable(data.hub_timeout_s)
         if not reachable:
-            self.error("the Hugging Face hub is not reachable from here: keeping the current dataset "
-                       "(the built-in corpus and local files work offline)")
+            why = (f"{offline_mode_text()}, so the hub is not tried" if hub_offline_mode()
+                   else "the Hugging Face hub is not reachable from here")
+            self.error(f"{why}: keeping the current dataset (the built-in corpus and local files work offline)")
             return None
         config_name = self.ask("Configuration (e.g. wikitext-2-raw-v1)", default="", back=False)
         return dataclasses.replace(data, source=name, hub_config=config_name or None)
