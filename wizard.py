@@ -312,9 +312,10 @@ class Wizard:
         seq_len = seq_len or self.configs["trainer"].max_seq_len
         key = (json.dumps(data_config.to_dict(), sort_keys=True), seq_len)
         if key not in self._prepared:
-            with self.console.status(f"preparing {data_config.source} (tokenizer and token blocks; cached after "
-                                     f"the first time) ..."):
-                prepared = prepare(data_config, seq_len, fallback_to_builtin=True)
+            self.say(f"[dim]preparing {data_config.source} (tokenizer and token blocks; cached after the first "
+                     f"time) ...[/dim]")
+            with WaitDisplay(self.console) as progress:
+                prepared = prepare(data_config, seq_len, fallback_to_builtin=True, progress=progress)
             for line in data_summary(prepared):
                 self.say(line)
             self._prepared[key] = prepared

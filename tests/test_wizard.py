@@ -30,6 +30,7 @@ def test_lightlm_walkthrough_trains_and_returns_to_the_menu(tmp_path, corpus):
     assert code == 0, out
     assert walk.typed[0] == "2" and walk.typed[-6:] == ["5", "0.001", "y", "7", "1", "3"]  # LightLM's keys
     assert "Configuration updated" in out and "sample:" in out
+    assert re.search(r"tokenizing documents: (\d+)/\1 documents, eta 0\.0s", out)  # the data's progress
     assert re.search(r"largest micro-batch\W+[1-9]\d* sequences of 128 tokens", out)
     (run,) = (tmp_path / "runs").iterdir()
     assert checkpoint.latest(run) is not None
