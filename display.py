@@ -324,7 +324,8 @@ class WaitDisplay:
                                TextColumn("eta {task.fields[eta]}"), console=console, transient=True) \
             if console.is_terminal else None
         self.tasks: dict[str, int] = {}
-        self.lines = ProgressLines(lambda text: console.print(text, markup=False, highlight=False), every_s)
+        self.lines = ProgressLines(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+                                   every_s)
 
     def __enter__(self) -> "WaitDisplay":
         if self.bar is not None:
@@ -422,7 +423,8 @@ def display_for(console: Console, waiting: Optional[Console] = None):
         return LiveDisplay(console)
     lines_to = waiting or console
     return PlainDisplay(write=lambda text: console.print(text, markup=False),
-                        waiting=ProgressLines(lambda text: lines_to.print(text, markup=False, highlight=False)))
+                        waiting=ProgressLines(lambda text: lines_to.print(text, markup=False, highlight=False,
+                                                                          soft_wrap=True)))
 
 
 def report_outcome(console: Console, outcome, history: Optional[History] = None,

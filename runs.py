@@ -417,7 +417,8 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
     if planned:
         trainer_config = configs["trainer"]
         the_plan = plan_prepared(budget, prepared, trainer_config, configs["data"].cache_dir,
-                                 spent_seconds=since_launch(request.started), remeasure=request.remeasure, say=say)
+                                 spent_seconds=since_launch(request.started), remeasure=request.remeasure, say=say,
+                                 progress=display)
         estimate = the_plan.estimate
         stack.enter_context(threads_set(estimate.threads))  # the thread count the plan measured fastest
         say(the_plan.describe())
@@ -456,18 +457,19 @@ def threads_set(threads: Optional[int]) -> Iterator[None]:
 
 def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
                   spent_seconds: float = 0.0, whole_run: bool = True, remeasure: bool = False,
-                  measure_chosen: bool = False, say: Say = _quiet) -> Plan:
+                  measure_chosen: bool = False, say: Say = _quiet, progress: Optional[Callback] = None) -> Plan:
     """The plan for `budget_s` on prepared data, as every front end makes it: at torch's
     thread count chosen by measurement (which the plan's estimate carries, so training uses
     it too), from cached or fresh probes. `whole_run=False` (the wizard) budgets training
     alone. `measure_chosen` then times a few steps of the chosen model at its micro-batch
-    when they are quick, so the estimate is measured rather than interpolated."""
+    when they are quick, so the estimate is measured rather than interpolated. `Progress`
+    events of the throughput probes go to `progress`."""
     device = resolve_device(trainer_config).type
     with chosen_threads(device, say):
         hardware = HardwareProfile.detect(device)
         the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
                         spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
-                        whole_run=whole_run, remeasure=remeasure)
+                        whole_run=whole_run, remeasure=remeasure, progress=progress)
         t = the_plan.trainer
         step_s = t.tokens_per_step / the_plan.tokens_per_second
         if measure_chosen and step_s <= MEASURE_STEP_LIMIT_S and \
@@ -543,7 +545,7 @@ def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
     prepared = prepare_data(data_config, sequence_length(seconds), say=say, progress=progress)
     return plan_prepared(seconds, prepared, TrainerConfig(max_seq_len=sequence_length(seconds)), data_config.cache_dir,
-                         spent_seconds=since_launch(started), remeasure=remeasure, say=say)
+                         spent_seconds=since_launch(started), remeasure=remeasure, say=say, progress=progress)
 
 
 def start_distributed(trainer_config: TrainerConfig) -> None:

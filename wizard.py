@@ -495,9 +495,10 @@ class Wizard:
         self.say(f"target training time: {format_seconds(budget)} ({budget / 3600:.6f} hours), counted from the "
                  f"start of training")
         trainer_config = dataclasses.replace(self.configs["trainer"], max_seq_len=seq_len)
-        with self.console.status("measuring this machine (a few short training steps; cached afterwards) ..."):
+        self.say("[dim]measuring this machine (a few short training steps; cached afterwards) ...[/dim]")
+        with WaitDisplay(self.console) as progress:
             the_plan = runs.plan_prepared(budget, prepared, trainer_config, self.configs["data"].cache_dir,
-                                          whole_run=False, measure_chosen=True, say=self.say)
+                                          whole_run=False, measure_chosen=True, say=self.say, progress=progress)
         with self.console.status("measuring the memory of a training step ..."):
             manager = HardwareManager(None if trainer_config.device == "auto" else trainer_config.device)
             max_batch = manager.max_micro_batch(the_plan.model, seq_len, limit=MICRO_BATCH_LIMIT)

@@ -338,6 +338,7 @@ def test_plan_json_fits_the_budget(tmp_path, capsys):
     captured = capsys.readouterr()
     plan = json.loads(captured.out)  # progress goes beside the JSON, never into it
     assert re.search(r"tokenizing documents: (\d+)/\1 documents, eta 0\.0s", captured.err)
+    assert re.search(r"measuring this machine \(throughput probes\): ([36])/\1 probes, eta 0\.0s\n", captured.err)  # 6: one retake
     assert 0 < plan["train_seconds"] < 300 and plan["model"]["vocab_size"] <= 300
     deadline = plan["trainer"]["schedule_by"] == "time" and plan["estimate"]["ends_by"] == "deadline"
     assert deadline or plan["trainer"]["max_steps"] == plan["steps"] >= 5  # (a fixed few steps on a very busy machine)
