@@ -28,11 +28,12 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from events import Callback, progress_reporter
 from model import ModelConfig, Transformer
 from trainer import TrainerConfig, build_optimizer, resolve_dtype
 
@@ -42,6 +43,7 @@ LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 MAX_USEFUL_EPOCHS = 4
 PROBE_WIDTHS = (64, 128, 256)
 PROBE_BATCH = 2  # sequences per probe step: enough to be representative, cheap enough to be quick
+PROBE_TASK = "measuring this machine (throughput probes)"  # training steps of small, middle and large shapes
 PROBE_METHOD = "median"  # in the cache key: probes cached by an earlier way of measuring are measured again
 # Past ~16 passes repeated data is worth almost nothing more (Muennighoff et al. 2023 fit its
 # value's decay constant at ~15 epochs), so no plan trains longer than that: the rest of a
@@ -192,13 +194,15 @@ def machine_busy(threads: int) -> bool:
 
 
 def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: int, seconds_each: float,
-          cache_dir: Optional[str | Path] = None, remeasure: bool = False) -> tuple[list[Probe], bool]:
+          cache_dir: Optional[str | Path] = None, remeasure: bool = False,
+          progress: Optional[Callable[[int, int], None]] = None) -> tuple[list[Probe], bool]:
     """Probes for the ladder's small, middle and large shapes, from the cache when this
     machine, device, torch version, vocabulary and sequence length were measured before
     (unless `remeasure`). A measurement that looks disturbed (a wider shape faster than a
     narrower one) is taken once more; one taken while the machine was busy or still
     disturbed is used for this plan but not cached, so one slow moment does not make every
-    later plan pessimistic. Returns (probes, came_from_cache)."""
+    later plan pessimistic. `progress(done, total)` follows the probes measured (a retake
+    adds its probes to the total). Returns (probes, came_from_cache)."""
     key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}|{PROBE_METHOD}"
     cache = Path(cache_dir) / "probes.json" if cache_dir else None
     try:
@@ -208,17 +212,20 @@ def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: 
     if key in stored and not remeasure:
         return [Probe(**p) for p in stored[key]], True
 
-    def measure_all() -> list[Probe]:
+    def measure_all(done: int, total: int) -> list[Probe]:
         probes = []
         for width in PROBE_WIDTHS:
             config = shape(width, vocab_size, seq_len)
             probes.append(Probe(width, config.flops_per_token(seq_len),
                                 measure(config, min(batch_size, PROBE_BATCH), seq_len, hardware.device, seconds_each)))
+            if progress is not None:
+                progress(done + len(probes), total)
         return probes
 
-    probes = measure_all()
+    count = len(PROBE_WIDTHS)
+    probes = measure_all(0, count)
     if not probes_look_sane(probes):
-        probes = measure_all()
+        probes = measure_all(count, 2 * count)
     trustworthy = probes_look_sane(probes) and (hardware.device != "cpu" or not machine_busy(hardware.threads))
     if cache is not None and trustworthy:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -511,9 +518,10 @@ def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_toke
 def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
          spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
          probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None, whole_run: bool = True,
-         remeasure: bool = False) -> Plan:
+         remeasure: bool = False, progress: Optional[Callback] = None) -> Plan:
     """The configuration expected to reach the lowest loss in `budget_seconds` of wall
     time, of which `spent_seconds` (start-up, data preparation) are already gone.
+    `Progress` events of the throughput probes (probes measured of all) go to `progress`.
     `probes` skips measuring (tests pass synthetic ones); `seq_len` overrides the
     sequence length chosen for the budget. `whole_run=False` plans `budget_seconds` of
     training alone, from the start of training to the saved checkpoint (the wizard: probing,
@@ -526,7 +534,8 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     cached = probes is not None
     if probes is None:
         seconds_each = min(0.5, max(0.1, 0.005 * budget_seconds))  # ~5 s of probing at most
-        probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir, remeasure)
+        probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir, remeasure,
+                               progress_reporter(PROBE_TASK, "probes", progress))
     probe_seconds = 0.0 if cached else time.perf_counter() - probe_started
     cost = CostModel.fit(probes)
     eval_batches = 4

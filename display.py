@@ -21,8 +21,8 @@ from rich.progress import BarColumn, TaskProgressColumn, TextColumn
 from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
-from events import (CheckpointSaved, CheckpointSetAside, EarlyStop, Eval, Event, Fallback, Finished, Interrupt,
-                    NonFinite, Progress, Reestimate, Resumed, Start, Step, Stopped, perplexity)
+from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, Eval, Event, Fallback, Finished,
+                    Interrupt, NonFinite, Progress, Reestimate, Resumed, Start, Step, Stopped, perplexity)
 
 
 @dataclass
@@ -153,10 +153,11 @@ class LiveDisplay:
         self.history = History()
         self.metrics: dict = {}
         self.progress = ProgressBar(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                                 TextColumn("step {task.completed:.0f}/{task.fields[total_text]}"),
-                                 TextColumn("eta {task.fields[eta]}"), console=console)
+                                 TextColumn("{task.fields[count]}"), TextColumn("eta {task.fields[eta]}"),
+                                 console=console)
         self.title = title
-        self.task = self.progress.add_task(title, total=1, eta="-", total_text="?")
+        self.task = self.progress.add_task(title, total=1, eta="-", count="step 0/?")
+        self.waits: dict[str, int] = {}  # a bar per wait before training (tokenizing the data), until it ends
         self.live = Live(Group(self.progress, self._metrics_table()), console=console, refresh_per_second=4,
                          transient=False)
 
@@ -186,6 +187,17 @@ class LiveDisplay:
     def _refresh(self) -> None:
         self.live.update(Group(self.progress, self._metrics_table()))
 
+    def _wait(self, event: Progress) -> None:
+        """A bar above the training bar while `event.task` lasts, removed when it is done."""
+        if event.task not in self.waits:
+            self.waits[event.task] = self.progress.add_task(event.task, total=event.total, eta="-", count="")
+        task = self.waits[event.task]
+        eta = format_seconds(event.eta_s) if event.eta_s is not None else "-"
+        self.progress.update(task, completed=event.done, total=event.total, eta=eta,
+                             count=f"{event.done:,}/{event.total:,} {event.unit}")
+        if event.done >= event.total:
+            self.progress.remove_task(self.waits.pop(event.task))
+
     def __call__(self, event: Event) -> None:
         self.history.record(event)
         if isinstance(event, Start):
@@ -193,7 +205,7 @@ class LiveDisplay:
             total = event.estimated_steps if estimated else event.total_steps
             eta = format_seconds(event.estimated_seconds) if event.estimated_seconds is not None else "-"
             self.progress.update(self.task, total=max(1, total or 0), completed=event.step, eta=eta,
-                                 total_text=total_text(total, estimated) if total else "?",
+                                 count=f"step {event.step}/{total_text(total, estimated) if total else '?'}",
                                  description=f"{self.title} (estimated)" if estimated else self.title)
             self.console.print(f"{size_line(event)} on {event.device} ({event.dtype}), {length(event)}, "
                                f"effective batch {event.effective_batch}")
@@ -205,9 +217,11 @@ class LiveDisplay:
                 self.metrics["expert_load"] = event.expert_load
             total = max(event.total_steps, event.step)
             self.progress.update(self.task, total=total, completed=event.step, eta=format_seconds(event.eta_s),
-                                 total_text=total_text(total, event.total_estimated))
+                                 count=f"step {event.step}/{total_text(total, event.total_estimated)}")
         elif isinstance(event, Reestimate):
-            self.progress.update(self.task, total=max(1, event.steps), total_text=total_text(event.steps, True),
+            completed = self.progress.tasks[self.task].completed
+            self.progress.update(self.task, total=max(1, event.steps),
+                                 count=f"step {completed:.0f}/{total_text(event.steps, True)}",
                                  description=f"{self.title} (re-estimated)")
             self.console.print(f"[cyan]{reestimate_text(event)}[/cyan]")
         elif isinstance(event, Eval):
@@ -224,21 +238,26 @@ class LiveDisplay:
             self.console.print(f"[yellow]out of memory: {event.action.replace('_', ' ')} at step {event.step}[/yellow]")
         elif isinstance(event, NOTICES):
             self.console.print(f"[yellow]{event.kind.replace('_', ' ')}: {details(event)}[/yellow]")
+        elif isinstance(event, Progress):
+            self._wait(event)
         elif isinstance(event, Finished) and event.status == "interrupted":  # the bar stays where the run stopped
             self.progress.update(self.task, completed=event.global_step, eta="-")
         elif isinstance(event, Finished):
             self.progress.update(self.task, total=max(1, event.global_step), completed=event.global_step, eta="0s",
-                                 total_text=f"{event.global_step:,}", description=self.title)
+                                 count=f"step {event.global_step:,}/{event.global_step:,}", description=self.title)
         self._refresh()
 
 
 class PlainDisplay:
-    """The same events as plain lines, for logs and pipes."""
+    """The same events as plain lines, for logs and pipes; `Progress` events of waits
+    before training (tokenizing the data) go to `waiting`, lines of their own."""
 
-    def __init__(self, every: int = 10, write: Optional[Callable[[str], None]] = None):
+    def __init__(self, every: int = 10, write: Optional[Callable[[str], None]] = None,
+                 waiting: Optional[Callback] = None):
         self.history = History()
         self.every = every
         self.write = write or (lambda text: print(text, flush=True))
+        self.waiting = waiting or ProgressLines(self.write)
 
     def __enter__(self) -> "PlainDisplay":
         return self
@@ -258,6 +277,8 @@ class PlainDisplay:
         elif isinstance(event, Eval):
             self.write(f"eval  step {event.step:5d}  val loss {event.val_loss:.3f}  "
                        f"perplexity {event.perplexity:.1f}{guard_text(event)}{'  (best)' if event.improved else ''}")
+        elif isinstance(event, Progress):
+            self.waiting(event)
         elif isinstance(event, Reestimate):
             self.write(reestimate_text(event))
         elif isinstance(event, CheckpointSaved):
@@ -274,19 +295,37 @@ def progress_text(event: Progress) -> str:
     return f"{event.task}: {event.done:,}/{event.total:,} {event.unit}, eta {eta}"
 
 
+class ProgressLines:
+    """`Progress` events as lines through `write` (pipes, logs): the first of each wait,
+    then at most one every `every_s` seconds, and the last."""
+
+    def __init__(self, write: Callable[[str], None], every_s: float = 2.0):
+        self.write = write
+        self.every_s = every_s
+        self.last_line = -math.inf
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, Progress):
+            return
+        now = time.monotonic()
+        if event.done <= 1 or event.done >= event.total or now - self.last_line >= self.every_s:
+            self.write(progress_text(event))
+            self.last_line = now
+
+
 class WaitDisplay:
-    """`Progress` events of a wait outside training (an evaluation, a comparison): on a
-    terminal a transient bar per task with n/N and an ETA; elsewhere (pipes, logs) a line
-    for the first unit, then at most one every `every_s` seconds, and the last."""
+    """`Progress` events of a wait outside training (an evaluation, a comparison, data
+    preparation): on a terminal a transient bar per task with n/N and an ETA; elsewhere
+    (pipes, logs) `ProgressLines`."""
 
     def __init__(self, console: Console, every_s: float = 2.0):
         self.console = console
-        self.every_s = every_s
         self.bar = ProgressBar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                                TextColumn("eta {task.fields[eta]}"), console=console, transient=True) \
             if console.is_terminal else None
         self.tasks: dict[str, int] = {}
-        self.last_line = -math.inf
+        self.lines = ProgressLines(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+                                   every_s)
 
     def __enter__(self) -> "WaitDisplay":
         if self.bar is not None:
@@ -307,10 +346,7 @@ class WaitDisplay:
             self.bar.update(self.tasks[event.task], completed=event.done, total=event.total, eta=eta,
                             count=f"{event.done:,}/{event.total:,} {event.unit}")
             return
-        now = time.monotonic()
-        if event.done <= 1 or event.done >= event.total or now - self.last_line >= self.every_s:
-            self.console.print(progress_text(event), markup=False, highlight=False)
-            self.last_line = now
+        self.lines(event)
 
 
 def text_curve(values: list[float], width: int = 60, height: int = 10) -> str:
@@ -379,11 +415,16 @@ def result_table(result, run_dir: Path) -> Table:
     return table
 
 
-def display_for(console: Console):
-    """The trainer callback for this console: a live display on a terminal, lines otherwise."""
+def display_for(console: Console, waiting: Optional[Console] = None):
+    """The trainer callback for this console: a live display on a terminal, lines otherwise
+    (those of waits before training, such as tokenizing, on `waiting` when given: stderr
+    beside a command's log)."""
     if console.is_terminal:
         return LiveDisplay(console)
-    return PlainDisplay(write=lambda text: console.print(text, markup=False))
+    lines_to = waiting or console
+    return PlainDisplay(write=lambda text: console.print(text, markup=False),
+                        waiting=ProgressLines(lambda text: lines_to.print(text, markup=False, highlight=False,
+                                                                          soft_wrap=True)))
 
 
 def report_outcome(console: Console, outcome, history: Optional[History] = None,

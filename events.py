@@ -227,6 +227,18 @@ class Progress(Event):
 Callback = Callable[[Event], None]
 
 
+def progress_reporter(task: str, unit: str, progress: Optional[Callback]) -> Callable[[int, int], None]:
+    """A `(done, total)` callback that sends `Progress` events of `task` to `progress`
+    (nothing when it is None), timed from this call."""
+    started = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(task=task, done=done, total=total, unit=unit, elapsed_s=time.perf_counter() - started))
+
+    return report
+
+
 class MetricsLog:
     """Appends every event to `metrics.jsonl` as one JSON line; step lines are flushed
     every `flush_every` steps, everything else at once."""

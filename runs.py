@@ -31,7 +31,7 @@ from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
                   instruction_lengths, load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note,
                   tokenizer_hash, training_side_text, WithGeneralText)
-from events import Callback, MetricsLog, Progress, TensorBoardLog, perplexity
+from events import Callback, MetricsLog, TensorBoardLog, perplexity, progress_reporter
 from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
 from gguf_io import export_gguf, load_gguf
 from lora import LoRAConfig, apply_lora, parameter_report
@@ -122,10 +122,12 @@ def run_configs(info: dict, where: Path) -> dict:
 
 # ---- data -------------------------------------------------------------------------------------
 def prepare_data(data_config: DataConfig, seq_len: int, tokenizer=None, fallback_to_builtin: bool = True,
-                 say: Say = _quiet) -> PreparedData:
-    """The dataset tokenized and packed for `seq_len`, with a summary through `say`."""
+                 say: Say = _quiet, progress: Optional[Callback] = None) -> PreparedData:
+    """The dataset tokenized and packed for `seq_len`, with a summary through `say` and
+    `Progress` events of the tokenizing (documents or records done of all) to `progress`."""
     say(f"preparing data from {data_config.source} ...")
-    prepared = prepare(data_config, seq_len, tokenizer=tokenizer, fallback_to_builtin=fallback_to_builtin)
+    prepared = prepare(data_config, seq_len, tokenizer=tokenizer, fallback_to_builtin=fallback_to_builtin,
+                       progress=progress)
     for line in data_summary(prepared):
         say(line)
     return prepared
@@ -412,13 +414,14 @@ def _train(request: TrainRequest, display: Optional[Callback], say: Say, stack: 
             raise ConfigError("--budget plans on one process; under torchrun pass --preset NAME (the budget then "
                               "sets the deadline) or a planned configuration from `plan --budget B --json`")
         start_distributed(configs["trainer"])
-    prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say)
+    prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, say=say, progress=display)
     configs["data"] = prepared.config or configs["data"]
     stop_at, estimate, finish_s = None, None, 0.0
     if planned:
         trainer_config = configs["trainer"]
         the_plan = plan_prepared(budget, prepared, trainer_config, configs["data"].cache_dir,
-                                 spent=lambda: since_launch(request.started), remeasure=request.remeasure, say=say)
+                                 spent=lambda: since_launch(request.started), remeasure=request.remeasure, say=say,
+                                 progress=display)
         estimate = the_plan.estimate
         stack.enter_context(threads_set(estimate.threads))  # the thread count the plan measured fastest
         say(the_plan.describe())
@@ -461,7 +464,7 @@ def threads_set(threads: Optional[int]) -> Iterator[None]:
 
 def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
                   spent_seconds: float = 0.0, whole_run: bool = True, remeasure: bool = False,
-                  measure_chosen: bool = False, say: Say = _quiet,
+                  measure_chosen: bool = False, say: Say = _quiet, progress: Optional[Callback] = None,
                   spent: Optional[Callable[[], float]] = None) -> Plan:
     """The plan for `budget_s` on prepared data, as every front end makes it: at torch's
     thread count chosen by measurement (which the plan's estimate carries, so training uses
@@ -469,7 +472,8 @@ def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: Train
     alone. `measure_chosen` then times a few steps of the chosen model at its micro-batch
     when they are quick, so the estimate is measured rather than interpolated. `spent`
     (the seconds since launch), read once the thread count is measured, replaces
-    `spent_seconds`: the measurement counts against the budget too."""
+    `spent_seconds`: the measurement counts against the budget too. `Progress` events of
+    the throughput probes go to `progress`."""
     device = resolve_device(trainer_config).type
     with chosen_threads(device, say):
         if spent is not None:
@@ -477,7 +481,7 @@ def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: Train
         hardware = HardwareProfile.detect(device)
         the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
                         spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
-                        whole_run=whole_run, remeasure=remeasure)
+                        whole_run=whole_run, remeasure=remeasure, progress=progress)
         t = the_plan.trainer
         step_s = t.tokens_per_step / the_plan.tokens_per_second
         if measure_chosen and step_s <= MEASURE_STEP_LIMIT_S and \
@@ -545,15 +549,15 @@ def chosen_threads(device: str, say: Say = _quiet) -> Iterator[None]:
 
 def plan_budget(budget: str, data: str = BUILTIN, cache_dir: str = DEFAULT_CACHE,
                 overrides: Optional[list[str]] = None, say: Say = _quiet, started: Optional[float] = None,
-                remeasure: bool = False) -> Plan:
+                remeasure: bool = False, progress: Optional[Callback] = None) -> Plan:
     """The configuration planned for `budget` on this machine and data, without training
     (what the data turned out to be, e.g. the built-in corpus when the hub is unreachable,
-    goes through `say`)."""
+    goes through `say`); `Progress` events of the data preparation go to `progress`."""
     seconds = parse_duration(budget)
     data_config = apply_overrides({"data": DataConfig(source=data, cache_dir=cache_dir)}, overrides or [])["data"]
-    prepared = prepare_data(data_config, sequence_length(seconds), say=say)
+    prepared = prepare_data(data_config, sequence_length(seconds), say=say, progress=progress)
     return plan_prepared(seconds, prepared, TrainerConfig(max_seq_len=sequence_length(seconds)), data_config.cache_dir,
-                         spent=lambda: since_launch(started), remeasure=remeasure, say=say)
+                         spent=lambda: since_launch(started), remeasure=remeasure, say=say, progress=progress)
 
 
 def start_distributed(trainer_config: TrainerConfig) -> None:
@@ -719,7 +723,7 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
         raise ConfigError(f"trainer.max_seq_len={trainer_config.max_seq_len} exceeds the base model's context "
                           f"({model.config.context_len})")
     prepared = prepare_data(data_config, trainer_config.max_seq_len, tokenizer=tokenizer, fallback_to_builtin=False,
-                            say=say)
+                            say=say, progress=display)
     task_val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)  # every evaluation reads these, whole
     general, replay = None, None
     if request.general_data:
@@ -1010,7 +1014,7 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
         raise ConfigError(f"trainer.max_seq_len={configs['trainer'].max_seq_len} exceeds the model's context "
                           f"({model.config.context_len})")
     prepared = prepare_data(configs["data"], configs["trainer"].max_seq_len, tokenizer=tokenizer,
-                            fallback_to_builtin=False, say=say)
+                            fallback_to_builtin=False, say=say, progress=display)
     val, guard = prepared.val, None
     if finetuned:
         recorded = info["finetune"].get("replay")
@@ -1201,17 +1205,6 @@ class EvalResult:
         return {**dataclasses.asdict(self), "perplexity": self.perplexity}
 
 
-def progress_reporter(task: str, unit: str, progress: Optional[Callback]) -> Callable[[int, int], None]:
-    """A `(done, total)` callback that sends `Progress` events of `task` to `progress`."""
-    started = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress(task=task, done=done, total=total, unit=unit, elapsed_s=time.perf_counter() - started))
-
-    return report
-
-
 def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None, progress: Optional[Callback] = None,
                    say: Say = _quiet) -> EvalResult:
     """Loss and perplexity of a trained model (`loaded`, or loaded from request.model);
@@ -1228,7 +1221,7 @@ def evaluate_model(request: EvalRequest, loaded: Optional[Loaded] = None, progre
     if seq_len > context:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({context})")
     say(f"preparing {data_config.source} for {seq_len}-token sequences ...")
-    prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
+    prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer, progress=progress)
     dataset = prepared.val if request.split == "val" else prepared.train
     if len(dataset) == 0:
         raise DataError(f"{data_config.source}: the {request.split} split is empty at sequence length {seq_len}")
@@ -1282,7 +1275,7 @@ def compare_models(request: CompareRequest, say: Say = _quiet, progress: Optiona
     dtype = resolve_dtype(trainer_config, device)  # the precision the fine-tune evaluated in
     figures = []
     for name, loaded in (("base", base), ("fine-tuned", tuned)):
-        prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer)
+        prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer, progress=progress)
         model = loaded.model.to(device)
         task = evaluate(model, prepared.val, GUARD_SEQUENCES, math.ceil(FINETUNE_VAL_SAMPLES / GUARD_SEQUENCES),
                         device, dtype, progress=progress_reporter(f"{name}: task loss", "batches", progress))

@@ -184,9 +184,9 @@ class SystemCheck:
         return Check("Packages", "warn" if notes else "ok", "; ".join([summary, *notes]), facts)
 
     def check_hub(self) -> Check:
-        facts = {"offline_env": os.environ.get("HF_HUB_OFFLINE", "")}
+        facts = {"offline_env": os.environ.get(data.offline_variable() or "HF_HUB_OFFLINE", "")}
         if data.hub_offline_mode():  # the user's choice, not a fault: nothing was tried
-            return Check("Hub", "ok", "offline mode (HF_HUB_OFFLINE is set): nothing is downloaded; the built-in "
+            return Check("Hub", "ok", f"{data.offline_mode_text()}: nothing is downloaded; the built-in "
                                       "corpus, local files and models already on disk work", {**facts, "reachable": None,
                                                                                               "offline_mode": True})
         reachable = data.hub_reachable(timeout_s=self.hub_timeout_s)

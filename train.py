@@ -76,8 +76,9 @@ def note(text: str) -> None:
 
 
 def run_with_display(console: Console, operation, request) -> int:
-    """A training operation with the live display (lines in a pipe), then its report."""
-    display = display_for(console)
+    """A training operation with the live display (lines in a pipe, those of the data
+    preparation's progress on stderr), then its report."""
+    display = display_for(console, waiting=Console(stderr=True, highlight=False))
     with display:
         outcome = operation(request, display, say_to(console))
     return report_outcome(console, outcome, display.history)
@@ -109,9 +110,10 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    the_plan = runs.plan_budget(args.budget, args.data, args.cache_dir, args.overrides,
-                                say=note if args.json else say_to(console), started=args.started,
-                                remeasure=args.remeasure)
+    with WaitDisplay(Console(stderr=True, highlight=False)) as waiting:  # progress beside the plan, not in it
+        the_plan = runs.plan_budget(args.budget, args.data, args.cache_dir, args.overrides,
+                                    say=note if args.json else say_to(console), started=args.started,
+                                    remeasure=args.remeasure, progress=waiting)
     if args.json:
         print(json.dumps(the_plan.summary(), indent=2))
     else:

@@ -29,8 +29,8 @@ from budget import Plan, parse_duration, sequence_length, training_memory
 from config_editor import ConfigEditor, EndOfInput, GoBack, ask, choose, confirm, lora_targets, source_problem, \
     wants_back
 from config_io import ConfigError, load_configs, save_configs
-from data import BUILTIN, RECORD_EXTENSIONS, DataConfig, DataError, builtin_documents, hub_reachable, prepare, \
-    read_source
+from data import BUILTIN, RECORD_EXTENSIONS, DataConfig, DataError, builtin_documents, hub_offline_mode, hub_reachable, \
+    offline_mode_text, prepare, read_source
 import runs
 from display import WaitDisplay, check_table, display_for, format_bytes, format_seconds, plan_table, report_outcome, \
     summary_table
@@ -312,9 +312,10 @@ class Wizard:
         seq_len = seq_len or self.configs["trainer"].max_seq_len
         key = (json.dumps(data_config.to_dict(), sort_keys=True), seq_len)
         if key not in self._prepared:
-            with self.console.status(f"preparing {data_config.source} (tokenizer and token blocks; cached after "
-                                     f"the first time) ..."):
-                prepared = prepare(data_config, seq_len, fallback_to_builtin=True)
+            self.say(f"[dim]preparing {data_config.source} (tokenizer and token blocks; cached after the first "
+                     f"time) ...[/dim]")
+            with WaitDisplay(self.console) as progress:
+                prepared = prepare(data_config, seq_len, fallback_to_builtin=True, progress=progress)
             for line in data_summary(prepared):
                 self.say(line)
             self._prepared[key] = prepared
@@ -360,8 +361,9 @@ class Wizard:
         with self.console.status("checking the hub ..."):
             reachable = hub_reachable(data.hub_timeout_s)
         if not reachable:
-            self.error("the Hugging Face hub is not reachable from here: keeping the current dataset "
-                       "(the built-in corpus and local files work offline)")
+            why = (f"{offline_mode_text()}, so the hub is not tried" if hub_offline_mode()
+                   else "the Hugging Face hub is not reachable from here")
+            self.error(f"{why}: keeping the current dataset (the built-in corpus and local files work offline)")
             return None
         config_name = self.ask("Configuration (e.g. wikitext-2-raw-v1)", default="", back=False)
         return dataclasses.replace(data, source=name, hub_config=config_name or None)
@@ -493,9 +495,10 @@ class Wizard:
         self.say(f"target training time: {format_seconds(budget)} ({budget / 3600:.6f} hours), counted from the "
                  f"start of training")
         trainer_config = dataclasses.replace(self.configs["trainer"], max_seq_len=seq_len)
-        with self.console.status("measuring this machine (a few short training steps; cached afterwards) ..."):
+        self.say("[dim]measuring this machine (a few short training steps; cached afterwards) ...[/dim]")
+        with WaitDisplay(self.console) as progress:
             the_plan = runs.plan_prepared(budget, prepared, trainer_config, self.configs["data"].cache_dir,
-                                          whole_run=False, measure_chosen=True, say=self.say)
+                                          whole_run=False, measure_chosen=True, say=self.say, progress=progress)
         with self.console.status("measuring the memory of a training step ..."):
             manager = HardwareManager(None if trainer_config.device == "auto" else trainer_config.device)
             max_batch = manager.max_micro_batch(the_plan.model, seq_len, limit=MICRO_BATCH_LIMIT)

@@ -264,3 +264,22 @@ def test_the_thread_count_is_the_faster_one_measured(monkeypatch):
     threads, timings = budget.best_thread_count()
     assert threads == 1 and set(timings) == {1, 2} and sorted(seen) == [1, 2]
     assert torch.get_num_threads() == before  # the caller's count is left as it was
+
+
+def test_probing_reports_progress_per_probe_and_a_retake_extends_the_total(tmp_path, monkeypatch):
+    """Probes measured of all, as Progress events: 1..3 of 3; a disturbed set taken again
+    goes on to 6 of 6; probes from the cache measure nothing and report nothing."""
+    import budget
+    from events import Progress
+
+    monkeypatch.setattr(budget, "machine_busy", lambda threads: False)
+    sane = [synthetic_probes()[i].seconds_per_token for i in range(3)]
+    rates = iter([sane[2], sane[1], sane[0]] + sane)  # the first set disturbed (the smallest slowest)
+    monkeypatch.setattr(budget, "measure", lambda *args, **kwargs: next(rates))
+    events = []
+    plan(60, HARDWARE, dataset_tokens=10**9, vocab_size=8192, cache_dir=tmp_path, progress=events.append)
+    assert all(isinstance(e, Progress) and e.unit == "probes" and e.task == budget.PROBE_TASK for e in events)
+    assert [(e.done, e.total) for e in events] == [(1, 3), (2, 3), (3, 3), (4, 6), (5, 6), (6, 6)]
+    again = []
+    plan(60, HARDWARE, dataset_tokens=10**9, vocab_size=8192, cache_dir=tmp_path, progress=again.append)
+    assert again == []  # cached

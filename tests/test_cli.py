@@ -335,11 +335,30 @@ def test_plan_json_fits_the_budget(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     assert train.main(["plan", "--budget", "5m", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
                        "--json", "data.vocab_size=300"]) == 0
-    plan = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)  # progress goes beside the JSON, never into it
+    assert re.search(r"tokenizing documents: (\d+)/\1 documents, eta 0\.0s", captured.err)
+    assert re.search(r"measuring this machine \(throughput probes\): ([36])/\1 probes, eta 0\.0s\n", captured.err)  # 6: one retake
     assert 0 < plan["train_seconds"] < 300 and plan["model"]["vocab_size"] <= 300
     deadline = plan["trainer"]["schedule_by"] == "time" and plan["estimate"]["ends_by"] == "deadline"
     assert deadline or plan["trainer"]["max_steps"] == plan["steps"] >= 5  # (a fixed few steps on a very busy machine)
     assert plan["steps"] == plan["estimate"]["steps"]
+
+
+def test_piped_train_shows_the_tokenizing_progress_on_stderr(tmp_path, capsys):
+    """The first and the last progress lines of the data preparation (n/N documents and
+    an ETA) go to stderr; stdout keeps the run's log. Cached data is not tokenized again."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", documents=60)
+    args = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "runs"), "--cache-dir",
+            str(tmp_path / "cache"), "--seq-len", "16", "--batch-size", "4", "data.vocab_size=300",
+            "trainer.max_steps=1"]
+    assert train.main([*args, "--name", "first"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("tokenizing documents: ")]
+    assert lines and re.fullmatch(r"tokenizing documents: (\d+)/\1 documents, eta 0\.0s", lines[-1])
+    assert "tokenizing" not in captured.out and "preparing data from" in captured.out
+    assert train.main([*args, "--name", "second"]) == 0
+    assert "tokenizing" not in capsys.readouterr().err  # from the cache
 
 
 def test_a_budget_shorter_than_start_up_plans_a_few_steps_and_says_so(tmp_path, capsys):

@@ -310,3 +310,30 @@ def test_replayed_general_text_never_holds_what_the_guard_measures(tmp_path):
         assert (targets[1] == -100).all() and (inputs[1] == 5).all()
     with pytest.raises(ValueError, match="blocks of 16"):
         WithGeneralText(task, training_side_text(config, tokenizer, 16, 4), 2)
+
+
+def test_tokenizing_reports_progress_per_chunk_up_to_all_documents_and_records(tmp_path, tokenizer, monkeypatch):
+    """Progress events count documents (or records) done of all, in chunks (not one per
+    document), rising to the total; without a callback nothing changes."""
+    from events import Progress
+
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_CHARS", 200)  # a few documents a chunk
+    monkeypatch.setattr(data, "INSTRUCTION_CHUNK", 4)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"{i} {text}"}) for i, text in enumerate(TEXTS)))
+    events = []
+    prepared = prepare(config(tmp_path, source=str(path)), 8, tokenizer=tokenizer, progress=events.append)
+    total = prepared.report.documents_kept
+    done = [event.done for event in events]
+    assert all(isinstance(e, Progress) and e.unit == "documents" and e.total == total for e in events)
+    assert done == sorted(set(done)) and done[-1] == total and 2 < len(done) < total
+    assert events[-1].eta_s == 0 and events[0].task == "tokenizing documents"
+    unreported = prepare(config(tmp_path / "again", source=str(path)), 8, tokenizer=tokenizer)
+    assert np.array_equal(unreported.train.tokens, prepared.train.tokens)
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"instruction": f"Say {i}", "output": f"{i}"}) for i in range(10)))
+    records = []
+    prepare(config(tmp_path, source=str(chat)), 24, tokenizer=tokenizer, progress=records.append)
+    assert [(e.done, e.total, e.unit) for e in records] == [(4, 10, "records"), (8, 10, "records"),
+                                                            (10, 10, "records")]

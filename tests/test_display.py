@@ -125,9 +125,9 @@ def test_the_bar_starts_at_the_estimate_and_labels_a_reestimate():
     with LiveDisplay(console) as display:
         display(start)
         task = display.progress.tasks[0]
-        assert (task.total, task.fields["total_text"], task.description) == (395, "~395", "training (estimated)")
+        assert (task.total, task.fields["count"], task.description) == (395, "step 0/~395", "training (estimated)")
         display(Reestimate(step=3, steps=114, previous_steps=395, seconds_left=55.0, tokens_per_s=900.0, from_steps=3))
-        assert (task.total, task.fields["total_text"]) == (114, "~114")
+        assert (task.total, task.fields["count"]) == (114, "step 0/~114")
         assert task.description == "training (re-estimated)"
     text = " ".join(output.getvalue().split())
     assert "estimated ~395 steps in 1m00s (interpolated: between probes)" in text
@@ -137,3 +137,34 @@ def test_the_bar_starts_at_the_estimate_and_labels_a_reestimate():
     plain(Step(epoch=0, step=4, total_steps=114, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=900.0, tokens_seen=1,
                eta_s=50.0, total_estimated=True))
     assert lines[0].startswith("step     4/~114")
+
+
+def test_waits_before_training_are_a_bar_on_a_terminal_and_spaced_lines_in_a_pipe(monkeypatch):
+    """Tokenizing before a run: the live display shows its own bar (n/N and an ETA) until it
+    is done; the plain display writes the first line, one per `every_s` seconds and the last."""
+    import display as display_module
+    from display import ProgressLines
+    from events import Progress
+
+    events = [Progress(task="tokenizing documents", done=done, total=10, unit="documents", elapsed_s=done)
+              for done in range(1, 11)]
+    console = Console(file=io.StringIO(), width=160, color_system=None, force_terminal=True)
+    with LiveDisplay(console) as live:
+        live(events[3])
+        wait = live.progress.tasks[-1]
+        assert (wait.description, wait.completed, wait.fields["count"]) == ("tokenizing documents", 4,
+                                                                            "4/10 documents")
+        assert wait.fields["eta"] == "6.0s"
+        live(events[-1])
+        assert [task.description for task in live.progress.tasks] == ["training"]
+    clock = iter([0.0, 0.5, 1.0, 2.1, 2.5, 3.0, 4.0, 4.2, 4.3, 4.4])  # one reading per event
+    monkeypatch.setattr(display_module.time, "monotonic", lambda: next(clock))
+    lines = []
+    plain = PlainDisplay(write=lines.append, waiting=ProgressLines(lines.append, every_s=2.0))
+    for event in events:
+        plain(event)
+    assert [line.split(",")[0] for line in lines] == ["tokenizing documents: 1/10 documents",
+                                                     "tokenizing documents: 4/10 documents",
+                                                     "tokenizing documents: 8/10 documents",
+                                                     "tokenizing documents: 10/10 documents"]
+    assert lines[-1].endswith("eta 0.0s")

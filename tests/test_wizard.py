@@ -30,6 +30,7 @@ def test_lightlm_walkthrough_trains_and_returns_to_the_menu(tmp_path, corpus):
     assert code == 0, out
     assert walk.typed[0] == "2" and walk.typed[-6:] == ["5", "0.001", "y", "7", "1", "3"]  # LightLM's keys
     assert "Configuration updated" in out and "sample:" in out
+    assert re.search(r"tokenizing documents: (\d+)/\1 documents, eta 0\.0s", out)  # the data's progress
     assert re.search(r"largest micro-batch\W+[1-9]\d* sequences of 128 tokens", out)
     (run,) = (tmp_path / "runs").iterdir()
     assert checkpoint.latest(run) is not None
@@ -135,15 +136,31 @@ def test_change_dataset_rechecks_paths_and_shows_a_preview_and_report(tmp_path, 
     assert wizard.configs["data"].source == str(corpus)
 
 
-def test_hub_dataset_when_the_hub_is_unreachable_keeps_the_dataset(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("wizard.hub_reachable", lambda timeout: False)
+def choose_hub_dataset(tmp_path) -> Walkthrough:
     walk = Walkthrough(tmp_path).main("Manage dataset/configuration").manage("Change dataset")
     walk.dataset("a Hugging Face hub dataset").answer("Hub dataset name", "wikitext")
-    walk.dataset("back").manage("Continue with current settings").main("Exit")  # the Dataset menu offers the rest
-    code, wizard, out = walk.run()
+    return walk.dataset("back").manage("Continue with current settings").main("Exit")  # the Dataset menu offers the rest
+
+
+def test_hub_dataset_when_the_hub_is_unreachable_keeps_the_dataset(tmp_path, monkeypatch):
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr("wizard.hub_reachable", lambda timeout: False)
+    code, wizard, out = choose_hub_dataset(tmp_path).run()
     assert code == 0
     assert "not reachable" in out and wizard.configs["data"].source == "builtin"
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_hub_dataset_in_offline_mode_says_so_instead_of_unreachable(tmp_path, monkeypatch, variable):
+    """Offline mode is the user's choice, worded as the system check words it, not a fault."""
+    for other in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(variable, "1")
+    code, wizard, out = choose_hub_dataset(tmp_path).run()
+    assert code == 0
+    assert f"offline mode ({variable} is set)" in out and "not reachable" not in out
+    assert wizard.configs["data"].source == "builtin"
 
 
 def test_start_training_shows_a_summary_and_can_be_declined(tmp_path, corpus, monkeypatch):
