@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from events import Callback, progress_reporter
+from events import Callback, duration_text as _duration, progress_reporter
 from model import ModelConfig, Transformer
 from trainer import TrainerConfig, build_optimizer, resolve_dtype
 
@@ -313,21 +313,6 @@ class Estimate:
                 "max_steps": "max_steps ends the run", "steps": "a fixed number of steps"}[self.ends_by]
         return (f"~{self.steps:,} optimizer steps, {_duration(self.seconds)} of training ({ends}); estimated at "
                 f"{self.rate_text()}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 1:
-        return f"{seconds:.2f} s"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:,}h{minutes:02d}m"
 
 
 def estimate_run(trainer: TrainerConfig, train_sequences: int, tokens_per_second: float, basis: str, detail: str,

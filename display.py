@@ -22,7 +22,8 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
 from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, Eval, Event, Fallback, Finished,
-                    Interrupt, NonFinite, Progress, Reestimate, Resumed, Start, Step, Stopped, perplexity)
+                    Interrupt, NonFinite, Progress, Reestimate, Resumed, Start, Step, Stopped, duration_text,
+                    perplexity)
 
 
 @dataclass
@@ -46,16 +47,7 @@ class History:
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    return duration_text(seconds, gap="", fine=False)
 
 
 def format_bytes(count: float) -> str:

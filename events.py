@@ -291,3 +291,20 @@ class TensorBoardLog:
         if self._writer:
             self._writer.close()
         self._writer = None
+
+
+def duration_text(seconds: float, gap: str = " ", fine: bool = True) -> str:
+    """'0.25 s', '4.2 s', '45 s', '5m00s', '2h05m' ('45s' with `gap=""`); `fine=False`
+    shows under a second as '0.5s' too, as progress lines do."""
+    seconds = max(0.0, seconds)
+    if fine and seconds < 1:
+        return f"{seconds:.2f}{gap}s"
+    if seconds < 10:
+        return f"{seconds:.1f}{gap}s"
+    if seconds < 60:
+        return f"{seconds:.0f}{gap}s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:,}h{minutes:02d}m"
