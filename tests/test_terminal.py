@@ -28,6 +28,24 @@ def answer(child, pattern: str, text: str) -> None:
     child.sendline(text)
 
 
+def reading(child, within: float = 120.0) -> None:
+    """Wait until the wizard's main thread sleeps in the terminal read: a Ctrl-C or Ctrl-D
+    typed before that (the prompt is on screen, the read not yet started) meets other code
+    on a busy machine, which a person's slower fingers never do."""
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child.pid}/wchan") as wchan, open(f"/proc/{child.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "S" and wchan.read() in ("wait_woken", "n_tty_read"):
+                    return
+        except OSError:  # no /proc here: fall back to a pause
+            time.sleep(1.0)
+            return
+        time.sleep(0.05)
+
+
 def finish(child) -> int:
     child.expect(pexpect.EOF)
     child.close()
@@ -92,18 +110,22 @@ def test_esc_ctrl_c_and_ctrl_d_on_a_real_terminal_go_back_one_level(tmp_path):
     child.expect("back to the configuration menu")
     answer(child, MENU, "5")
     child.expect("desired training time")
+    reading(child)
     child.sendcontrol("c")
     child.expect("Ctrl-C: cancelled Optimize for training time; back to the configuration menu")
     answer(child, MENU, "6")
     answer(child, "Select table", "1")
     answer(child, "Edit: ", "num_layers")
     child.expect("New num_layers")
+    reading(child)
     child.sendcontrol("d")  # drops the value, the table stays
     child.expect("Nothing changed")
     answer(child, "Edit: ", "num_layers=6")
     child.expect("Edit: ")
+    reading(child)
     child.sendcontrol("d")  # leaves the table
     child.expect(MENU)
+    reading(child)
     child.sendcontrol("d")  # leaves the configuration menu
     child.expect("Training Setup")
     answer(child, MENU, "3")
