@@ -463,7 +463,7 @@ def threads_set(threads: Optional[int]) -> Iterator[None]:
 
 
 def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
-                  spent_seconds: float = 0.0, whole_run: bool = True, remeasure: bool = False,
+                  whole_run: bool = True, remeasure: bool = False,
                   measure_chosen: bool = False, say: Say = _quiet, progress: Optional[Callback] = None,
                   spent: Optional[Callable[[], float]] = None) -> Plan:
     """The plan for `budget_s` on prepared data, as every front end makes it: at torch's
@@ -471,13 +471,12 @@ def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: Train
     it too), from cached or fresh probes. `whole_run=False` (the wizard) budgets training
     alone. `measure_chosen` then times a few steps of the chosen model at its micro-batch
     when they are quick, so the estimate is measured rather than interpolated. `spent`
-    (the seconds since launch), read once the thread count is measured, replaces
-    `spent_seconds`: the measurement counts against the budget too. `Progress` events of
+    (the seconds since launch) is read once the thread count is measured, so that
+    measurement counts against the budget too (none: nothing spent). `Progress` events of
     the throughput probes go to `progress`."""
     device = resolve_device(trainer_config).type
     with chosen_threads(device, say):
-        if spent is not None:
-            spent_seconds = spent()
+        spent_seconds = spent() if spent is not None else 0.0
         hardware = HardwareProfile.detect(device)
         the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
                         spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
