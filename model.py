@@ -9,6 +9,7 @@ the key names `peft` expects.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Optional
 
@@ -144,6 +145,14 @@ PRESETS: dict[str, dict] = {
 
 
 # ---- building blocks ------------------------------------------------------------------
+def _eager_fp32_training(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the hand-written autograd functions below apply: an fp32 forward in eager
+    mode that autograd records, outside autocast (whose casts they do not repeat in
+    backward). Under torch.compile the compiler fuses the plain code itself."""
+    return x.dtype == torch.float32 and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+        and not torch.is_autocast_enabled(x.device.type) and (x.requires_grad or any(w.requires_grad for w in weights))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (https://arxiv.org/abs/1910.07467), computed in fp32 as Llama does."""
 
@@ -153,10 +162,43 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _eager_fp32_training(x, (self.weight,)):  # CUDA has a fused kernel
+            return _RMSNorm.apply(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
         return self.weight * normed
+
+
+class _RMSNorm(torch.autograd.Function):
+    """fp32 RMSNorm for CPU training with a hand-written backward. On CPU `F.rms_norm` is
+    composed of pow, mean, rsqrt and two multiplications, and autograd then runs each
+    one's backward with a fresh activation-sized tensor apiece; here the forward is one
+    reduction and two passes, and the backward six passes with two new tensors (the
+    per-row sums come from `vecdot` and a matrix-vector product, without temporaries).
+    With x̂ = x·r, r = (mean(x²) + eps)^-½ and g = dy·w:
+    dx = r·g - x·r³·mean(g·x), dw = Σ_rows dy·x̂."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))  # (n, C)
+        rstd = (torch.linalg.vecdot(rows, rows).div_(rows.size(1)).add_(eps).rsqrt_()).unsqueeze(1)  # (n, 1)
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.shape = x.shape
+        return torch.mul(rows, rstd).mul_(weight).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        dy = grad_out.reshape(rows.shape)
+        d_x = d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = rstd.t().mm(dy * rows).squeeze(0)  # Σ_n r_n·dy_n·x_n
+        if ctx.needs_input_grad[0]:
+            g = dy * weight
+            coefficient = torch.linalg.vecdot(g, rows).unsqueeze(1).mul_(rstd.pow(3)).div_(rows.size(1))  # (n, 1)
+            d_x = g.mul_(rstd).addcmul_(rows, coefficient, value=-1.0).view(ctx.shape)
+        return d_x, d_weight, None
 
 
 def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -217,35 +259,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x · cos + rotate_half(x) · sin with rotate_half(x) = cat(-x2, x1), as
     `transformers`' Llama computes it. x: (B, nh, T, hs); cos, sin: (T, hs) from `rope_cache`."""
     half = x.size(-1) // 2
+    if torch.compiler.is_compiling():  # the compiler fuses the plain formula into one loop each way
+        x1, x2 = x[..., :half], x[..., half:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
     return _Rope.apply(x, cos[..., :half], sin[..., :half])  # both halves of the tables are equal
 
 
 IGNORE_INDEX = -100
 
+_workspace = threading.local()  # per thread: a reused logits buffer for each (device, dtype)
+
+
+def _logits_buffer(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, columns) fp32 scratch buffer on like's device. On CPU one buffer per thread
+    and device is kept and reused: a fresh chunk of logits is tens of megabytes, which the C
+    allocator maps from (and returns to) the kernel every time, so that every step would pay
+    a page fault per 4 KiB of it (measured: 8,192 faults and ~16 ms per 32 MB chunk on the
+    2-core EPYC). CUDA's caching allocator already reuses memory, so there a plain empty."""
+    if like.device.type != "cpu":
+        return torch.empty(rows, columns, device=like.device, dtype=torch.float32)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(like.device)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = buffers[like.device] = torch.empty(rows * columns, device=like.device, dtype=torch.float32)
+    return buffer[:rows * columns].view(rows, columns)
+
 
 def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                            grad_hidden: bool, grad_weight: bool):
     """Summed cross-entropy of `hidden @ weightᵀ` against `targets`, `chunk_rows` rows at
-    a time, and (if asked) its gradients for hidden and weight from the same chunks."""
+    a time, and (if asked) its gradients for hidden and weight from the same chunks. Each
+    chunk's logits live in one reused fp32 buffer and become their own gradient in place
+    (subtract the row max, exp, sum, scale: four passes, no temporaries)."""
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
-    d_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
+    d_weight = None  # the first chunk's product, then accumulated
     total = hidden.new_zeros((), dtype=torch.float32)
+    buffer = _logits_buffer(min(chunk_rows, targets.numel()), weight.size(0), hidden)
+    # fp32 outside autocast: matmuls straight into the buffers; otherwise in the compute
+    # dtype (autocast's or the weights'), converted.
+    plain = hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
     for start in range(0, targets.numel(), chunk_rows):
         rows = hidden[start:start + chunk_rows]  # (n, C)
         target = targets[start:start + chunk_rows, None]  # (n, 1)
-        logits = F.linear(rows, weight)  # (n, V)
-        compute_dtype = logits.dtype
-        logits = logits.float()
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-        total += (log_norm - logits.gather(1, target)).sum()
+        logits = buffer[:rows.size(0)]  # (n, V), fp32
+        if plain:
+            torch.mm(rows, weight.t(), out=logits)
+        else:
+            logits.copy_(F.linear(rows, weight))
+        row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        target_logit = logits.gather(1, target)  # (n, 1), before the buffer is overwritten
+        exp_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # logits now exp(l - max)
+        total += (row_max + exp_sum.log() - target_logit).sum()  # log-sum-exp - target logit
         if not (grad_hidden or grad_weight):
             continue
-        # d(summed loss)/d logits = softmax - one_hot(target), computed in place over the logits
-        dlogits = logits.sub_(log_norm).exp_().scatter_add_(1, target, logits.new_full(target.shape, -1.0))
-        dlogits = dlogits.to(compute_dtype)
-        if grad_hidden:
+        # d(summed loss)/d logits = softmax - one_hot(target)
+        dlogits = logits.div_(exp_sum).scatter_add_(1, target, logits.new_full(target.shape, -1.0))
+        dlogits = dlogits.to(rows.dtype)
+        if grad_hidden and plain:
+            torch.mm(dlogits, weight, out=d_hidden[start:start + chunk_rows])
+        elif grad_hidden:
             d_hidden[start:start + chunk_rows] = dlogits @ weight
-        if grad_weight and compute_dtype == torch.float32:
+        if grad_weight and d_weight is None:
+            d_weight = (dlogits.t() @ rows).float()  # (V, C); a no-op .float() in fp32
+        elif grad_weight and plain:
             d_weight.addmm_(dlogits.t(), rows)
         elif grad_weight:
             d_weight += (dlogits.t() @ rows).float()
@@ -264,15 +340,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total, d_hidden, d_weight = _chunked_cross_entropy(hidden, weight, targets, chunk_rows,
                                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(d_hidden, d_weight)
-        ctx.count, ctx.weight_dtype = targets.numel(), weight.dtype
+        ctx.count, ctx.weight_dtype, ctx.used = targets.numel(), weight.dtype, False
         return total / ctx.count
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("backward ran twice through linear_cross_entropy: its stored gradients are "
+                               "scaled in place, so compute the loss again instead of retain_graph=True")
+        ctx.used = True
         d_hidden, d_weight = ctx.saved_tensors
         scale = grad_loss / ctx.count
-        d_hidden = None if d_hidden is None else d_hidden * scale.to(d_hidden.dtype)
-        d_weight = None if d_weight is None else (d_weight * scale).to(ctx.weight_dtype)
+        # Scaled in place: a fresh copy of the (V, C) weight gradient would be a large new
+        # allocation every step (on CPU, page faults on all of it).
+        d_hidden = None if d_hidden is None else d_hidden.mul_(scale.to(d_hidden.dtype))
+        d_weight = None if d_weight is None else d_weight.mul_(scale).to(ctx.weight_dtype)
         return d_hidden, d_weight, None, None
 
 
@@ -294,16 +376,44 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
-    """Each linear applied to x. While training plain bias-free `nn.Linear`s, as one matmul
-    over their concatenated weights: one GEMM each way instead of several, and x's
-    gradient comes out of one matmul instead of being summed from each. Otherwise
-    (LoRA, NF4, or no autograd, where the concatenated copy would cost a decoding step
-    a second pass over the weights) one call each."""
-    if torch.is_grad_enabled() and all(type(m) is nn.Linear and m.bias is None for m in linears) \
-            and any(m.weight.requires_grad for m in linears):
-        weight = torch.cat([m.weight for m in linears])  # (sum of outs, in)
-        return F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
+    """Each linear applied to x. While training plain bias-free `nn.Linear`s in fp32 eager
+    mode, through `_SharedInputLinears`: x's gradient is accumulated by each matmul into one
+    tensor instead of being summed from one tensor per linear. Otherwise (LoRA, NF4, no
+    autograd, autocast, or torch.compile, which plans the graph itself) one call each."""
+    if all(type(m) is nn.Linear and m.bias is None for m in linears) \
+            and _eager_fp32_training(x, tuple(m.weight for m in linears)):
+        return _SharedInputLinears.apply(x, *(m.weight for m in linears))
     return tuple(m(x) for m in linears)
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """(x @ W1ᵀ, x @ W2ᵀ, ...) with one backward for all: dx = Σ dyᵢ @ Wᵢ accumulated in
+    place by `addmm_` (autograd would give each linear its own dx and add them up), and
+    dWᵢ = dyᵢᵀ @ x. No concatenated copy of the weights or of the output gradients is
+    made either way (an earlier version concatenated them: one copy of each per step,
+    which on CPU also paid page faults for the fresh memory)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, weight) for weight in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        rows = x.reshape(-1, x.size(-1))  # (n, in)
+        d_x, d_weights = None, []
+        for grad, weight, needed in zip(grads, weights, ctx.needs_input_grad[1:]):
+            if grad is None:
+                d_weights.append(None)
+                continue
+            grad = grad.reshape(-1, grad.size(-1))  # (n, out)
+            if ctx.needs_input_grad[0]:
+                d_x = torch.mm(grad, weight) if d_x is None else d_x.addmm_(grad, weight)
+            d_weights.append(grad.t().mm(rows) if needed else None)
+        if d_x is not None:
+            d_x = d_x.view(x.shape)
+        return (d_x, *d_weights)
 
 
 class KVCache(nn.Module):
@@ -388,8 +498,42 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linears = (self.gate_proj, self.up_proj, self.down_proj)
+        if all(type(m) is nn.Linear and m.bias is None for m in linears) \
+                and _eager_fp32_training(x, tuple(m.weight for m in linears)):
+            return _SwiGLU.apply(x, *(m.weight for m in linears))
         gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
         return self.down_proj(F.silu(gate) * up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """down(silu(x @ Wgᵀ) · (x @ Wuᵀ)) with a hand-written backward that works in place on
+    the tensors it owns: per step one activation-sized tensor fewer kept for backward
+    (autograd keeps silu's output too) and two fewer allocated, which on CPU is where
+    the elementwise time goes (fresh memory, page faults), not the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w_gate), F.linear(x, w_up)
+        hidden = F.silu(gate).mul_(up)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, gate, up, hidden)
+        return F.linear(hidden, w_down)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w_gate, w_up, w_down, gate, up, hidden = ctx.saved_tensors
+        rows = x.reshape(-1, x.size(-1))  # (n, C)
+        dy = grad_out.reshape(-1, grad_out.size(-1))  # (n, C)
+        gate, up = gate.reshape(-1, gate.size(-1)), up.reshape(-1, up.size(-1))  # (n, H)
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        d_down = dy.t().mm(hidden.reshape(-1, hidden.size(-1))) if need_down else None
+        d_hidden = dy.mm(w_down)  # (n, H), ours to overwrite
+        d_up = F.silu(gate).mul_(d_hidden)  # dL/d up = dh · silu(gate)
+        d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)  # dL/d gate = dh · up · silu'(gate)
+        d_x = None
+        if need_x:
+            d_x = d_gate.mm(w_gate).addmm_(d_up, w_up).view(x.shape)
+        return (d_x, d_gate.t().mm(rows) if need_gate else None, d_up.t().mm(rows) if need_up else None, d_down)
 
 
 class MoE(nn.Module):

@@ -200,7 +200,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainerConfig, device: torch
         except ImportError as error:
             raise ValueError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from error
         return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, betas=config.betas)
-    fused = device.type == "cuda"
+    # The fused kernel on CPU too: one pass per tensor instead of foreach's several (for the
+    # 30M preset's parameters, 23 ms a step vs 88 ms for foreach and 46 ms one tensor at a
+    # time: python -m bench.bench_train --optimizers).
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=fused or None,
                              foreach=None if fused else True)
 
@@ -649,7 +652,11 @@ class Trainer:
                 raise
             raise checkpoint.CheckpointError(f"{path.name} does not fit this model: {str(error)[:300]}") from None
         if optimizer_state is not None and not self.config.use_fsdp:
+            kernels = [(g.get("fused"), g.get("foreach")) for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(optimizer_state)
+            for group, (fused, foreach) in zip(self.optimizer.param_groups, kernels):
+                # the kernel is this machine's choice, not the saved run's (an older run, another device)
+                group["fused"], group["foreach"] = fused, foreach
         if self.run_dir is not None and self.is_main:
             for name in checkpoint.set_aside_later(self.run_dir, path, state.global_step):
                 self.emit(CheckpointSetAside(name=name, reason=f"resumed from {path.name}"))
@@ -747,9 +754,6 @@ class Trainer:
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     state[key] = value.to(self.device)
-        for group in self.optimizer.param_groups:
-            if group.get("fused"):
-                group["fused"], group["foreach"] = False, True
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.state.micro_splits = 1
         self._free_memory()

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from model import MoE, ModelConfig, Transformer, apply_rope, linear_cross_entropy, rope_cache, sample
+from model import (FeedForward, MoE, ModelConfig, RMSNorm, Transformer, apply_rope, linear_cross_entropy, rope_cache,
+                   sample, shared_input_linears)
 
 
 def tokens(config: ModelConfig, batch: int = 2, length: int | None = None) -> torch.Tensor:
@@ -99,11 +100,12 @@ def test_linear_cross_entropy_equals_cross_entropy_on_full_logits(chunk_elements
     reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets, ignore_index=-100)
     torch.testing.assert_close(ours, reference)
     upstream = torch.tensor(2.5)  # a loss scale: backward must multiply by it
-    for got, expected in zip(torch.autograd.grad(ours, (hidden, weight), upstream, retain_graph=True),
-                             torch.autograd.grad(reference, (hidden, weight), upstream)):
-        torch.testing.assert_close(got, expected)
-    assert torch.equal(torch.autograd.grad(ours, hidden, retain_graph=True)[0][[0, 4, 9]],
-                       torch.zeros(3, 32))  # ignored positions get no gradient
+    got = torch.autograd.grad(ours, (hidden, weight), upstream, retain_graph=True)
+    for got_one, expected in zip(got, torch.autograd.grad(reference, (hidden, weight), upstream)):
+        torch.testing.assert_close(got_one, expected)
+    assert torch.equal(got[0][[0, 4, 9]], torch.zeros(3, 32))  # ignored positions get no gradient
+    with pytest.raises(RuntimeError, match="backward ran twice"):  # the stored gradients were scaled in place
+        torch.autograd.grad(ours, hidden)
 
 
 def test_linear_cross_entropy_frozen_weight_and_nothing_to_predict():
@@ -129,6 +131,83 @@ def test_model_loss_equals_cross_entropy_of_its_logits(tiny):
     torch.testing.assert_close(loss, reference)
     for got, expected in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def _grads(output, inputs, upstream):
+    return torch.autograd.grad(output, [t for t in inputs if t.requires_grad], upstream)
+
+
+@pytest.mark.parametrize("trainable", ["both", "input", "weight"])
+def test_rmsnorm_backward_equals_autograd_of_the_formula(trainable):
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm.weight.requires_grad_(trainable != "input")
+    x = (torch.randn(3, 5, 16) * 3).requires_grad_(trainable != "weight")
+    ours = norm(x)  # fp32 CPU training: the hand-written backward
+    assert type(ours.grad_fn).__name__ == "_RMSNormBackward"
+    x64, w64 = x.double(), norm.weight.double()
+    expected = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64  # Llama's formula, float64
+    torch.testing.assert_close(ours, expected.float())
+    upstream = torch.randn_like(ours)
+    for got, want in zip(_grads(ours, (x, norm.weight), upstream), _grads(expected, (x64, w64), upstream.double())):
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("frozen", [(), (1,), (0, 1, 2)])
+def test_shared_input_linears_equal_separate_linears(frozen):
+    linears = tuple(torch.nn.Linear(12, out, bias=False) for out in (12, 4, 4))
+    for index in frozen:
+        linears[index].weight.requires_grad_(False)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    ours = shared_input_linears(x, linears)
+    assert type(ours[0].grad_fn).__name__ == "_SharedInputLinearsBackward"
+    expected = [torch.nn.functional.linear(x, m.weight) for m in linears]
+    upstream = [torch.randn_like(o) for o in ours]
+    inputs = (x, *(m.weight for m in linears))
+    # k (the second output) unused: its gradient is None, and the others must still be right
+    got = torch.autograd.grad([ours[0], ours[2]], [t for t in inputs if t.requires_grad], [upstream[0], upstream[2]])
+    want = torch.autograd.grad([expected[0], expected[2]], [t for t in inputs if t.requires_grad],
+                               [upstream[0], upstream[2]], allow_unused=True, materialize_grads=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("frozen", [False, True])  # True: a LoRA base, only the input needs its gradient
+def test_swiglu_backward_equals_autograd_of_the_formula(frozen):
+    ffn = FeedForward(12, 20)
+    ffn.requires_grad_(not frozen)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    ours = ffn(x)
+    assert type(ours.grad_fn).__name__ == "_SwiGLUBackward"
+    F = torch.nn.functional
+    expected = F.linear(F.silu(F.linear(x, ffn.gate_proj.weight)) * F.linear(x, ffn.up_proj.weight), ffn.down_proj.weight)
+    torch.testing.assert_close(ours, expected)
+    upstream = torch.randn_like(ours)
+    inputs = (x, ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+    for got, want in zip(_grads(ours, inputs, upstream), _grads(expected, inputs, upstream)):
+        torch.testing.assert_close(got, want)
+
+
+def test_hand_written_backwards_stand_aside_where_they_do_not_apply():
+    norm, ffn = RMSNorm(8, 1e-5), FeedForward(8, 16)
+    x = torch.randn(2, 8, requires_grad=True)
+    with torch.no_grad():  # inference: plain ops
+        assert norm(x).grad_fn is None and ffn(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its casts, autograd's backward
+        assert type(ffn(x).grad_fn).__name__ != "_SwiGLUBackward"
+        assert type(norm(x).grad_fn).__name__ != "_RMSNormBackward"
+    assert type(norm(x.double()).grad_fn).__name__ != "_RMSNormBackward"  # fp32 only
+
+
+def test_cross_entropy_workspace_is_reused_and_grows():
+    """The logits buffer is kept between calls (per thread): a bigger call grows it, a
+    smaller one reuses a slice, and each result is the plain cross-entropy's."""
+    weight = torch.randn(64, 8)
+    for rows in (4, 9, 2):
+        hidden, targets = torch.randn(rows, 8), torch.randint(0, 64, (rows,))
+        expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_elements=64 * 3), expected)
 
 
 def test_rope_equals_the_rotate_half_form_with_its_gradient():
