@@ -358,6 +358,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return d_hidden, d_weight, None, None
 
 
+@torch.compiler.disable  # under torch.compile the loss runs as written (its buffers, its in-place gradient)
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_elements: int = 1 << 23) -> torch.Tensor:
     """`F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)`, the

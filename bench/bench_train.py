@@ -1,17 +1,30 @@
 """Training throughput of our Transformer vs transformers.LlamaForCausalLM.
 
 Identical configuration, weights, batch, sequence length, dtype and thread count; one
-step is forward + cross-entropy + backward + AdamW. The two models alternate for
+step is forward + cross-entropy + backward + AdamW (the fused kernel for both: Sprat's
+trainer uses it, and so does transformers' Trainer by default with torch >= 2.8). The two models alternate for
 `--repeats` rounds of `--steps` steps each (so both see the same machine conditions),
 and the median tokens/s of each is reported with the ratio and MFU against a matmul
 peak measured in the same run.
 
     python -m bench.bench_train --configs 5M,30M
+    python -m bench.bench_train --configs 5M,30M --tuned-allocator
+
+Each configuration runs in a fresh process, as a training run would: glibc's malloc
+adapts its thresholds to what a process has freed before, so a configuration measured
+after a larger one would see a different allocator (in one process, HF's 5M steps ran
+~12% faster after the 30M ones). On CPU, a large part of the step outside the matmuls is
+fresh memory (page faults) rather than arithmetic; `--tuned-allocator` sets glibc's
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_ for both contenders,
+which removes most of them, so the ratio printed then is the one without that effect.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -54,8 +67,8 @@ def bench_config(name: str, args, device, peak: float) -> dict:
     peer = hf_peer(ours).train()
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, fused=True)
     runner = torch.compile(ours) if args.compile else ours  # the optimizer holds the same parameters
     start = time.perf_counter()
     ours_step(runner, opt_ours, x, y)  # compiles here with --compile
@@ -76,6 +89,26 @@ def bench_config(name: str, args, device, peak: float) -> dict:
                 ratio=ours_tps / peer_tps, mfu_ours=ours_tps * flops / peak, mfu_hf=peer_tps * flops / peak)
 
 
+def bench_optimizers(name: str, args, device) -> None:
+    """One AdamW step over the preset's parameters with each kernel (fused, foreach,
+    one tensor at a time), alternating, median of `--repeats` rounds."""
+    model = Transformer(ModelConfig.from_name(name)).to(device)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    kernels = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single-tensor": dict(foreach=False)}
+    optimizers = {kind: torch.optim.AdamW(model.parameters(), lr=1e-6, **kw) for kind, kw in kernels.items()}
+    times = {kind: [] for kind in kernels}
+    for round_ in range(args.repeats + 1):
+        for kind, optimizer in optimizers.items():
+            sync(device)
+            start = time.perf_counter()
+            optimizer.step()
+            sync(device)
+            if round_:  # round 0 creates the optimizer state
+                times[kind].append(time.perf_counter() - start)
+    print(f"{name:>7} AdamW step: " + ", ".join(f"{kind} {median(t) * 1e3:.1f} ms" for kind, t in times.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="5M,30M", help="comma-separated model presets")
@@ -86,20 +119,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (at least 1)")
     parser.add_argument("--compile", action="store_true", help="run ours through torch.compile (opt-in; the "
                         "first step, compilation included, is printed)")
+    parser.add_argument("--optimizers", action="store_true", help="time one AdamW step per kernel (fused, "
+                        "foreach, single-tensor) instead")
+    parser.add_argument("--tuned-allocator", action="store_true", help="run with glibc malloc tuned against "
+                        "page faults (for both contenders)")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # one config, this process
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.optimizers:
+        for name in args.configs.split(","):
+            bench_optimizers(name.strip(), args, device)
+        return
+    if not args.in_process:  # one fresh process per configuration (see the module docstring)
+        env = dict(os.environ)
+        if args.tuned_allocator:
+            env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 40),
+                       MALLOC_TOP_PAD_=str(256 << 20))
+        print(f"device={device} threads={args.threads} torch={torch.__version__} batch={args.batch_size} "
+              f"seq_len={args.seq_len} compile={args.compile} tuned allocator={args.tuned_allocator}")
+        print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'MFU ours':>9} "
+              f"{'MFU hf':>7} {'ours 1st step':>13} {'CPU-time ratio':>14} {'peak GFLOP/s':>12}", flush=True)
+        forwarded = [a for a in sys.argv[1:] if a != "--tuned-allocator"]
+        for name in args.configs.split(","):
+            command = [sys.executable, "-m", "bench.bench_train", *forwarded, "--configs", name.strip(), "--in-process"]
+            subprocess.run(command, env=env, check=True)
+        return
     peak = matmul_peak_flops(device)
-    print(f"device={device} threads={args.threads} torch={torch.__version__} batch={args.batch_size} "
-          f"seq_len={args.seq_len} fp32 matmul peak={peak / 1e9:.1f} GFLOP/s compile={args.compile}")
-    print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>7} "
-          f"{'ours 1st step':>13} {'CPU-time ratio':>14}")
-    for name in args.configs.split(","):
-        r = bench_config(name.strip(), args, device, peak)
-        print(f"{r['config']:>7} {r['params'] / 1e6:>7.1f}M {r['ours']:>11.0f} {r['hf']:>10.0f} {r['ratio']:>6.2f} "
-              f"{r['mfu_ours']:>9.1%} {r['mfu_hf']:>7.1%} {r['first_step_s']:>12.1f}s {r['cpu_ratio']:>14.2f}", flush=True)
+    r = bench_config(args.configs.strip(), args, device, peak)
+    print(f"{r['config']:>7} {r['params'] / 1e6:>7.1f}M {r['ours']:>11.0f} {r['hf']:>10.0f} {r['ratio']:>6.2f} "
+          f"{r['mfu_ours']:>9.1%} {r['mfu_hf']:>7.1%} {r['first_step_s']:>12.1f}s {r['cpu_ratio']:>14.2f} "
+          f"{peak / 1e9:>12.1f}", flush=True)
 
 
 if __name__ == "__main__":
