@@ -262,6 +262,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if torch.compiler.is_compiling():  # the compiler fuses the plain formula into one loop each way
         x1, x2 = x[..., :half], x[..., half:]
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if not (torch.is_grad_enabled() and x.requires_grad):  # decoding: no autograd node to build
+        return _rotate(x, cos[..., :half], sin[..., :half], sign=1.0)
     return _Rope.apply(x, cos[..., :half], sin[..., :half])  # both halves of the tables are equal
 
 
@@ -381,10 +383,27 @@ def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tup
     mode, through `_SharedInputLinears`: x's gradient is accumulated by each matmul into one
     tensor instead of being summed from one tensor per linear. Otherwise (LoRA, NF4, no
     autograd, autocast, or torch.compile, which plans the graph itself) one call each."""
-    if all(type(m) is nn.Linear and m.bias is None for m in linears) \
-            and _eager_fp32_training(x, tuple(m.weight for m in linears)):
-        return _SharedInputLinears.apply(x, *(m.weight for m in linears))
+    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+        if _eager_fp32_training(x, tuple(m.weight for m in linears)):
+            return _SharedInputLinears.apply(x, *(m.weight for m in linears))
+        if not torch.is_grad_enabled() and (joined := _side_by_side([m.weight for m in linears])) is not None:
+            return F.linear(x, joined).split([m.out_features for m in linears], dim=-1)
     return tuple(m(x) for m in linears)
+
+
+def _side_by_side(weights: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The weights (outᵢ, in) as one (Σ outᵢ, in) weight, if they are consecutive blocks of
+    one column-major buffer (as `Transformer._decoding_layout` stores them); else None."""
+    first = weights[0]
+    if len(weights) < 2 or first.dim() != 2 or first.stride(0) != 1:
+        return None
+    offset, storage = first.storage_offset(), first.untyped_storage().data_ptr()
+    for weight in weights:
+        if weight.stride() != first.stride() or weight.size(1) != first.size(1) \
+                or weight.untyped_storage().data_ptr() != storage or weight.storage_offset() != offset:
+            return None
+        offset += weight.size(0)
+    return first.as_strided((offset - first.storage_offset(), first.size(1)), first.stride(), first.storage_offset())
 
 
 class _SharedInputLinears(torch.autograd.Function):
@@ -665,19 +684,8 @@ class Transformer(nn.Module):
         """input_ids (B, T) → (logits (B, T, V), loss, ce_loss). `targets` are next-token ids
         aligned with the inputs; -100 is ignored. `loss` adds the MoE auxiliary loss. With
         targets the logits are None: the loss is computed without materialising them."""
-        self._check_input(input_ids, start_pos)
+        x, aux_loss = self._hidden(input_ids, start_pos)  # checks input_ids first
         B, T = input_ids.size()
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        aux_loss = x.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, block_aux = checkpoint(block, x, cos, sin, start_pos, use_reentrant=False)
-            else:
-                x, block_aux = block(x, cos, sin, start_pos)
-            aux_loss = aux_loss + block_aux
-        x = self.norm(x)
         if targets is None:
             return self.lm_head(x), None, None  # (B, T, V)
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
@@ -690,6 +698,22 @@ class Transformer(nn.Module):
         if self.config.use_moe and not self.config.use_lossfreebalance and self.config.moe_aux_loss_coef > 0:
             loss = ce_loss + self.config.moe_aux_loss_coef * aux_loss / self.config.num_layers
         return logits, loss, ce_loss
+
+    def _hidden(self, input_ids: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final normed hidden states (B, T, C) and the summed MoE auxiliary loss."""
+        self._check_input(input_ids, start_pos)
+        T = input_ids.size(1)
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_aux = checkpoint(block, x, cos, sin, start_pos, use_reentrant=False)
+            else:
+                x, block_aux = block(x, cos, sin, start_pos)
+            aux_loss = aux_loss + block_aux
+        return self.norm(x), aux_loss
 
     def _check_input(self, input_ids: torch.Tensor, start_pos: int) -> None:
         if input_ids.dim() != 2:
@@ -764,17 +788,18 @@ class Transformer(nn.Module):
         tokens = input_ids
         finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
         cached = 0  # positions already in the KV cache
+        relaid = self._decoding_layout()
         try:
             if use_cache:
                 self.setup_kv_cache(input_ids.size(0), context_len)
             for _ in range(max_new_tokens):
                 if use_cache and cached and tokens.size(1) <= context_len:
-                    logits, _, _ = self(tokens[:, cached:], start_pos=cached)
+                    hidden, _ = self._hidden(tokens[:, cached:], start_pos=cached)
                 else:  # first step, no cache, or the window slid past context_len: recompute
-                    window = tokens[:, -context_len:]
-                    logits, _, _ = self(window)
+                    hidden, _ = self._hidden(tokens[:, -context_len:], start_pos=0)
                 cached = tokens.size(1) if tokens.size(1) <= context_len else 0
-                next_token = sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+                logits = self.lm_head(hidden[:, -1])  # (B, V): only the last position is sampled
+                next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 if eos_token_id is not None:
                     next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                     finished |= next_token == eos_token_id
@@ -783,9 +808,47 @@ class Transformer(nn.Module):
                 if eos_token_id is not None and bool(finished.all()):
                     break
         finally:
+            for weight in relaid:
+                weight.data = weight.data.contiguous()  # back to the row-major layout
             if use_cache:
                 self.reset_kv_cache()
             self.train(was_training)
+
+    def _decoding_layout(self) -> list[nn.Parameter]:
+        """On CPU, while decoding, store the linear weights that widen (out >= in) in a
+        column-major layout, with the weights that read the same input (q/k/v,
+        gate/up) side by side in one buffer: the same values and shapes, but the transpose
+        a one-token matmul x @ Wᵀ reads is contiguous, and q/k/v and gate/up become one
+        matmul each (`shared_input_linears`). Streaming a weight from memory runs 1.2-2.3×
+        faster so (measured on the 2-core EPYC, weights beyond the cache: a (1408, 512)
+        weight 7.7 → 12.9 GB/s, the (8192, 512) head 7.4 → 17.0 GB/s); a narrowing one,
+        (512, 1408), runs slower (10.4 → 7.6 GB/s) and is left alone. No memory is added
+        beyond one group's weights while converting: each weight is copied into the new
+        layout once and back (row-major, contiguous) when generation ends. Returns the
+        weights changed. Not done on GPUs, nor for distributed models."""
+        if self.embed_tokens.weight.device.type != "cpu" or \
+                (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return []
+        groups: list[tuple[nn.Module, ...]] = [(self.lm_head,)]
+        for module in self.modules():
+            if isinstance(module, Attention):
+                groups += [(module.q_proj, module.k_proj, module.v_proj), (module.o_proj,)]
+            elif isinstance(module, FeedForward):
+                groups += [(module.gate_proj, module.up_proj), (module.down_proj,)]
+        relaid, seen = [], set()
+        for group in groups:
+            weights = [m.weight for m in group]
+            if not all(type(m) is nn.Linear and type(w) is nn.Parameter and w.is_contiguous() and id(w) not in seen
+                       for m, w in zip(group, weights)) or sum(w.size(0) for w in weights) < weights[0].size(1):
+                continue
+            buffer = torch.cat([w.data for w in weights]).t().contiguous()  # (in, Σ out)
+            start = 0
+            for weight in weights:
+                weight.data = buffer[:, start:start + weight.size(0)].t()
+                start += weight.size(0)
+                seen.add(id(weight))
+                relaid.append(weight)
+        return relaid
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -344,6 +344,47 @@ def test_cached_generation_equals_uncached(tiny):
     assert model.training  # generate restores the mode it found
 
 
+def test_greedy_generation_equals_argmax_of_the_plain_forward(tiny):
+    """generate decodes with the weights in their decoding layout (column-major, q/k/v and
+    gate/up side by side); the tokens must be those of the plain forward's argmax."""
+    model = Transformer(tiny).eval()
+    prompt = tokens(tiny, 2, 4)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _, _ = model(expected)
+            expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
+
+
+def test_decoding_layout_keeps_values_and_is_undone(tiny):
+    model = Transformer(tiny).eval()
+    x = tokens(tiny, 2, 5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        reference, _, _ = model(x)
+        relaid = model._decoding_layout()
+        attention = model.layers[0].self_attn
+        relaid_ids = {id(w) for w in relaid}
+        assert id(attention.q_proj.weight) in relaid_ids and not attention.q_proj.weight.is_contiguous()
+        joined = shared_input_linears.__globals__["_side_by_side"]([attention.q_proj.weight, attention.k_proj.weight,
+                                                                     attention.v_proj.weight])
+        assert joined is not None and joined.shape == (tiny.num_dims + 2 * tiny.num_kv_heads * tiny.head_dim,
+                                                       tiny.num_dims)
+        assert id(model.layers[0].mlp.down_proj.weight) not in relaid_ids  # narrowing (out < in): left row-major
+        torch.testing.assert_close(model(x)[0], reference, atol=1e-5, rtol=1e-5)
+        for weight in relaid:
+            weight.data = weight.data.contiguous()
+    # after generation, also one abandoned part-way, every weight is back, contiguous and equal
+    model.generate(x, 3, temperature=0)
+    stream = model.generate_stream(x, 5, temperature=0)
+    next(stream)
+    stream.close()
+    for name, param in model.named_parameters():
+        assert param is params[name] and param.is_contiguous() and torch.equal(param, before[name])
+
+
 def test_generate_stream_equals_generate(tiny):
     model = Transformer(tiny)
     prompt = tokens(tiny, 2, 3)
