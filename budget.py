@@ -53,6 +53,12 @@ MAX_PLANNED_EPOCHS = 16
 # instead (at least FLOOR_STEPS): one slow step would otherwise cut such a run to one or two.
 FIXED_STEPS_BELOW = 10
 FLOOR_STEPS = 5  # LightLM's table gives its tiny walkthrough 5 steps
+# torch.compile, by device type: (speed of a compiled training step / eager, seconds to
+# compile), as measured with `python -m bench.bench_train --compile`. On the 2-core EPYC:
+# 0.95x at 5M and 1.00x at 30M (the eager step's own hand-written backwards already do what
+# fusion would) for 16-31 s of compiling, so a CPU plan never pays. A device type not in the
+# table has not been measured, and is not compiled either (bench/gpu_check.py measures it).
+COMPILE_GAIN: dict[str, tuple[float, float]] = {"cpu": (1.0, 30.0)}
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -500,6 +506,23 @@ def finish_seconds(config: ModelConfig, cost: CostModel, seq_len: int, eval_toke
     return evaluation + save + sample + 2.0
 
 
+def compile_decision(device: str, train_seconds: float,
+                     gains: Optional[dict[str, tuple[float, float]]] = None) -> tuple[bool, str]:
+    """Whether compiling the model pays within `train_seconds` of training on `device`:
+    whether the steps saved at the measured speed-up outweigh the compile time. Returns
+    the decision and a note that says why."""
+    gains = COMPILE_GAIN if gains is None else gains
+    if device not in gains:
+        return False, f"torch.compile off: its gain on {device} has not been measured yet"
+    speedup, compile_s = gains[device]
+    saved = train_seconds * (1 - 1 / speedup) if speedup > 1 else 0.0
+    if saved > compile_s:
+        return True, (f"torch.compile on: {speedup:.2f}x faster steps save ~{_duration(saved)} of "
+                      f"{_duration(train_seconds)}, more than the ~{_duration(compile_s)} it takes to compile")
+    return False, (f"torch.compile off: {speedup:.2f}x faster steps would save ~{_duration(saved)}, less than the "
+                   f"~{_duration(compile_s)} it takes to compile on {device}")
+
+
 def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
          spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
          probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None, whole_run: bool = True,
@@ -606,25 +629,32 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     eval_tokens = eval_batches * batch_size * seq_len
     params = non_embedding_params(config)
     learning_rate = 3e-3 if params < 2e6 else 2e-3 if params < 10e6 else 1e-3 if params < 50e6 else 6e-4
+    use_compile, compile_note = compile_decision(hardware.device, train_seconds) if fixed_steps is None else (False, "")
+    rate = 1 / cost.seconds_per_token(config.flops_per_token(seq_len))
+    if use_compile:  # the compile time comes out of the training time, and the steps run faster
+        speedup, compile_s = COMPILE_GAIN[hardware.device]
+        rate *= speedup
+        tokens = (train_seconds - compile_s) * rate
     if fixed_steps is None:  # the deadline ends the run, not the epochs (the throughput may beat the prediction)
         steps = max(1, int(tokens // (batch_size * seq_len)))
         trainer = TrainerConfig(num_epochs=0, batch_size=batch_size, max_seq_len=seq_len, learning_rate=learning_rate,
                                 min_lr=learning_rate / 10, warmup_ratio=min(0.05, 20 / steps) if steps > 20 else 0.0,
                                 lr_schedule="cosine", schedule_by="time", time_limit_s=train_seconds,
                                 eval_steps=eval_batches, use_epoch_checkpoints=False, min_steps=FLOOR_STEPS,
-                                log_interval=max(1, steps // 50))
+                                log_interval=max(1, steps // 50), use_compile=use_compile)
     else:
         trainer = TrainerConfig(num_epochs=0, max_steps=fixed_steps, batch_size=batch_size, max_seq_len=seq_len,
                                 learning_rate=learning_rate, min_lr=learning_rate / 10, warmup_ratio=0.0,
                                 lr_schedule="cosine", eval_steps=eval_batches, use_epoch_checkpoints=False,
                                 log_interval=1)
-    rate = 1 / cost.seconds_per_token(config.flops_per_token(seq_len))
     estimate = estimate_run(trainer, 0, rate, basis, detail, hardware.threads if hardware.device == "cpu" else None)
     reasoning = (f"{rate:,.0f} tokens/s for this shape ({basis}); {_duration(train_seconds)} of training → "
                  f"{tokens_text(tokens)} = {ratio_text(tokens / max(params, 1))} tokens per non-embedding "
                  f"parameter ({epochs_text(tokens / max(dataset_tokens, 1))}), the lowest predicted loss among "
                  f"{len(LADDER)} shapes that fit in memory" if fixed_steps is None else
                  f"{rate:,.0f} tokens/s for the smallest shape ({basis}); the budget holds only a few steps")
+    if use_compile or (fixed_steps is None and hardware.device not in COMPILE_GAIN):
+        notes.append(compile_note)  # (on a measured device type, leaving it off is the plain default)
     reserve = finish_seconds(config, cost, seq_len, eval_tokens, whole_run)
     finish = budget_seconds - (left - train_seconds - reserve)
     return Plan(config, trainer, budget_seconds, train_seconds, dataset_tokens, config.num_params(), memory, finish,

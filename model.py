@@ -724,7 +724,7 @@ class Transformer(nn.Module):
         if start_pos < 0 or end > self.config.context_len:
             raise ValueError(f"positions {start_pos}..{end - 1} exceed context_len="
                              f"{self.config.context_len}; crop the sequence or raise context_len")
-        if self.check_inputs and input_ids.numel():
+        if self.check_inputs and input_ids.numel() and not torch.compiler.is_compiling():  # (a sync: a graph break)
             low, high = torch.aminmax(input_ids)
             low, high = int(low), int(high)
             if low < 0 or high >= self.config.vocab_size:

@@ -4,7 +4,9 @@ import psutil
 import pytest
 import torch
 
-from budget import CostModel, HardwareProfile, Probe, parse_duration, plan, shape, training_memory
+import budget
+from budget import (CostModel, HardwareProfile, Probe, compile_decision, parse_duration, plan, shape,
+                    training_memory)
 
 GIB = 2**30
 
@@ -283,3 +285,22 @@ def test_probing_reports_progress_per_probe_and_a_retake_extends_the_total(tmp_p
     again = []
     plan(60, HARDWARE, dataset_tokens=10**9, vocab_size=8192, cache_dir=tmp_path, progress=again.append)
     assert again == []  # cached
+
+
+def test_compile_is_planned_only_where_its_measured_gain_outweighs_compiling(monkeypatch):
+    gains = {"cpu": (1.0, 30.0), "cuda": (1.25, 60.0)}
+    assert compile_decision("cpu", 3600, gains)[0] is False  # no speed-up: never
+    assert compile_decision("cuda", 120, gains)[0] is False  # saves 24 s < 60 s
+    use, note = compile_decision("cuda", 600, gains)  # saves 120 s > 60 s
+    assert use and "on" in note
+    assert compile_decision("mps", 10**6, gains) == (False, "torch.compile off: its gain on mps has not been "
+                                                            "measured yet")
+    monkeypatch.setitem(budget.COMPILE_GAIN, "cpu", (1.5, 20.0))  # a CPU where it pays: the plan turns it on
+    long = plan(3600, HARDWARE, 10**9, 8192, probes=synthetic_probes(seq_len=128))
+    assert long.trainer.use_compile and any("torch.compile on" in note for note in long.notes)
+    monkeypatch.setitem(budget.COMPILE_GAIN, "cpu", (1.0, 20.0))
+    plain = plan(3600, HARDWARE, 10**9, 8192, probes=synthetic_probes(seq_len=128))
+    assert not plain.trainer.use_compile and not any("compile" in note for note in plain.notes)
+    # the compiled plan counts the compile time out and the faster steps in
+    assert long.tokens == pytest.approx((long.train_seconds - 20.0) / (long.train_seconds / plain.tokens) * 1.5,
+                                        rel=0.02)

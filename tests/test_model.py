@@ -497,3 +497,17 @@ def test_lossfree_update_moves_bias_toward_balance(moe_config):
     assert model.layers[0].mlp.pending_load.sum() == 0
     _, loss, ce_loss = model(x, x)
     assert torch.equal(loss, ce_loss)  # no auxiliary loss with loss-free balancing
+
+
+def test_compiled_model_trains_like_the_eager_one(tiny):
+    """torch.compile takes the plain code paths (RoPE's formula, autograd's backwards) and
+    leaves the loss eager; its loss and gradients must be the eager model's."""
+    torch._dynamo.reset()
+    model = Transformer(tiny)
+    x, y = tokens(tiny), tokens(tiny)
+    _, loss, _ = model(x, y)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    _, compiled_loss, _ = torch.compile(model)(x, y)
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(compiled_loss, list(model.parameters())), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
