@@ -1,7 +1,7 @@
 """Generation speed: our KV-cache decoding vs no cache, and vs transformers' generate.
 
 Greedy decoding of `--new-tokens` tokens after a `--prompt-len` prompt, same weights
-for every contender; the outputs are checked to be identical. The contenders alternate
+for every contender (ours also without its decoding layout, to show what it gives); the outputs are checked to be identical. The contenders alternate
 for `--repeats` rounds and the median of each is reported.
 
     python -m bench.bench_generate --config 30M
@@ -55,8 +55,16 @@ def main() -> None:
             return peer.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  use_cache=use_cache, pad_token_id=0)
 
+    def ours_row_major():  # the weights left as stored, without the decoding layout (for the comparison)
+        relayout, model._decoding_layout = model._decoding_layout, lambda: []
+        try:
+            return model.generate(prompt, n, temperature=0, use_cache=True)
+        finally:
+            model._decoding_layout = relayout
+
     contenders = {
         "ours, KV cache": lambda: model.generate(prompt, n, temperature=0, use_cache=True),
+        "ours, row-major weights": ours_row_major,
         "ours, no cache": lambda: model.generate(prompt, n, temperature=0, use_cache=False),
         "transformers, cache": lambda: hf_generate(True),
     }

@@ -3,9 +3,9 @@
 Identical configuration, weights, batch, sequence length, dtype and thread count; one
 step is forward + cross-entropy + backward + AdamW (the fused kernel for both: Sprat's
 trainer uses it, and so does transformers' Trainer by default with torch >= 2.8). The two models alternate for
-`--repeats` rounds of `--steps` steps each (so both see the same machine conditions),
-and the median tokens/s of each is reported with the ratio and MFU against a matmul
-peak measured in the same run.
+`--repeats` rounds of `--steps` steps each (so both see the same machine conditions);
+the median tokens/s of each is reported, the median of the rounds' ratios, and MFU
+against a matmul peak measured in the same run.
 
     python -m bench.bench_train --configs 5M,30M
     python -m bench.bench_train --configs 5M,30M --tuned-allocator
@@ -82,11 +82,14 @@ def bench_config(name: str, args, device, peak: float) -> dict:
         ours_rates.append(tokens_per_second(ours_step, runner, opt_ours, x, y, args.steps, device))
         peer_rates.append(tokens_per_second(hf_step, peer, opt_peer, x, y, args.steps, device))
     ours_tps, peer_tps = median([r[0] for r in ours_rates]), median([r[0] for r in peer_rates])
-    cpu_ratio = median([r[1] for r in ours_rates]) / median([r[1] for r in peer_rates])
+    # each round's two measurements are adjacent in time: the median of their ratios follows
+    # a machine whose speed drifts (other jobs) better than the ratio of the two medians
+    ratio = median([o[0] / p[0] for o, p in zip(ours_rates, peer_rates)])
+    cpu_ratio = median([o[1] / p[1] for o, p in zip(ours_rates, peer_rates)])
     flops = config.flops_per_token(args.seq_len)
     return dict(config=name, params=config.num_params(), ours=ours_tps, hf=peer_tps, first_step_s=first_step_s,
                 cpu_ratio=cpu_ratio,
-                ratio=ours_tps / peer_tps, mfu_ours=ours_tps * flops / peak, mfu_hf=peer_tps * flops / peak)
+                ratio=ratio, mfu_ours=ours_tps * flops / peak, mfu_hf=peer_tps * flops / peak)
 
 
 def bench_optimizers(name: str, args, device) -> None:
