@@ -269,7 +269,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 IGNORE_INDEX = -100
 
-_workspace = threading.local()  # per thread: a reused logits buffer for each (device, dtype)
+_workspace = threading.local()  # per thread: a reused fp32 logits buffer for each device
 
 
 def _logits_buffer(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
@@ -808,8 +808,9 @@ class Transformer(nn.Module):
                 if eos_token_id is not None and bool(finished.all()):
                     break
         finally:
-            for weight in relaid:
-                weight.data = weight.data.contiguous()  # back to the row-major layout
+            with torch.inference_mode(False):  # (a caller's inference mode must not make them inference tensors)
+                for weight in relaid:
+                    weight.data = weight.data.contiguous()  # back to the row-major layout
             if use_cache:
                 self.reset_kv_cache()
             self.train(was_training)
@@ -841,7 +842,8 @@ class Transformer(nn.Module):
             if not all(type(m) is nn.Linear and type(w) is nn.Parameter and w.is_contiguous() and id(w) not in seen
                        for m, w in zip(group, weights)) or sum(w.size(0) for w in weights) < weights[0].size(1):
                 continue
-            buffer = torch.cat([w.data for w in weights]).t().contiguous()  # (in, Σ out)
+            with torch.inference_mode(False):  # the weights stay ordinary tensors under a caller's inference mode
+                buffer = torch.cat([w.data for w in weights]).t().contiguous()  # (in, Σ out)
             start = 0
             for weight in weights:
                 weight.data = buffer[:, start:start + weight.size(0)].t()

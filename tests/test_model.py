@@ -383,6 +383,11 @@ def test_decoding_layout_keeps_values_and_is_undone(tiny):
     stream.close()
     for name, param in model.named_parameters():
         assert param is params[name] and param.is_contiguous() and torch.equal(param, before[name])
+    with torch.inference_mode():  # a caller's inference mode: the weights must still train afterwards
+        model.generate(x, 2, temperature=0)
+    assert not any(param.is_inference() for param in model.parameters())
+    model.train()
+    model(x, x)[1].backward()
 
 
 def test_generate_stream_equals_generate(tiny):
