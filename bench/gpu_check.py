@@ -71,7 +71,7 @@ from trainer import Trainer, TrainerConfig, fast_bf16, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
-STATUSES = ("ok", "fail", "error", "timeout", "skipped")
+STATUSES = ("ok", "fail", "error", "timeout", "skipped")  # "fail": it ran, and an expectation did not hold
 MIN_CHECK_S = 20.0  # a check is not started with less time than this left
 OOM_ROOM = 0.6  # the memory cap leaves this share of the reference run's activation memory
 LOSS_TOLERANCE = 0.02  # relative: the same samples in other micro-batches, in bf16
@@ -82,7 +82,6 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # for the process
 class Settings:
     """The checks' sizes: the GPU run's, or (`SMOKE`) the CPU smoke run's."""
 
-    smoke: bool = False
     preset: str = "125M"  # throughput, trainer_choices, generation, compile
     seq_len: int = 1024
     batch_size: int = 16
@@ -100,7 +99,7 @@ class Settings:
     generate_rounds: int = 3
 
 
-SMOKE = Settings(smoke=True, preset="tiny", seq_len=16, batch_size=4, warmup_steps=1, steps_per_round=2, rounds=2,
+SMOKE = Settings(preset="tiny", seq_len=16, batch_size=4, warmup_steps=1, steps_per_round=2, rounds=2,
                  train_budget=None, oom_preset="tiny", oom_seq_len=16, oom_batch_size=8, oom_steps=2,
                  nf4_shapes=((64, 128),), prompt_len=4, new_tokens=8, generate_rounds=1)
 
@@ -115,7 +114,7 @@ class Context:
 
 
 class Skipped(Exception):
-    """A check that does not apply here (no CUDA, a package missing)."""
+    """A check that cannot run here (a package it compares against is missing)."""
 
 
 class Recorder:
@@ -407,7 +406,7 @@ def check_trainer_run(rec: Recorder, ctx: Context) -> None:
     command = [sys.executable, "train.py", "train", "--out", str(runs_dir), "--name", name, "--cache-dir",
                str(ctx.work / "cache")]
     if settings.train_budget is None:
-        corpus = write_small_corpus(ctx.work / "corpus.jsonl")
+        corpus = write_small_corpus(ctx.work / "corpus.txt")
         command += ["--data", str(corpus), "--preset", "tiny", "--seq-len", "16", "--batch-size", "4",
                     "data.vocab_size=300", "trainer.max_steps=3"]
     else:
@@ -424,30 +423,17 @@ def check_trainer_run(rec: Recorder, ctx: Context) -> None:
 
         budget = parse_duration(settings.train_budget)
         rec.record(budget_s=budget, budget_error_s=wall - budget)
-    run_dir = runs_dir / name
     if not rec.expect(exit_code == 0, f"train.py exited with {exit_code} (its output is in log.txt)"):
         return
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    start = next(e for e in events if e["type"] == "start")
-    finished = next(e for e in reversed(events) if e["type"] == "finished")
-    steps = [e for e in events if e["type"] == "step"]
-    evals = [e for e in events if e["type"] == "eval"]
-    info = json.loads((run_dir / "run.json").read_text())
-    reported = [e["tokens_per_s"] for e in steps[len(steps) // 2:] if e["tokens_per_s"] > 0]
-    rec.record(device=start["device"], dtype=start["dtype"], params=start["params"],
-               model={key: info["model"][key] for key in ("num_dims", "num_layers", "num_heads", "vocab_size")},
-               batch_size=info["trainer"]["batch_size"], accumulation_steps=info["trainer"]["accumulation_steps"],
-               seq_len=info["trainer"]["max_seq_len"], estimated_steps=start.get("estimated_steps"),
-               estimate_basis=start.get("estimate_basis"), status=finished["status"], steps=finished["global_step"],
-               tokens_seen=finished["tokens_seen"], training_s=finished["elapsed_s"],
-               tokens_per_s_reported=median(reported) if reported else None,
-               tokens_per_s_overall=finished["tokens_seen"] / max(finished["elapsed_s"], 1e-9),
-               val_loss=evals[-1]["val_loss"] if evals else None)
-    rec.expect(finished["status"] in ("finished", "deadline", "max_steps"), f"the run ended as {finished['status']}")
+    figures = run_figures(runs_dir / name)
+    rec.record(**figures)
+    rec.expect(figures["status"] in ("finished", "deadline", "max_steps"), f"the run ended as {figures['status']}")
     if ctx.device.type == "cuda":
-        rec.expect(start["device"] == "cuda", f"train.py trained on {start['device']}, not on the GPU")
-    summary = f"{finished['global_step']} steps of a {start['params'] / 1e6:.1f}M model in {start['dtype']} on " \
-              f"{start['device']}, {rec.values['tokens_per_s_overall']:,.0f} tokens/s"
+        rec.expect(figures["device"] == "cuda", f"train.py trained on {figures['device']}, not on the GPU")
+        if fast_bf16(ctx.device):
+            rec.expect(figures["dtype"] == "bfloat16", f"train.py trained in {figures['dtype']}, not bf16 autocast")
+    summary = f"{figures['steps']} steps of a {figures['params'] / 1e6:.1f}M model in {figures['dtype']} on " \
+              f"{figures['device']}, {figures['tokens_per_s_overall']:,.0f} tokens/s"
     if settings.train_budget is not None:
         budget = rec.values["budget_s"]
         rec.expect(wall <= budget + max(5.0, 0.05 * budget),
@@ -456,22 +442,40 @@ def check_trainer_run(rec: Recorder, ctx: Context) -> None:
     rec.record(summary=summary)
 
 
+def run_figures(run_dir: Path) -> dict:
+    """What a finished run's metrics.jsonl and run.json say about it: model, device,
+    precision, steps (and the estimate shown at the start), and tokens/s as the trainer's
+    display reported it (median over the second half of the steps) and over its training time."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    start = next(e for e in events if e["type"] == "start")
+    finished = next(e for e in reversed(events) if e["type"] == "finished")
+    steps = [e for e in events if e["type"] == "step"]
+    evals = [e for e in events if e["type"] == "eval"]
+    info = json.loads((run_dir / "run.json").read_text())
+    reported = [e["tokens_per_s"] for e in steps[len(steps) // 2:] if e["tokens_per_s"] > 0]
+    return dict(device=start["device"], dtype=start["dtype"], params=start["params"],
+                model={key: info["model"][key] for key in ("num_dims", "num_layers", "num_heads", "vocab_size")},
+                batch_size=info["trainer"]["batch_size"], accumulation_steps=info["trainer"]["accumulation_steps"],
+                seq_len=info["trainer"]["max_seq_len"], estimated_steps=start.get("estimated_steps"),
+                estimate_basis=start.get("estimate_basis"), status=finished["status"], steps=finished["global_step"],
+                tokens_seen=finished["tokens_seen"], training_s=finished["elapsed_s"],
+                tokens_per_s_reported=median(reported) if reported else None,
+                tokens_per_s_overall=finished["tokens_seen"] / max(finished["elapsed_s"], 1e-9),
+                val_loss=evals[-1]["val_loss"] if evals else None)
+
+
 def write_small_corpus(path: Path, documents: int = 60) -> Path:
-    """A JSON-lines corpus of random sentences (the smoke run's data: no tokenizer training
-    on the whole built-in corpus)."""
+    """A text file of random paragraphs: the smoke run's data (quicker than training a
+    tokenizer on the whole built-in corpus, and read without `datasets`, as the built-in is)."""
     words = "the model reads tokens and learns to predict the next one from the ones before it".split()
     rng = np.random.default_rng(0)
-    with open(path, "w") as file:
-        for _ in range(documents):
-            file.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 60)))}) + "\n")
+    path.write_text("\n\n".join(" ".join(rng.choice(words, rng.integers(20, 60))) for _ in range(documents)))
     return path
 
 
 def check_oom(rec: Recorder, ctx: Context) -> None:
     """A reference run, then the same run under a memory cap its micro-batch does not fit:
     the trainer must catch the real out-of-memory error and train the same samples."""
-    if ctx.device.type != "cuda":
-        raise Skipped("no CUDA")
     settings = ctx.settings
     config = ModelConfig.from_name(settings.oom_preset, context_len=max(
         settings.oom_seq_len, ModelConfig.from_name(settings.oom_preset).context_len))
@@ -523,15 +527,13 @@ def check_oom(rec: Recorder, ctx: Context) -> None:
     rec.expect(loss_difference is not None and loss_difference <= LOSS_TOLERANCE,
                f"step losses differ from the reference's by up to {loss_difference}")
     sizes = " -> ".join([str(batch)] + [str(f.micro_batch_size or "CPU") for f in fallbacks])
-    rec.record(summary=f"{len(fallbacks)} real CUDA out-of-memory error(s) caught, micro-batch {sizes}; "
-                       f"{result.tokens_seen:,} tokens as in the reference run, losses within "
-                       f"{loss_difference or 0:.2%}")
+    rec.record(summary=f"{len(fallbacks)} real CUDA out-of-memory error(s) caught, micro-batch {sizes}, training "
+                       f"on {trainer.device.type}; {result.tokens_seen:,} tokens (reference "
+                       f"{reference.tokens_seen:,}), losses within {loss_difference or 0:.2%}")
 
 
 def check_nf4(rec: Recorder, ctx: Context) -> None:
     """bitsandbytes' CUDA NF4 vs ours: quantization, dequantization and the 4-bit matmul."""
-    if ctx.device.type != "cuda":
-        raise Skipped("no CUDA")
     try:
         import bitsandbytes
         import bitsandbytes.functional as bnbf
@@ -644,8 +646,6 @@ def check_generation(rec: Recorder, ctx: Context) -> None:
 
 def check_compile(rec: Recorder, ctx: Context) -> None:
     """Our model eager vs torch.compile'd (as `trainer.use_compile` does), same parameters."""
-    if ctx.device.type != "cuda":
-        raise Skipped("no CUDA")
     settings, device = ctx.settings, ctx.device
     dtype = compute_dtype(device)
     config = ModelConfig.from_name(settings.preset, context_len=max(settings.seq_len,
@@ -682,6 +682,7 @@ class CheckSpec:
     name: str
     run: Callable[[Recorder, Context], None]
     limit_s: float  # on the GPU (the smoke run's sizes take seconds)
+    cuda_only: bool = False  # skipped without CUDA (on a CPU: nothing to check, or minutes to compile)
 
 
 CHECKS = (
@@ -689,10 +690,10 @@ CHECKS = (
     CheckSpec("trainer_choices", check_trainer_choices, 90),
     CheckSpec("throughput", check_throughput, 150),
     CheckSpec("trainer_run", check_trainer_run, 150),
-    CheckSpec("oom", check_oom, 150),
-    CheckSpec("nf4", check_nf4, 90),
+    CheckSpec("oom", check_oom, 150, cuda_only=True),
+    CheckSpec("nf4", check_nf4, 90, cuda_only=True),
     CheckSpec("generation", check_generation, 120),
-    CheckSpec("compile", check_compile, 240),
+    CheckSpec("compile", check_compile, 240, cuda_only=True),
 )
 BY_NAME = {spec.name: spec for spec in CHECKS}
 
@@ -819,8 +820,9 @@ def run_all(args: argparse.Namespace, specs: list[CheckSpec]) -> int:
             check_started = time.perf_counter()
             left = deadline - check_started
             limit = None
-            if device.type != "cuda" and not args.cpu_smoke and spec.name != "environment":
-                result = Recorder().result("skipped", skip_reason="no CUDA (--cpu-smoke runs the CPU version)")
+            reason = reason_to_skip(spec, device, args.cpu_smoke)
+            if reason:
+                result = Recorder().result("skipped", skip_reason=reason)
             elif left < MIN_CHECK_S:
                 result = Recorder().result("skipped", skip_reason=f"out of time ({left:.0f} s left)")
             elif args.in_process:
@@ -840,6 +842,16 @@ def run_all(args: argparse.Namespace, specs: list[CheckSpec]) -> int:
         say(f"gpu_check: done in {report.meta['total_seconds']:.0f} s: " + ", ".join(
             f"{check['name']} {check['status']}" for check in report.checks))
     return 0
+
+
+def reason_to_skip(spec: CheckSpec, device: torch.device, smoke: bool) -> Optional[str]:
+    if device.type == "cuda":
+        return None
+    if spec.cuda_only:
+        return "no CUDA"
+    if not smoke and spec.name != "environment":  # the GPU sizes would take hours on a CPU
+        return "no CUDA (--cpu-smoke runs the CPU version)"
+    return None
 
 
 def git_commit() -> Optional[str]:

@@ -20,6 +20,7 @@ def test_cpu_smoke_run_reports_every_check(tmp_path):
     assert document["finished"] and document["mode"] == "cpu-smoke"
     statuses = {check["name"]: check["status"] for check in document["checks"]}
     assert list(statuses) == [spec.name for spec in gpu_check.CHECKS]
+    assert set(statuses.values()) <= set(gpu_check.STATUSES)
     for check in document["checks"]:
         if check["name"] in CUDA_ONLY:
             assert check["status"] == "skipped" and check["skip_reason"] == "no CUDA"
