@@ -325,8 +325,8 @@ def sdpa_backends(config: ModelConfig, seq_len: int, device: torch.device, dtype
                     with sdpa_kernel([backend]):
                         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
                     results[label] = "runs"
-                except RuntimeError as error:
-                    reasons = "; ".join(str(w.message).splitlines()[0][:160] for w in caught)
+                except Exception as error:  # noqa: BLE001 - "not available here", whatever form it takes
+                    reasons = "; ".join(str(w.message).splitlines()[0][:160] for w in caught if str(w.message))
                     results[label] = f"no: {reasons or first_line(error)}"
     return results
 
@@ -716,6 +716,7 @@ def run_isolated(spec: CheckSpec, args: argparse.Namespace, work: Path, limit_s:
     killed with everything it started when `limit_s` passes; its last saved figures are
     kept either way."""
     path = work / f"{spec.name}.json"
+    path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "bench.gpu_check", "--child", spec.name, "--work", str(work)]
     if args.cpu_smoke:
         command.append("--cpu-smoke")
@@ -728,9 +729,10 @@ def run_isolated(spec: CheckSpec, args: argparse.Namespace, work: Path, limit_s:
     try:
         exit_code, timed_out = process.wait(timeout=limit_s), False
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (it may have ended just now)
+            os.killpg(process.pid, signal.SIGKILL)  # the check and what it started (train.py)
         exit_code, timed_out = process.wait(), True
-    result = json.loads(path.read_text()) if path.exists() else Recorder().result("error")
+    result = json.loads(path.read_text()) if path.exists() else Recorder().result("running")
     if timed_out:
         result.update(status="timeout", error=f"stopped after its time limit of {limit_s:.0f} s")
     elif result["status"] == "running":  # died without a word: a crash in native code, the OOM killer
@@ -876,10 +878,14 @@ def fmt(value) -> str:
             return f"{value:,.0f}"
         return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
     if isinstance(value, dict):
-        return ", ".join(f"{fmt(key)}: {fmt(item)}" for key, item in value.items())
+        return ", ".join(f"{fmt(key)}: {nested(item)}" for key, item in value.items())
     if isinstance(value, (list, tuple)):
-        return "; ".join(fmt(item) for item in value)
+        return "; ".join(nested(item) for item in value)
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def nested(value) -> str:
+    return f"({fmt(value)})" if isinstance(value, (dict, list, tuple)) else fmt(value)
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
@@ -902,7 +908,7 @@ def markdown(document: dict) -> str:
          fmt(check.get("skip_reason") or check.get("error") or "; ".join(check["failures"])
              or check["values"].get("summary", ""))) for check in document["checks"]])
     for name, section in (("throughput", throughput_table), ("compile", compile_table),
-                          ("generation", generation_table), ("trainer_run", trainer_run_table)):
+                          ("generation", generation_table), ("trainer_run", trainer_run_table), ("nf4", nf4_table)):
         values = checks.get(name, {}).get("values", {})
         if values:
             lines += ["", *section(values)]
@@ -964,6 +970,21 @@ def trainer_run_table(values: dict) -> list[str]:
             ("tokens/s (trainer's display, training time)", f"{fmt(values['tokens_per_s_reported'])}, "
                                                              f"{fmt(values['tokens_per_s_overall'])}")]
     return ["## The trainer end to end", "", *table(("", ""), rows)]
+
+
+
+def nf4_table(values: dict) -> list[str]:
+    if "milliseconds" not in values:
+        return []
+    timings = values["milliseconds"]
+    rows = [(operation, *(f"{times[name]:.3f}" if name in times else "" for name in
+                          ("sprat", "bitsandbytes", "bf16 F.linear"))) for operation, times in timings.items()]
+    agreement = [(label, f"{result['codes_equal']:.2%}", f"{result['dequantized_equal']:.2%}")
+                 for label, result in values.get("comparisons", {}).items()]
+    return [f"## NF4: ours vs bitsandbytes {values['bitsandbytes']} ({values['dtype']}, blocks of {values['blocksize']})",
+            "", *table(("weight", "packed codes equal", "dequantized weights equal"), agreement),
+            "", f"Milliseconds (median of 20) on a {values.get('timed_shape', '?')} weight:", "",
+            *table(("operation", "Sprat", "bitsandbytes", "bf16 F.linear"), rows)]
 
 
 if __name__ == "__main__":
