@@ -247,7 +247,7 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 def check_environment(rec: Recorder, ctx: Context) -> None:
     device = ctx.device
     versions = {}
-    for package in ("transformers", "bitsandbytes", "tokenizers", "safetensors"):
+    for package in ("transformers", "tokenizers", "safetensors", "bitsandbytes", "datasets", "gguf"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
