@@ -227,7 +227,8 @@ def operators_run(fn: Callable[[], object]) -> set[str]:
     return {event.key for event in prof.key_averages()}
 
 
-ATTENTION_KERNELS = {"flash": "_scaled_dot_product_flash_attention", "efficient": "_scaled_dot_product_efficient_attention",
+ATTENTION_KERNELS = {"flash": "_scaled_dot_product_flash_attention",
+                     "efficient": "_scaled_dot_product_efficient_attention",
                      "cudnn": "_scaled_dot_product_cudnn_attention", "math": "_scaled_dot_product_attention_math"}
 
 
@@ -596,7 +597,8 @@ def check_nf4(rec: Recorder, ctx: Context) -> None:
                                        for name, fn in contenders.items()}
             rec.record(milliseconds=milliseconds, timed_shape=f"{rows}x{columns}")
     for label, difference in matmuls.items():
-        rec.expect(difference < 1e-2, f"matmul on {label}: ours and bitsandbytes' differ by {difference:.2e} (relative)")
+        rec.expect(difference < 1e-2, f"matmul on {label}: ours and bitsandbytes' differ by {difference:.2e} "
+                                      f"(relative)")
     rec.record(summary=f"codes identical in {sum(r['codes_equal'] == 1 for r in comparisons.values())} of "
                        f"{len(comparisons)} comparisons; {rows}x{columns} dequantize "
                        f"{milliseconds['dequantize']['sprat']:.3f} ms ours vs "
@@ -940,13 +942,14 @@ def compile_table(values: dict) -> list[str]:
             *table(("Sprat", "tokens/s", "MFU"), [("eager", values["eager_tokens_per_s"], f"{values['mfu_eager']:.1%}"),
                                                   ("compiled", values["compiled_tokens_per_s"],
                                                    f"{values['mfu_compiled']:.1%}")]),
-            "", f"Compiling took {values['compile_s']:.0f} s (first compiled step {values['compiled_first_step_s']:.0f} s); "
-                f"speed-up {values['speedup']:.2f}x."]
+            "", f"Compiling took {values['compile_s']:.0f} s (first compiled step "
+                f"{values['compiled_first_step_s']:.0f} s); speed-up {values['speedup']:.2f}x."]
 
 
 def generation_table(values: dict) -> list[str]:
     rows = [(dtype, values[dtype]["sprat_tokens_per_s"], values[dtype]["transformers_tokens_per_s"],
-             f"{values[dtype]['ratio']:.2f}x", values[dtype]["identical"]) for dtype in ("fp32", "bf16") if dtype in values]
+             f"{values[dtype]['ratio']:.2f}x", values[dtype]["identical"])
+            for dtype in ("fp32", "bf16") if dtype in values]
     if not rows:
         return []
     return [f"## Generation: {values['preset']}, greedy, batch 1, {values['prompt_len']}-token prompt, "
@@ -981,7 +984,8 @@ def nf4_table(values: dict) -> list[str]:
                           ("sprat", "bitsandbytes", "bf16 F.linear"))) for operation, times in timings.items()]
     agreement = [(label, f"{result['codes_equal']:.2%}", f"{result['dequantized_equal']:.2%}")
                  for label, result in values.get("comparisons", {}).items()]
-    return [f"## NF4: ours vs bitsandbytes {values['bitsandbytes']} ({values['dtype']}, blocks of {values['blocksize']})",
+    return [f"## NF4: ours vs bitsandbytes {values['bitsandbytes']} ({values['dtype']}, blocks of "
+            f"{values['blocksize']})",
             "", *table(("weight", "packed codes equal", "dequantized weights equal"), agreement),
             "", f"Milliseconds (median of 20) on a {values.get('timed_shape', '?')} weight:", "",
             *table(("operation", "Sprat", "bitsandbytes", "bf16 F.linear"), rows)]
