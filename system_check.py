@@ -89,6 +89,134 @@ def _flash_attention(capability: Optional[tuple[int, int]]) -> bool:
     return capability is not None and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled()
 
 
+# ---- peak throughput, the denominator of MFU ------------------------------------------------
+@dataclass(frozen=True)
+class DevicePeak:
+    """Dense peak throughput of one GPU model in TFLOP/s, as its vendor's datasheet states it.
+    Datasheets print tensor-core figures "with sparsity" (2:4 structured sparsity, which
+    training does not use); the dense figure is half of that, and that is what is kept here.
+    `half` is the 16-bit tensor-core rate with fp32 accumulation (what autocast's matmuls
+    run); `bf16` is None where the chip has no bf16 tensor cores, `tf32` where it has no TF32
+    ones; `fp32` is the plain (CUDA core) rate."""
+
+    pattern: str  # searched (case-insensitive) in torch.cuda.get_device_name()
+    half: float
+    bf16: Optional[float]
+    tf32: Optional[float]
+    fp32: float
+
+
+# Most specific first: the first pattern found in the device name wins. Consumer cards match
+# only when the name ends with the model ("... RTX 4090", not "RTX 4090 D" or "Laptop GPU").
+DEVICE_PEAKS = (
+    # NVIDIA H100 Tensor Core GPU datasheet (H100 SXM, H100 PCIe, H100 NVL columns)
+    DevicePeak(r"\bH100\b.*\bNVL\b", half=835.5, bf16=835.5, tf32=417.5, fp32=60.0),
+    DevicePeak(r"\bH100\b.*\bPCIe\b", half=756.5, bf16=756.5, tf32=378.0, fp32=51.0),
+    DevicePeak(r"\bH100\b", half=989.5, bf16=989.5, tf32=494.5, fp32=67.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    # NVIDIA H200 Tensor Core GPU datasheet (H200 SXM and H200 NVL columns)
+    DevicePeak(r"\bH200\b.*\bNVL\b", half=835.5, bf16=835.5, tf32=417.5, fp32=60.0),
+    DevicePeak(r"\bH200\b", half=989.5, bf16=989.5, tf32=494.5, fp32=67.0),
+    # NVIDIA GH200 Grace Hopper Superchip datasheet (the GPU's figures are the H100 SXM's)
+    DevicePeak(r"\bGH200\b", half=989.5, bf16=989.5, tf32=494.5, fp32=67.0),
+    # NVIDIA A100 Tensor Core GPU datasheet: the same figures for 40/80 GB, PCIe and SXM
+    DevicePeak(r"\bA100\b", half=312.0, bf16=312.0, tf32=156.0, fp32=19.5),
+    # NVIDIA L40S and L40 datasheets
+    DevicePeak(r"\bL40S\b", half=362.05, bf16=362.05, tf32=183.0, fp32=91.6),
+    DevicePeak(r"\bL40\b", half=181.05, bf16=181.05, tf32=90.5, fp32=90.5),
+    # NVIDIA L4 Tensor Core GPU datasheet (242 and 120 TFLOP/s with sparsity)
+    DevicePeak(r"\bL4\b", half=121.0, bf16=121.0, tf32=60.0, fp32=30.3),
+    # NVIDIA A10 Tensor Core GPU datasheet
+    DevicePeak(r"\bA10\b", half=125.0, bf16=125.0, tf32=62.5, fp32=31.2),
+    # NVIDIA Ada GPU Architecture whitepaper, appendix A (GeForce: FP32 accumulation at half rate)
+    DevicePeak(r"\bRTX 4090$", half=165.2, bf16=165.2, tf32=82.6, fp32=82.6),
+    # NVIDIA Ampere GA102 GPU Architecture whitepaper, table 9 (likewise)
+    DevicePeak(r"\bRTX 3090$", half=71.0, bf16=71.0, tf32=35.6, fp32=35.6),
+    # NVIDIA T4 Tensor Core GPU datasheet ("mixed precision (FP16/FP32)"; Turing has no bf16 or TF32)
+    DevicePeak(r"\bT4\b", half=65.0, bf16=None, tf32=None, fp32=8.1),
+    # NVIDIA V100 Tensor Core GPU datasheet (V100S PCIe, V100 PCIe, V100 SXM2 columns)
+    DevicePeak(r"\bV100S\b", half=130.0, bf16=None, tf32=None, fp32=16.4),
+    DevicePeak(r"\bV100\b.*\bPCIe\b", half=112.0, bf16=None, tf32=None, fp32=14.0),
+    DevicePeak(r"\bV100\b", half=125.0, bf16=None, tf32=None, fp32=15.7),
+)
+
+# Dense FLOPs per clock per multiprocessor by compute capability, for GPUs not in the table:
+# (16-bit tensor cores, TF32 tensor cores or None, plain fp32), from each architecture's
+# tensor cores per SM x FMAs per clock x 2. Consumer cards of 8.6/8.9/12.0 run 16-bit with
+# fp32 accumulation at half this rate, so for them the estimate is high (MFU reads low).
+FLOPS_PER_CLOCK_PER_SM = {
+    (7, 0): (1024, None, 128),  # Volta
+    (7, 5): (1024, None, 128),  # Turing
+    (8, 0): (2048, 1024, 128),  # A100
+    (8, 6): (1024, 512, 256),  # GA10x
+    (8, 9): (1024, 512, 256),  # Ada
+    (9, 0): (4096, 2048, 256),  # Hopper
+    (10, 0): (8192, 4096, 256),  # Blackwell data center
+    (12, 0): (1024, 512, 256),  # Blackwell workstation and consumer
+}
+DEFAULT_CLOCK_HZ = 1.5e9  # when the SM clock is unknown: about a data-center part's boost clock
+DEFAULT_PEAKS = {"half": 312e12, "tf32": 156e12, "fp32": 19.5e12}  # nothing known at all: an A100's
+
+
+def _precision(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype in (torch.bfloat16, torch.float16):
+        return "bf16" if dtype == torch.bfloat16 else "half"
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "fp32"
+    raise ValueError(f"dtype {dtype}: peak throughput is known for bfloat16, float16 and float32")
+
+
+def estimated_peak_flops(dtype: torch.dtype, capability: Optional[tuple[int, int]] = None,
+                         multiprocessors: Optional[int] = None, clock_hz: Optional[float] = None,
+                         tf32: bool = False) -> float:
+    """Peak FLOP/s of a GPU the table does not know: multiprocessors x SM clock x dense FLOPs
+    per clock per multiprocessor of the nearest known compute capability at or below
+    `capability`. bf16 before compute 8.0 (no bf16 tensor cores) and TF32 before 8.0 fall
+    back to the fp32 rate. Without a capability or a multiprocessor count, an A100's figures."""
+    precision = _precision(dtype, tf32)
+    known = [cc for cc in FLOPS_PER_CLOCK_PER_SM if capability is not None and cc <= tuple(capability)]
+    if not known or not multiprocessors:
+        return DEFAULT_PEAKS["half" if precision == "bf16" else precision]
+    half, tf32_rate, fp32 = FLOPS_PER_CLOCK_PER_SM[max(known)]
+    per_clock = {"half": half, "bf16": half if tuple(capability) >= (8, 0) else fp32,
+                 "tf32": tf32_rate or fp32, "fp32": fp32}[precision]
+    return multiprocessors * (clock_hz or DEFAULT_CLOCK_HZ) * per_clock
+
+
+def device_peak_flops(name: str, dtype: torch.dtype, tf32: bool = False,
+                      capability: Optional[tuple[int, int]] = None, multiprocessors: Optional[int] = None,
+                      clock_hz: Optional[float] = None) -> tuple[float, bool]:
+    """(peak FLOP/s, estimated?) of the GPU `name` (torch.cuda.get_device_name()) for matmuls
+    in `dtype`: the dense datasheet figure when the table knows the device and the precision,
+    else `estimated_peak_flops` from the other arguments, marked estimated. float32 counts
+    at the TF32 tensor-core rate when `tf32` (torch.backends.cuda.matmul.allow_tf32)."""
+    precision = _precision(dtype, tf32)
+    for peak in DEVICE_PEAKS:
+        if re.search(peak.pattern, name.strip(), flags=re.IGNORECASE):
+            tflops = getattr(peak, precision)
+            if tflops is not None:
+                return tflops * 1e12, False
+            break  # the chip lacks that unit: estimated from what it has
+    return estimated_peak_flops(dtype, capability, multiprocessors, clock_hz, tf32), True
+
+
+def cuda_peak_flops(dtype: torch.dtype, device: int = 0) -> tuple[float, bool]:
+    """`device_peak_flops` of a CUDA device of this machine, with its compute capability,
+    multiprocessor count and (through NVML, when nvidia-ml-py is installed) maximum SM clock
+    for the estimate."""
+    props = torch.cuda.get_device_properties(device)
+    clock_hz = None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+        clock_hz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6
+    except Exception:  # noqa: BLE001 - no NVML: the default clock
+        pass
+    return device_peak_flops(props.name, dtype, torch.backends.cuda.matmul.allow_tf32, (props.major, props.minor),
+                             props.multi_processor_count, clock_hz)
+
+
 class SystemCheck:
     """Quick checks of this machine; `run_all()` runs them all and never raises."""
 

@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 import time
 from collections import namedtuple
 from dataclasses import replace
@@ -133,7 +134,8 @@ def test_hardware_manager_on_cpu():
 
 def fake_gpu(monkeypatch, name: str, major: int, minor: int, gib: float, bf16: bool) -> None:
     """torch.cuda as a machine with one such GPU would answer (no kernel ever runs)."""
-    props = SimpleNamespace(name=name, total_memory=int(gib * 2**30), major=major, minor=minor)
+    props = SimpleNamespace(name=name, total_memory=int(gib * 2**30), major=major, minor=minor,
+                            multi_processor_count=132)
     for attribute, value in {"is_available": lambda: True, "device_count": lambda: 1,
                              "get_device_properties": lambda index: props, "get_device_name": lambda index: name,
                              "is_bf16_supported": lambda: bf16,
@@ -204,3 +206,75 @@ def test_max_micro_batch_is_a_power_of_two_that_fits(tiny, monkeypatch):
     assert hardware.max_micro_batch(tiny, 16) == 1
     monkeypatch.setattr(hardware, "memory_available_bytes", state / 2)
     assert hardware.max_micro_batch(tiny, 16) == 0
+
+
+# ---- peak throughput for MFU ---------------------------------------------------------------
+@pytest.mark.parametrize("name, bf16_tflops, tf32_tflops, fp32_tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.5, 494.5, 67.0),
+    ("NVIDIA H100 PCIe", 756.5, 378.0, 51.0),
+    ("NVIDIA H100 NVL", 835.5, 417.5, 60.0),
+    ("NVIDIA H200", 989.5, 494.5, 67.0),
+    ("NVIDIA H200 NVL", 835.5, 417.5, 60.0),
+    ("NVIDIA GH200 480GB", 989.5, 494.5, 67.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0, 156.0, 19.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0, 156.0, 19.5),
+    ("NVIDIA A100-PCIE-40GB", 312.0, 156.0, 19.5),
+    ("NVIDIA A100 80GB PCIe", 312.0, 156.0, 19.5),
+    ("NVIDIA L40S", 362.05, 183.0, 91.6),
+    ("NVIDIA L40", 181.05, 90.5, 90.5),
+    ("NVIDIA L4", 121.0, 60.0, 30.3),
+    ("NVIDIA A10", 125.0, 62.5, 31.2),
+    ("NVIDIA GeForce RTX 4090", 165.2, 82.6, 82.6),
+    ("NVIDIA GeForce RTX 3090", 71.0, 35.6, 35.6),
+])
+def test_datasheet_peaks_are_the_dense_figures(name, bf16_tflops, tf32_tflops, fp32_tflops):
+    assert system_check.device_peak_flops(name, torch.bfloat16) == (bf16_tflops * 1e12, False)
+    assert system_check.device_peak_flops(name, torch.float16) == (bf16_tflops * 1e12, False)
+    assert system_check.device_peak_flops(name, torch.float32, tf32=True) == (tf32_tflops * 1e12, False)
+    assert system_check.device_peak_flops(name, torch.float32) == (fp32_tflops * 1e12, False)
+
+
+@pytest.mark.parametrize("name, half_tflops, fp32_tflops", [
+    ("Tesla T4", 65.0, 8.1), ("Tesla V100-SXM2-16GB", 125.0, 15.7), ("Tesla V100-PCIE-32GB", 112.0, 14.0),
+    ("Tesla V100S-PCIE-32GB", 130.0, 16.4)])
+def test_cards_without_bf16_tensor_cores_give_fp16_from_the_table_and_estimate_bf16(name, half_tflops, fp32_tflops):
+    assert system_check.device_peak_flops(name, torch.float16) == (half_tflops * 1e12, False)
+    assert system_check.device_peak_flops(name, torch.float32) == (fp32_tflops * 1e12, False)
+    # no bf16 (nor TF32) units: the fp32 rate, estimated from the multiprocessors and clock
+    peak, estimated = system_check.device_peak_flops(name, torch.bfloat16, capability=(7, 5), multiprocessors=40,
+                                                     clock_hz=1.59e9)
+    assert estimated and peak == pytest.approx(40 * 1.59e9 * 128)
+    assert system_check.device_peak_flops(name, torch.float32, tf32=True, capability=(7, 5), multiprocessors=40,
+                                          clock_hz=1.59e9)[1]
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA GeForce RTX 4090 D", "NVIDIA GeForce RTX 4090 Laptop GPU",
+                                  "NVIDIA GeForce RTX 3090 Ti", "NVIDIA A800-SXM4-80GB", "NVIDIA B200"])
+def test_names_that_only_resemble_a_known_card_are_estimated(name):
+    assert system_check.device_peak_flops(name, torch.bfloat16)[1]
+
+
+def test_estimates_follow_the_architecture_and_reproduce_known_cards():
+    # an H100 SXM's 132 multiprocessors at 1.83 GHz: within 1% of its datasheet's 989.5 TFLOP/s
+    peak, estimated = system_check.device_peak_flops("NVIDIA H800", torch.bfloat16, capability=(9, 0),
+                                                     multiprocessors=132, clock_hz=1.83e9)
+    assert estimated and peak == pytest.approx(989.5e12, rel=0.01)
+    # an A100's 108 at 1.41 GHz against its 312 dense bf16 and 156 TF32
+    assert system_check.estimated_peak_flops(torch.bfloat16, (8, 0), 108, 1.41e9) == pytest.approx(312e12, rel=0.01)
+    assert system_check.estimated_peak_flops(torch.float32, (8, 0), 108, 1.41e9, tf32=True) == \
+        pytest.approx(156e12, rel=0.01)
+    # a newer capability uses the nearest known one below it; no clock: the default clock
+    assert system_check.estimated_peak_flops(torch.bfloat16, (9, 1), 100) == 100 * 1.5e9 * 4096
+    # nothing known about the device: an A100's figures
+    assert system_check.device_peak_flops("Some Future GPU", torch.bfloat16) == (312e12, True)
+    assert system_check.device_peak_flops("Some Future GPU", torch.float32) == (19.5e12, True)
+    with pytest.raises(ValueError, match="int8"):
+        system_check.device_peak_flops("NVIDIA H200", torch.int8)
+
+
+def test_cuda_peak_flops_reads_the_device(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: the default clock
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 9, 0, 79.2, bf16=True)
+    assert system_check.cuda_peak_flops(torch.bfloat16) == (989.5e12, False)
+    fake_gpu(monkeypatch, "NVIDIA H800", 9, 0, 79.2, bf16=True)
+    assert system_check.cuda_peak_flops(torch.bfloat16) == (132 * 1.5e9 * 4096, True)
