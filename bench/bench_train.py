@@ -34,16 +34,24 @@ from bench.common import hf_peer, matmul_peak_flops, median, sync
 from model import ModelConfig, Transformer
 
 
+def autocast(x: torch.Tensor):
+    """bf16 autocast on CUDA, as the trainer runs there; fp32 on the CPU (the trainer's
+    default, and the fair comparison: the same precision for both contenders)."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+
+
 def ours_step(model, optimizer, x, y):
-    _, loss, _ = model(x, y)
+    with autocast(x):
+        _, loss, _ = model(x, y)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def hf_step(model, optimizer, x, y):
-    logits = model(input_ids=x).logits
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    with autocast(x):
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
