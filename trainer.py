@@ -722,22 +722,24 @@ class Trainer:
             try:
                 return self._run_group(group)
             except Exception as error:  # noqa: BLE001 - only out-of-memory is handled
-                if not is_out_of_memory(error) or self.config.distributed:
-                    raise  # under torchrun a rank retrying alone would hang the others
-                self.optimizer.zero_grad(set_to_none=True)
-                self._free_memory()
-                batch_size = self.config.batch_size
-                if math.ceil(batch_size / self.state.micro_splits) > 1:
-                    self.state.micro_splits = min(batch_size, self.state.micro_splits * 2)
-                    self.emit(Fallback(action="halve_micro_batch", step=self.global_step, error=str(error)[:200],
-                                       micro_batch_size=math.ceil(batch_size / self.state.micro_splits),
-                                       accumulation=self.state.micro_splits * self.config.accumulation_steps,
-                                       effective_batch=batch_size * self.config.accumulation_steps))
-                elif self.device.type != "cpu":
-                    self._move_to_cpu()
-                    self.emit(Fallback(action="move_to_cpu", step=self.global_step, error=str(error)[:200]))
-                else:
-                    raise
+                if not is_out_of_memory(error) or self.config.distributed \
+                        or (self.config.batch_size <= self.state.micro_splits and self.device.type == "cpu"):
+                    raise  # (under torchrun a rank retrying alone would hang the others)
+                message = str(error)[:200]
+            # Out of the except block: its traceback, and the failed step's tensors that its
+            # frames hold, are released before the memory is freed.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._free_memory()
+            batch_size = self.config.batch_size
+            if math.ceil(batch_size / self.state.micro_splits) > 1:
+                self.state.micro_splits = min(batch_size, self.state.micro_splits * 2)
+                self.emit(Fallback(action="halve_micro_batch", step=self.global_step, error=message,
+                                   micro_batch_size=math.ceil(batch_size / self.state.micro_splits),
+                                   accumulation=self.state.micro_splits * self.config.accumulation_steps,
+                                   effective_batch=batch_size * self.config.accumulation_steps))
+            else:
+                self._move_to_cpu()
+                self.emit(Fallback(action="move_to_cpu", step=self.global_step, error=message))
 
     def _free_memory(self) -> None:
         import gc
