@@ -482,7 +482,9 @@ def check_table(report, hardware) -> Table:
     table.add_column("details")
     for check in report.checks:
         table.add_row(check.name, marks.get(check.status, check.status), check.message)
-    table.add_row("Training", "", f"device {hardware.device}, dtype {hardware.recommended_dtype()}, flash attention "
+    note = hardware.precision_note()
+    table.add_row("Training", "", f"device {hardware.device}, dtype {hardware.recommended_dtype()}"
+                                  f"{f' ({note})' if note else ''}, flash attention "
                                   f"{'yes' if hardware.flash_attention_available else 'no'}")
     return table
 

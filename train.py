@@ -189,6 +189,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     from system_check import HardwareManager, SystemCheck
 
+    runs.settle_precision(TrainerConfig(), runs.DEFAULT_CACHE)  # the CPU's precision as training will find it
     report = SystemCheck(checkpoint_dir=args.out).run_all()
     hardware = HardwareManager()
     if args.json:
