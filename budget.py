@@ -2,8 +2,9 @@
 on time, planned from throughput measured on this machine.
 
 1. Probe: time a few training steps (forward + backward + AdamW, after a warm-up) of a
-   few candidate shapes on the device, and cache the timings per machine, device, torch
-   version and thread count.
+   few candidate shapes on the device in the precision the run will use (on a CPU, chosen
+   by measurement and cached too), and cache the timings per machine, device, torch
+   version, thread count and precision.
 2. Cost model: seconds per token = α + β · training FLOPs per token, fitted to the probes.
 3. Choose: for every shape of a ladder, predict the tokens it can see in the time left
    after the fixed costs (start-up and data preparation already spent, the final
@@ -35,7 +36,8 @@ import torch
 
 from events import Callback, duration_text as _duration, progress_reporter
 from model import ModelConfig, Transformer
-from trainer import TrainerConfig, build_optimizer, resolve_dtype
+from trainer import (CpuPrecision, TrainerConfig, build_optimizer, cpu_precision, known_cpu_precision,
+                     remember_cpu_precision, resolve_dtype)
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
 # Chinchilla's fitted constants (Hoffmann et al. 2022, approach 3).
@@ -45,6 +47,7 @@ PROBE_WIDTHS = (64, 128, 256)
 PROBE_BATCH = 2  # sequences per probe step: enough to be representative, cheap enough to be quick
 PROBE_TASK = "measuring this machine (throughput probes)"  # training steps of small, middle and large shapes
 PROBE_METHOD = "median"  # in the cache key: probes cached by an earlier way of measuring are measured again
+PRECISION_METHOD = "pairs1"  # the same for the CPU's precision (trainer.bf16_speedup)
 # Past ~16 passes repeated data is worth almost nothing more (Muennighoff et al. 2023 fit its
 # value's decay constant at ~15 epochs), so no plan trains longer than that: the rest of a
 # larger budget is left unused, and the plan says so.
@@ -201,20 +204,20 @@ def machine_busy(threads: int) -> bool:
 
 def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: int, seconds_each: float,
           cache_dir: Optional[str | Path] = None, remeasure: bool = False,
-          progress: Optional[Callable[[int, int], None]] = None) -> tuple[list[Probe], bool]:
-    """Probes for the ladder's small, middle and large shapes, from the cache when this
-    machine, device, torch version, vocabulary and sequence length were measured before
-    (unless `remeasure`). A measurement that looks disturbed (a wider shape faster than a
+          progress: Optional[Callable[[int, int], None]] = None,
+          dtype: Optional[torch.dtype] = None) -> tuple[list[Probe], bool]:
+    """Probes for the ladder's small, middle and large shapes in `dtype` (default: the
+    precision training picks here), from the cache when this machine, device, torch
+    version, vocabulary, sequence length and precision were measured before (unless
+    `remeasure`). A measurement that looks disturbed (a wider shape faster than a
     narrower one) is taken once more; one taken while the machine was busy or still
     disturbed is used for this plan but not cached, so one slow moment does not make every
     later plan pessimistic. `progress(done, total)` follows the probes measured (a retake
     adds its probes to the total). Returns (probes, came_from_cache)."""
-    key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}|{PROBE_METHOD}"
+    dtype = dtype or resolve_dtype(TrainerConfig(), torch.device(hardware.device))
+    key = f"{hardware.key()}|v{vocab_size}|t{seq_len}|b{batch_size}|{PROBE_METHOD}|{str(dtype).removeprefix('torch.')}"
     cache = Path(cache_dir) / "probes.json" if cache_dir else None
-    try:
-        stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    except ValueError:  # a damaged cache is measured again
-        stored = {}
+    stored = _read_cache(cache)
     if key in stored and not remeasure:
         return [Probe(**p) for p in stored[key]], True
 
@@ -223,7 +226,8 @@ def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: 
         for width in PROBE_WIDTHS:
             config = shape(width, vocab_size, seq_len)
             probes.append(Probe(width, config.flops_per_token(seq_len),
-                                measure(config, min(batch_size, PROBE_BATCH), seq_len, hardware.device, seconds_each)))
+                                measure(config, min(batch_size, PROBE_BATCH), seq_len, hardware.device, seconds_each,
+                                        dtype)))
             if progress is not None:
                 progress(done + len(probes), total)
         return probes
@@ -234,23 +238,66 @@ def probe(hardware: HardwareProfile, vocab_size: int, seq_len: int, batch_size: 
         probes = measure_all(count, 2 * count)
     trustworthy = probes_look_sane(probes) and (hardware.device != "cpu" or not machine_busy(hardware.threads))
     if cache is not None and trustworthy:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         stored[key] = [asdict(p) for p in probes]
-        partial = cache.with_name(f".probes.{os.getpid()}")
-        partial.write_text(json.dumps(stored, indent=1))
-        os.replace(partial, cache)
+        _write_cache(cache, stored)
     elif cache is not None and key in stored:  # a stale figure (--remeasure) is not better than this one
         del stored[key]
-        partial = cache.with_name(f".probes.{os.getpid()}")
-        partial.write_text(json.dumps(stored, indent=1))
-        os.replace(partial, cache)
+        _write_cache(cache, stored)
     return probes, False
 
 
-def best_thread_count(device: str = "cpu", seq_len: int = 128, vocab_size: int = 8192) -> tuple[int, dict[int, float]]:
-    """Torch's thread count for training on this CPU, by measurement: one thread against all
-    the cores (on a busy machine one thread can be twice as fast). Returns the faster and
-    seconds per token of each."""
+def _read_cache(cache: Optional[Path]) -> dict:
+    try:
+        return json.loads(cache.read_text()) if cache and cache.exists() else {}
+    except ValueError:  # a damaged cache is measured again
+        return {}
+
+
+def _write_cache(cache: Path, stored: dict) -> None:
+    """`stored` in `cache` whole, or the old file untouched (another process may read it)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.stem}.{os.getpid()}")
+    partial.write_text(json.dumps(stored, indent=1))
+    os.replace(partial, cache)
+
+
+def precision(hardware: HardwareProfile, cache_dir: Optional[str | Path] = None,
+              remeasure: bool = False) -> Optional[CpuPrecision]:
+    """The precision `use_dtype="auto"` trains in on this CPU (`trainer.cpu_precision`):
+    this process's choice when it has one, else the one cached in `precision.json` next to
+    the probes for this machine and torch version (measured on one thread, whatever the
+    count), else measured now (about half a second) and cached; `remeasure` measures again. None on CUDA, whose rule needs no
+    measurement. Whatever it finds becomes this process's choice, so the probes, the plan
+    and the run all use it."""
+    if hardware.device != "cpu":
+        return None
+    choice = known_cpu_precision()
+    if choice is not None and (not remeasure or choice.source == "environment"):
+        return choice
+    cache = Path(cache_dir) / "precision.json" if cache_dir else None
+    key = f"{hardware.machine}|{hardware.device}|{hardware.device_name}|{hardware.torch_version}|{PRECISION_METHOD}"
+    stored = _read_cache(cache)
+    if key in stored and not remeasure:
+        try:
+            choice = CpuPrecision(stored[key]["dtype"], stored[key]["speedup"], "cached")
+        except (KeyError, TypeError):
+            choice = None
+        if choice is not None:
+            remember_cpu_precision(choice)
+            return choice
+    choice = cpu_precision(remeasure=True)
+    if cache is not None and choice.source in ("measured", "unsupported"):
+        stored[key] = {"dtype": choice.dtype, "speedup": choice.speedup}
+        _write_cache(cache, stored)
+    return choice
+
+
+def best_thread_count(device: str = "cpu", seq_len: int = 128, vocab_size: int = 8192,
+                      dtype: Optional[torch.dtype] = None) -> tuple[int, dict[int, float]]:
+    """Torch's thread count for training on this CPU, by measurement in `dtype` (default:
+    the precision training picks here): one thread against all the cores (on a busy
+    machine one thread can be twice as fast). Returns the faster and seconds per token of
+    each."""
     import psutil
 
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
@@ -262,7 +309,7 @@ def best_thread_count(device: str = "cpu", seq_len: int = 128, vocab_size: int =
     try:
         for threads in (cores, 1):
             torch.set_num_threads(threads)
-            timings[threads] = measure(config, PROBE_BATCH, seq_len, device, seconds=0.2)
+            timings[threads] = measure(config, PROBE_BATCH, seq_len, device, seconds=0.2, dtype=dtype)
     finally:
         torch.set_num_threads(before)
     return min(timings, key=timings.get), timings
@@ -526,9 +573,10 @@ def compile_decision(device: str, train_seconds: float,
 def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, vocab_size: int,
          spent_seconds: float = 0.0, cache_dir: Optional[str | Path] = None,
          probes: Optional[list[Probe]] = None, seq_len: Optional[int] = None, whole_run: bool = True,
-         remeasure: bool = False, progress: Optional[Callback] = None) -> Plan:
+         remeasure: bool = False, progress: Optional[Callback] = None, dtype: Optional[torch.dtype] = None) -> Plan:
     """The configuration expected to reach the lowest loss in `budget_seconds` of wall
-    time, of which `spent_seconds` (start-up, data preparation) are already gone.
+    time, of which `spent_seconds` (start-up, data preparation) are already gone, probed in
+    `dtype` (default: the precision training picks here).
     `Progress` events of the throughput probes (probes measured of all) go to `progress`.
     `probes` skips measuring (tests pass synthetic ones); `seq_len` overrides the
     sequence length chosen for the budget. `whole_run=False` plans `budget_seconds` of
@@ -543,7 +591,7 @@ def plan(budget_seconds: float, hardware: HardwareProfile, dataset_tokens: int, 
     if probes is None:
         seconds_each = min(0.5, max(0.1, 0.005 * budget_seconds))  # ~5 s of probing at most
         probes, cached = probe(hardware, vocab_size, seq_len, batch_size, seconds_each, cache_dir, remeasure,
-                               progress_reporter(PROBE_TASK, "probes", progress))
+                               progress_reporter(PROBE_TASK, "probes", progress), dtype)
     probe_seconds = 0.0 if cached else time.perf_counter() - probe_started
     cost = CostModel.fit(probes)
     eval_batches = 4

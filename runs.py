@@ -26,7 +26,7 @@ import torch
 import checkpoint
 from budget import (CostModel, Estimate, FinetunePlan, HardwareProfile, Plan, best_thread_count, check_memory,
                     enough_steps, estimate_run, finetune_seq_len, measure, measure_step, parse_duration, plan,
-                    plan_finetune, probe, sequence_length, training_memory)
+                    plan_finetune, precision, probe, sequence_length, training_memory)
 from config_io import ConfigError, apply_overrides, load_configs, move_aliases
 from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedBlocks, PreparedData, held_out_text,
                   instruction_lengths, load_pretrained_tokenizer, load_tokenizer_dir, prepare, template_note,
@@ -36,7 +36,8 @@ from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
 from gguf_io import export_gguf, load_gguf
 from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
-from trainer import Guard, Trainer, TrainerConfig, TrainResult, evaluate, guard_limit, resolve_device, resolve_dtype
+from trainer import (CpuPrecision, Guard, Trainer, TrainerConfig, TrainResult, evaluate, guard_limit, resolve_device,
+                     resolve_dtype)
 
 DEFAULT_PRESET = "2M"  # the model of `train` without --budget or --preset
 DEFAULT_CACHE = ".cache/sprat"  # tokenized data and trained tokenizers
@@ -358,6 +359,7 @@ def train_prepared(configs: dict, prepared: PreparedData, run_dir: Path, display
         if stop_at is not None:
             trainer_config = dataclasses.replace(trainer_config, time_limit_s=max(1.0, stop_at - time.time()))
         data_config = prepared.config or configs["data"]  # the built-in corpus after a hub fallback
+        settle_precision(trainer_config, data_config.cache_dir)
         trainer = Trainer(model, trainer_config, prepared.train, prepared.val, run_dir=run_dir, estimate=estimate,
                           finish_s=finish_s)
         if trainer.is_main:
@@ -462,6 +464,19 @@ def threads_set(threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def settle_precision(trainer_config: TrainerConfig, cache_dir: Optional[str], remeasure: bool = False,
+                     say: Say = _quiet) -> Optional[CpuPrecision]:
+    """The precision `use_dtype="auto"` trains in on this CPU, decided for this process
+    before anything resolves it: cached next to the planner's probes, or measured and
+    cached (`budget.precision`); said through `say`. None when the config
+    names a precision or trains on CUDA."""
+    if trainer_config.use_dtype != "auto" or resolve_device(trainer_config).type != "cpu":
+        return None
+    choice = precision(HardwareProfile.detect("cpu"), cache_dir, remeasure)
+    say(f"precision: {choice.describe()}")
+    return choice
+
+
 def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: TrainerConfig, cache_dir: str,
                   whole_run: bool = True, remeasure: bool = False,
                   measure_chosen: bool = False, say: Say = _quiet, progress: Optional[Callback] = None,
@@ -475,18 +490,20 @@ def plan_prepared(budget_s: float, prepared: PreparedData, trainer_config: Train
     measurement counts against the budget too (none: nothing spent). `Progress` events of
     the throughput probes go to `progress`."""
     device = resolve_device(trainer_config).type
-    with chosen_threads(device, say):
+    settle_precision(trainer_config, cache_dir, remeasure, say)
+    dtype = resolve_dtype(trainer_config, torch.device(device))  # what the run will train in: what is timed
+    with chosen_threads(device, say, dtype):
         spent_seconds = spent() if spent is not None else 0.0
         hardware = HardwareProfile.detect(device)
         the_plan = plan(budget_s, hardware, prepared.report.train_tokens, len(prepared.tokenizer),
                         spent_seconds=spent_seconds, cache_dir=cache_dir, seq_len=trainer_config.max_seq_len,
-                        whole_run=whole_run, remeasure=remeasure, progress=progress)
+                        whole_run=whole_run, remeasure=remeasure, progress=progress, dtype=dtype)
         t = the_plan.trainer
         step_s = t.tokens_per_step / the_plan.tokens_per_second
         if measure_chosen and step_s <= MEASURE_STEP_LIMIT_S and \
                 training_memory(the_plan.model, t.batch_size, t.max_seq_len) < 0.6 * hardware.memory_bytes:
             rate = 1.0 / measure(fit_model_to_data(the_plan.model, t, prepared), t.batch_size, t.max_seq_len, device,
-                                 seconds=min(1.0, 4 * step_s))
+                                 seconds=min(1.0, 4 * step_s), dtype=dtype)
             estimate = estimate_run(t, len(prepared.train), rate, "measured",
                                     f"3+ steps of this model at micro-batch {t.batch_size}", the_plan.estimate.threads)
             the_plan = dataclasses.replace(the_plan, estimate=estimate)
@@ -505,12 +522,13 @@ def estimate_training(configs: dict, prepared: PreparedData, measured: Optional[
     trainer_config = configs["trainer"]
     model_config = fit_model_to_data(configs["model"], trainer_config, prepared)
     device = resolve_device(trainer_config)
+    settle_precision(trainer_config, prepared_cache(prepared))
     dtype = resolve_dtype(trainer_config, device)
     batch, seq_len = trainer_config.batch_size, trainer_config.max_seq_len
     measured = {} if measured is None else measured
     key = (json.dumps(model_config.to_dict(), sort_keys=True), batch, seq_len, str(dtype), device.type)
     if key not in measured:
-        threads = best_thread_count(device.type)[0] if device.type == "cpu" else None
+        threads = best_thread_count(device.type, dtype=dtype)[0] if device.type == "cpu" else None
         with threads_set(threads):
             hardware = HardwareProfile.detect(device.type)
             if training_memory(model_config, batch, seq_len) < 0.8 * hardware.memory_bytes:
@@ -518,7 +536,8 @@ def estimate_training(configs: dict, prepared: PreparedData, measured: Optional[
                     rate = 1.0 / measure(model_config, batch, seq_len, device.type, seconds=1.0, dtype=dtype)
                 measured[key] = (rate, "measured", f"3+ steps of this model at micro-batch {batch}", threads)
             else:
-                probes, cached = probe(hardware, model_config.vocab_size, seq_len, 2, 0.3, prepared_cache(prepared))
+                probes, cached = probe(hardware, model_config.vocab_size, seq_len, 2, 0.3, prepared_cache(prepared),
+                                       dtype=dtype)
                 rate = 1.0 / CostModel.fit(probes).seconds_per_token(model_config.flops_per_token(seq_len))
                 measured[key] = (rate, "interpolated", "the planner's probes: the step does not fit in memory to "
                                                        "measure it", threads)
@@ -531,11 +550,12 @@ def prepared_cache(prepared: PreparedData) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def chosen_threads(device: str, say: Say = _quiet) -> Iterator[None]:
-    """Torch's thread count by measurement on a CPU while the block runs (1 thread beats
-    all cores when other processes hold them); the caller's count afterwards."""
+def chosen_threads(device: str, say: Say = _quiet, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """Torch's thread count by measurement on a CPU (in `dtype`, default: the precision
+    training picks) while the block runs (1 thread beats all cores when other processes
+    hold them); the caller's count afterwards."""
     before = torch.get_num_threads()
-    threads, timings = best_thread_count(device)
+    threads, timings = best_thread_count(device, dtype=dtype)
     if len(timings) > 1:
         rates = ", ".join(f"{n} thread{'s' if n > 1 else ''} {1 / t:,.0f}" for n, t in sorted(timings.items()))
         say(f"torch threads: {threads} (measured tokens/s: {rates})")
@@ -736,9 +756,10 @@ def _finetune(request: FinetuneRequest, display: Optional[Callback], say: Say,
                 f"task target token), fresh each epoch from {replay['pool']} blocks of {request.general_data}'s "
                 f"training side")
     device = resolve_device(trainer_config)
+    settle_precision(trainer_config, request.cache_dir, say=say)
     dtype = resolve_dtype(trainer_config, device)
     if budget is not None:
-        stack.enter_context(chosen_threads(device.type, say))
+        stack.enter_context(chosen_threads(device.type, say, dtype))
     model.to(device)
     eval_started = time.perf_counter()  # the base as the user has it (before NF4): what the guard compares with
     base_task = evaluate(model, task_val, trainer_config.batch_size, None, device, dtype)
@@ -1026,6 +1047,7 @@ def resume(request: ResumeRequest, display: Optional[Callback] = None, say: Say 
                                   f"differ, so the run cannot resume exactly")
         val = first_samples(prepared.val, FINETUNE_VAL_SAMPLES)
         guard = _rebuild_guard(info, tokenizer, configs["data"].cache_dir, model.config.context_len)
+    settle_precision(configs["trainer"], configs["data"].cache_dir)  # (a run keeps its own: the trainer's restore)
     trainer = Trainer(model, configs["trainer"], prepared.train, val, run_dir=run_dir, adapter_only=finetuned,
                       guard=guard)
     distributed = configs["trainer"].distributed

@@ -189,6 +189,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     from system_check import HardwareManager, SystemCheck
 
+    runs.settle_precision(TrainerConfig(), runs.DEFAULT_CACHE)  # the CPU's precision as training will find it
     report = SystemCheck(checkpoint_dir=args.out).run_all()
     hardware = HardwareManager()
     if args.json:
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "e.g. model.num_layers=6 trainer.learning_rate=3e-4 data.subset_size=100.")
     train.add_argument("--budget", default=None, help="time for the whole run: 90s, 20m, 2h, or hours (0.001)")
     train.add_argument("--remeasure", action="store_true", help="with --budget: measure this machine again (ignore "
-                                                                 "cached probes)")
+                                                                 "the cached precision and probes)")
     train.add_argument("--data", default=BUILTIN, help="'builtin', a local file or folder, or a hub dataset name")
     train.add_argument("--config", default=None, help="JSON or YAML file with model / trainer / data sections")
     train.add_argument("--preset", default=None, choices=list(PRESETS), help=f"model preset; with --budget it skips "
@@ -389,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.add_argument("--data", default=BUILTIN)
     plan_parser.add_argument("--cache-dir", default=DEFAULT_CACHE)
     plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan_parser.add_argument("--remeasure", action="store_true", help="measure this machine again (ignore cached probes)")
+    plan_parser.add_argument("--remeasure", action="store_true", help="measure this machine again (ignore the cached "
+                                                                      "precision and probes)")
     plan_parser.add_argument("overrides", nargs="*", metavar="data.FIELD=VALUE")
     plan_parser.set_defaults(func=cmd_plan)
 

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from events import (Callback, CheckpointSaved, CheckpointSetAside, EarlyStop, Ep
                     Finished, Interrupt, NonFinite, Reestimate, Resumed, Start, Step, Stopped, TrainResult)
 from loader import ThreadedDataLoader
 from lora import parameter_report
-from model import Transformer
+from model import ModelConfig, Transformer
 
 
 @dataclass
@@ -56,8 +57,10 @@ class TrainerConfig(ConfigIO):
     optimizer: str = described("adamw", "adamw, or adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
     seed: int = described(1998, "random seed (data order, initialisation)")
     device: str = described("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    use_dtype: str = described("auto", "compute precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
-                                                          choices=("auto", "float32", "bfloat16", "float16"))
+    use_dtype: str = described("auto", "compute precision: auto (bf16/fp16 autocast on CUDA; on a CPU bf16 autocast "
+                                       "where measured 1.2x faster than fp32, else fp32; a resumed run keeps its own), "
+                                       "float32, bfloat16, float16",
+                               choices=("auto", "float32", "bfloat16", "float16"))
     use_compile: bool = described(False, "torch.compile the model (off by default on CPU)")
     use_flash: bool = described(True, "attention through scaled_dot_product_attention (flash / memory-efficient "
                                       "kernels on CUDA) instead of explicit matmul-softmax; also model.use_flash")
@@ -216,10 +219,135 @@ def resolve_device(config: TrainerConfig) -> torch.device:
     return torch.device(config.device)
 
 
+BF16_MARGIN = 1.2  # bf16 autocast trains a CPU run only when measured at least this much faster than fp32
+CPU_DTYPE_VARIABLE = "SPRAT_CPU_DTYPE"  # float32 or bfloat16: auto's CPU choice without measuring (the tests pin it)
+
+
+@dataclass(frozen=True)
+class CpuPrecision:
+    """The precision `use_dtype="auto"` trains in on this CPU, and why: `speedup` is how
+    much faster bf16 autocast ran than fp32 when measured (None: not measured), `source`
+    says where the choice came from (measured, cached, unsupported, environment)."""
+
+    dtype: str  # float32 | bfloat16
+    speedup: Optional[float] = None
+    source: str = "measured"
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    def describe(self) -> str:
+        """'bf16 autocast (measured 1.52x as fast as fp32 on this CPU)'."""
+        return f"{'bf16 autocast' if self.bf16 else 'fp32'} ({self.reason()})"
+
+    def reason(self) -> str:
+        """Why: 'measured 1.52x as fast as fp32 on this CPU' (', cached' when it was)."""
+        if self.source == "environment":
+            return f"set by {CPU_DTYPE_VARIABLE}"
+        if self.source == "unsupported":
+            return "torch has no bf16 kernels for this CPU"
+        when = ", cached" if self.source == "cached" else ""
+        if self.bf16:
+            return f"measured {self.speedup:.2f}x as fast as fp32 on this CPU{when}"
+        return f"bf16 autocast measured only {self.speedup:.2f}x as fast on this CPU (needs {BF16_MARGIN}x){when}"
+
+
+_cpu_precision: list[CpuPrecision] = []  # this process's choice, once decided (measured or from the cache)
+
+
+def bf16_speedup(seconds: float = 0.3, most_pairs: int = 7) -> float:
+    """How much faster bf16 autocast trains than fp32 on this CPU: the median, over pairs
+    of one fp32 and one bf16 forward and backward pass timed back to back (so that other
+    work on the machine slows both alike), of fp32's time over bf16's, after a warm-up of
+    each. The model is one block of the ladder's 256-wide shape with an 8,192-token
+    vocabulary at batch 2 x 128, the logits included (most of a small model's step). At
+    least three pairs, more while they fit in `seconds`; two when both find bf16 at less
+    than half the speed (emulated: 13x slower on an earlier machine). On one thread: the
+    cores' bf16 speed is what is asked, and two threads on a busy two-core machine time the
+    other process instead (0.8x where one thread measured 1.4x)."""
+    config = ModelConfig(vocab_size=8192, num_dims=256, num_heads=4, num_kv_heads=2, num_layers=1,
+                         ffn_hidden_dims=672, context_len=128)
+    with torch.random.fork_rng(devices=[]):  # the run's random state stays its own
+        torch.manual_seed(0)
+        model = Transformer(config).train()
+        ids = torch.randint(0, config.vocab_size, (2, config.context_len))
+
+    def seconds_of_step(bf16: bool) -> float:
+        began = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss, _ = model(ids, ids)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds_of_step(False), seconds_of_step(True)
+        ratios: list[float] = []
+        started = time.perf_counter()
+        while len(ratios) < 3 or (len(ratios) < most_pairs and time.perf_counter() - started < seconds):
+            fp32 = seconds_of_step(False)
+            ratios.append(fp32 / seconds_of_step(True))
+            if len(ratios) == 2 and max(ratios) < 0.5:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(ratios)
+
+
+def cpu_precision(remeasure: bool = False, speedup: Optional[Callable[[], float]] = None) -> CpuPrecision:
+    """The precision auto trains in on this CPU: bf16 autocast when it is measured (by
+    `speedup`, default `bf16_speedup`) at least BF16_MARGIN times as fast as fp32, else
+    fp32. Decided once a process (again when `remeasure`); SPRAT_CPU_DTYPE=float32 or
+    bfloat16 decides without measuring."""
+    known = known_cpu_precision()
+    if known is not None and (not remeasure or known.source == "environment"):
+        return known
+    if not _bf16_kernels():
+        choice = CpuPrecision("float32", None, "unsupported")
+    else:
+        ratio = (speedup or bf16_speedup)()
+        choice = CpuPrecision("bfloat16" if ratio >= BF16_MARGIN else "float32", round(ratio, 3))
+    remember_cpu_precision(choice)
+    return choice
+
+
+def known_cpu_precision() -> Optional[CpuPrecision]:
+    """This process's CPU precision if it is decided (or set by SPRAT_CPU_DTYPE), without measuring."""
+    pinned = os.environ.get(CPU_DTYPE_VARIABLE, "").strip().lower()
+    if pinned:
+        if pinned not in ("float32", "bfloat16"):
+            raise ValueError(f"{CPU_DTYPE_VARIABLE}={pinned!r}: must be float32 or bfloat16 (or unset: measured)")
+        return CpuPrecision(pinned, None, "environment")
+    return _cpu_precision[0] if _cpu_precision else None
+
+
+def _bf16_kernels() -> bool:
+    """Whether torch has bf16 kernels for this CPU (oneDNN's own test; True where torch has no such test)."""
+    test = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(test()) if test is not None else True
+    except RuntimeError:
+        return True
+
+
+def remember_cpu_precision(choice: Optional[CpuPrecision]) -> None:
+    """Make `choice` this process's CPU precision (from a cache), or forget it (None)."""
+    _cpu_precision.clear()
+    if choice is not None:
+        _cpu_precision.append(choice)
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast pays on `device`: CUDA from compute capability 8.0 (Ampere),
-    where it runs natively; before that it is emulated, and on the CPU bf16 matmuls are far
-    slower than fp32. The one place this rule lives (training and the system check)."""
+    where it runs natively (before that it is emulated); a CPU where it was measured
+    faster than fp32 by a margin (`cpu_precision`: AVX-512 BF16 or AMX CPUs, not those that
+    emulate it, 13x slower on an earlier machine). The one place this rule lives (training
+    and the system check)."""
+    if device.type == "cpu":
+        return cpu_precision().bf16
     if device.type != "cuda":
         return False
     props = torch.cuda.get_device_properties(device.index or 0)
@@ -227,13 +355,18 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(config: TrainerConfig, device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 autocast on CUDA where it is fast, else fp16 with a GradScaler;
-    `use_dtype` forces a choice."""
+    """bf16 autocast where it is fast (`fast_bf16`); else fp16 with a GradScaler on CUDA
+    and fp32 on a CPU; `use_dtype` forces a choice."""
     if config.use_dtype != "auto":
         return getattr(torch, config.use_dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if fast_bf16(device) else torch.float16
-    return torch.float32
+    if fast_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
 
 
 def memory_stats(device: torch.device) -> dict:
@@ -439,6 +572,7 @@ class TrainState:
     loader: dict = field(default_factory=dict)  # ThreadedDataLoader.state_dict(): epoch, position, seed
     micro_splits: int = 1  # each loader batch is cut into this many micro-batches (grows on OOM)
     device: str = "cpu"
+    dtype: Optional[str] = None  # the precision it trains in (None: a checkpoint from before it was recorded)
     best_val_loss: Optional[float] = None
     best_general_loss: Optional[float] = None  # the guard's general-text loss at the best evaluation
     best_checkpoint: Optional[str] = None
@@ -531,13 +665,15 @@ class Trainer:
         if config.distributed and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.dtype = resolve_dtype(config, self.device)
+        # why auto chose this precision, for the start line (a CPU's measured choice)
+        self.dtype_note = cpu_precision().reason() if config.use_dtype == "auto" and self.device.type == "cpu" else None
         self.loader = ThreadedDataLoader(dataset=train_data, batch_size=config.batch_size, seed=config.seed,
                                          rank=rank, world_size=world_size, pin_memory=self.device.type == "cuda")
         self.optimizer = build_optimizer(model, config, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(self.loader) / config.accumulation_steps)
         self.total_steps = total_steps(config, self.steps_per_epoch)  # None: the deadline ends the run
-        self.state = TrainState(device=self.device.type, adapter_only=adapter_only)
+        self.state = TrainState(device=self.device.type, dtype=_dtype_name(self.dtype), adapter_only=adapter_only)
         self.last_checkpoint: Optional[str] = None
         self.last_checkpoint_step: Optional[int] = None  # the step it holds (every rank knows it, none reads files)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # task loss, general-text loss
@@ -585,6 +721,7 @@ class Trainer:
         """The state to save now (elapsed time, loader position, RNG and scaler filled in)."""
         self.state.loader = self.loader.state_dict()
         self.state.device = self.device.type
+        self.state.dtype = _dtype_name(self.dtype)
         session = self._session
         if session is not None:
             self.state.elapsed_s = session.elapsed_before + time.perf_counter() - session.started
@@ -666,12 +803,30 @@ class Trainer:
             self.loader.load_state_dict(state.loader)
         except ValueError as error:  # saved with another global batch that does not divide what was read
             raise checkpoint.CheckpointError(f"{path.name}: {error}") from None
+        self._keep_precision(state, path)
         if state.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.scaler)
         if state.rng is not None:
             set_rng_state(state.rng)
         self.emit(Resumed(checkpoint=path.name, step=self.global_step, epoch=self.loader.epoch))
         return state
+
+    def _keep_precision(self, state: TrainState, path: Path) -> None:
+        """A resumed run trains on in the precision it was trained in on this device type
+        (under `use_dtype="auto"`), whatever auto would choose now: the one its state
+        records, or fp32 on a CPU for a checkpoint from before it was recorded."""
+        if self.config.use_dtype != "auto" or state.device != self.device.type:
+            return
+        if state.dtype in ("float32", "bfloat16", "float16"):
+            recorded = getattr(torch, state.dtype)
+        elif state.dtype is None and self.device.type == "cpu":
+            recorded = torch.float32
+        else:  # CUDA's rule has not changed since before the precision was recorded
+            return
+        if recorded != self.dtype:
+            self.dtype = recorded
+            self.scaler = torch.amp.GradScaler("cuda", enabled=recorded == torch.float16 and self.device.type == "cuda")
+            self.dtype_note = f"as {path.name} trained: a resumed run keeps its precision"
 
     # ---- one optimizer step -------------------------------------------------------------
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -750,7 +905,7 @@ class Trainer:
 
     def _move_to_cpu(self) -> None:
         self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        self.dtype, self.dtype_note = torch.float32, None
         self.model.to(self.device)
         for state in self.optimizer.state.values():
             for key, value in state.items():
@@ -796,7 +951,7 @@ class Trainer:
                         effective_batch=config.batch_size * config.accumulation_steps * self.world_size,
                         time_left_s=config.time_limit_s - elapsed_before if config.time_limit_s else None,
                         schedule_by=config.schedule_by, device=self.device.type,
-                        dtype=str(self.dtype).removeprefix("torch."), params=counts["total"],
+                        dtype=_dtype_name(self.dtype), dtype_note=self.dtype_note, params=counts["total"],
                         trainable=counts["trainable"], quantized=counts["quantized"],
                         estimated_steps=None if estimate is None else estimate.steps,
                         estimated_seconds=None if estimate is None else estimate.seconds,

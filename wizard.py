@@ -181,6 +181,7 @@ class Wizard:
 
     def system_checks(self) -> None:
         with self.console.status("checking the system ..."):
+            runs.settle_precision(TrainerConfig(), self.configs["data"].cache_dir)  # as training will find it
             report = SystemCheck(checkpoint_dir=self.out_dir).run_all()
             hardware = HardwareManager()
         self.console.print(check_table(report, hardware))

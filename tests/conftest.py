@@ -15,6 +15,18 @@ def seed() -> int:
     return 0
 
 
+@pytest.fixture(autouse=True)
+def cpu_precision_pinned(monkeypatch):
+    """auto's CPU precision is fp32 without measuring, here and in the commands tests run,
+    so no test depends on this machine's bf16 speed (tests of the choice unset it)."""
+    import trainer
+
+    monkeypatch.setenv(trainer.CPU_DTYPE_VARIABLE, "float32")
+    trainer.remember_cpu_precision(None)
+    yield
+    trainer.remember_cpu_precision(None)
+
+
 @pytest.fixture
 def tiny() -> ModelConfig:
     """2 layers, 32 dims, 4 heads / 2 KV heads, vocab 64, context 16."""

@@ -304,3 +304,60 @@ def test_compile_is_planned_only_where_its_measured_gain_outweighs_compiling(mon
     # the compiled plan counts the compile time out and the faster steps in
     assert long.tokens == pytest.approx((long.train_seconds - 20.0) / (long.train_seconds / plain.tokens) * 1.5,
                                         rel=0.02)
+
+
+def test_the_cpu_precision_is_cached_next_to_the_probes_and_measured_again_on_request(tmp_path, monkeypatch):
+    import json
+
+    import trainer
+
+    monkeypatch.delenv(trainer.CPU_DTYPE_VARIABLE)
+    monkeypatch.setattr(trainer, "_bf16_kernels", lambda: True)
+    found = iter([1.6, 0.9])
+    calls = []
+    monkeypatch.setattr(trainer, "bf16_speedup", lambda: calls.append(1) or next(found))
+    choice = budget.precision(HARDWARE, tmp_path)
+    assert choice.dtype == "bfloat16" and choice.source == "measured" and len(calls) == 1
+    stored = json.loads((tmp_path / "precision.json").read_text())
+    assert list(stored.values()) == [{"dtype": "bfloat16", "speedup": 1.6}]
+    trainer.remember_cpu_precision(None)  # a new process: the cache answers, nothing is measured
+    choice = budget.precision(HARDWARE, tmp_path)
+    assert choice.dtype == "bfloat16" and choice.source == "cached" and len(calls) == 1
+    assert trainer.resolve_dtype(trainer.TrainerConfig(), torch.device("cpu")) == torch.bfloat16
+    choice = budget.precision(HARDWARE, tmp_path, remeasure=True)  # plan --remeasure
+    assert choice.dtype == "float32" and len(calls) == 2
+    assert list(json.loads((tmp_path / "precision.json").read_text()).values())[0]["dtype"] == "float32"
+    assert trainer.resolve_dtype(trainer.TrainerConfig(), torch.device("cpu")) == torch.float32
+    cuda = dataclasses.replace(HARDWARE, device="cuda")
+    assert budget.precision(cuda, tmp_path) is None  # CUDA's rule needs no measurement
+
+
+def test_a_precision_set_by_the_environment_is_not_cached(tmp_path):
+    assert budget.precision(HARDWARE, tmp_path).source == "environment"  # (the tests pin fp32)
+    assert not (tmp_path / "precision.json").exists()
+
+
+def test_probes_are_cached_per_precision(tmp_path, monkeypatch):
+    """A plan probes in the precision the run will train in: probes cached in fp32 are not
+    used for a bf16 run."""
+    import trainer
+
+    monkeypatch.setattr(budget, "machine_busy", lambda threads: False)
+    seen = []
+
+    def fake_measure(config, batch_size, seq_len, device, seconds, dtype=None):
+        seen.append(dtype)
+        return {64: 1e-6, 128: 3e-6, 256: 9e-6}[config.num_dims] / (2 if dtype == torch.bfloat16 else 1)
+
+    monkeypatch.setattr(budget, "measure", fake_measure)
+    fp32, cached = budget.probe(HARDWARE, 8192, 128, 2, 0.1, tmp_path, dtype=torch.float32)
+    assert not cached and seen == [torch.float32] * 3
+    bf16, cached = budget.probe(HARDWARE, 8192, 128, 2, 0.1, tmp_path, dtype=torch.bfloat16)
+    assert not cached and seen[3:] == [torch.bfloat16] * 3
+    assert [p.seconds_per_token for p in bf16] == [p.seconds_per_token / 2 for p in fp32]
+    assert budget.probe(HARDWARE, 8192, 128, 2, 0.1, tmp_path, dtype=torch.float32) == (fp32, True)
+    assert budget.probe(HARDWARE, 8192, 128, 2, 0.1, tmp_path)[0] == fp32  # auto: fp32 here (pinned)
+    monkeypatch.delenv(trainer.CPU_DTYPE_VARIABLE)
+    trainer.remember_cpu_precision(trainer.CpuPrecision("bfloat16", 1.7))  # auto: bf16 on this CPU
+    assert budget.probe(HARDWARE, 8192, 128, 2, 0.1, tmp_path)[0] == bf16
+    assert len(seen) == 6

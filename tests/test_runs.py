@@ -175,3 +175,28 @@ def test_the_instruction_data_summary_says_its_tokens_are_response_tokens():
                            val_documents=2, train_tokens=514, val_tokens=23)
     (line,) = runs.data_summary(SimpleNamespace(report=report))
     assert "514 training and 23 validation response tokens" in line
+
+
+def test_a_run_trains_in_the_cpu_precision_measured_and_keeps_it_on_resume(tmp_path, common, capsys, monkeypatch):
+    """auto on a CPU: bf16 measured faster, so the run trains in it, says why, and caches
+    the choice beside the probes; resumed after the cache is gone and the measurement says
+    fp32, the run still trains in bf16, as it started."""
+    import trainer
+
+    monkeypatch.delenv(trainer.CPU_DTYPE_VARIABLE)
+    monkeypatch.setattr(trainer, "_bf16_kernels", lambda: True)
+    speedup = iter([1.6, 1.0])
+    monkeypatch.setattr(trainer, "bf16_speedup", lambda: next(speedup))
+    assert train.main(["train", "--name", "r", *common]) == 0
+    run = tmp_path / "runs" / "r"
+    out = capsys.readouterr().out
+    assert "(bfloat16: measured 1.60x as fast as fp32 on this CPU)" in out
+    assert checkpoint.read_state(checkpoint.latest(run))["dtype"] == "bfloat16"
+    (tmp_path / "cache" / "precision.json").unlink()
+    trainer.remember_cpu_precision(None)  # a new process, on a day bf16 measures no faster
+    assert train.main(["resume", str(run), "trainer.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "(bfloat16: as step_3 trained: a resumed run keeps its precision)" in out
+    assert checkpoint.read_state(checkpoint.latest(run))["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "cache" / "precision.json").read_text()) != {}  # (re-measured: fp32 now)
+    assert trainer.cpu_precision().dtype == "float32"

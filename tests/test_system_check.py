@@ -13,7 +13,7 @@ import torch
 import data
 import system_check
 from model import Transformer
-from system_check import HardwareManager, SystemCheck
+from system_check import HardwareManager, SystemCheck, SystemReport
 
 NAMES = ["Python", "GPU", "CPU", "RAM", "Disk", "Packages", "Hub"]
 
@@ -278,3 +278,29 @@ def test_cuda_peak_flops_reads_the_device(monkeypatch):
     assert system_check.cuda_peak_flops(torch.bfloat16) == (989.5e12, False)
     fake_gpu(monkeypatch, "NVIDIA H800", 9, 0, 79.2, bf16=True)
     assert system_check.cuda_peak_flops(torch.bfloat16) == (132 * 1.5e9 * 4096, True)
+
+
+def test_the_check_says_which_precision_a_cpu_trains_in_and_why(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("describes a machine without CUDA")
+    import io
+
+    from rich.console import Console
+
+    import trainer
+    from display import check_table
+
+    monkeypatch.delenv(trainer.CPU_DTYPE_VARIABLE)
+    trainer.remember_cpu_precision(trainer.CpuPrecision("bfloat16", 1.74, "cached"))
+    check = SystemCheck().check_gpu()
+    assert "training runs on the CPU in bf16 autocast (measured 1.74x as fast as fp32 on this CPU, cached)" \
+        in check.message
+    assert check.facts["cpu_dtype"] == "bfloat16" and check.facts["cpu_bf16_speedup"] == 1.74
+    hardware = HardwareManager("cpu")
+    assert hardware.fast_bf16 and hardware.recommended_dtype() == "bfloat16"
+    output = io.StringIO()
+    Console(file=output, width=300, color_system=None).print(check_table(SystemReport([check], 0.1), hardware))
+    assert "dtype bfloat16 (measured 1.74x as fast as fp32 on this CPU, cached)" in output.getvalue()
+    trainer.remember_cpu_precision(trainer.CpuPrecision("float32", 1.05))
+    assert "on the CPU in fp32 (bf16 autocast measured only 1.05x" in SystemCheck().check_gpu().message
+    assert HardwareManager("cpu").recommended_dtype() == "float32"

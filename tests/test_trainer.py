@@ -364,6 +364,125 @@ def test_precision_choice():
     assert resolve_dtype(TrainerConfig(use_dtype="bfloat16"), cpu) == torch.bfloat16
 
 
+@pytest.fixture
+def chooser(monkeypatch):
+    """auto's CPU precision measured by a fake: `chooser.speedup` is what the measurement
+    finds (bf16's speed over fp32's), `chooser.calls` how often it ran."""
+    import trainer
+
+    monkeypatch.delenv(trainer.CPU_DTYPE_VARIABLE)
+    monkeypatch.setattr(trainer, "_bf16_kernels", lambda: True)
+    fake = type("Chooser", (), {"speedup": 1.0, "calls": 0})()
+
+    def measured() -> float:
+        fake.calls += 1
+        return fake.speedup
+
+    monkeypatch.setattr(trainer, "bf16_speedup", measured)
+    return fake
+
+
+@pytest.mark.parametrize("speedup, dtype", [(1.74, torch.bfloat16), (1.2, torch.bfloat16), (1.19, torch.float32),
+                                            (0.077, torch.float32)])
+def test_auto_on_a_cpu_trains_in_bf16_only_when_measured_faster_by_the_margin(chooser, speedup, dtype):
+    from trainer import cpu_precision, resolve_dtype
+
+    chooser.speedup = speedup
+    assert resolve_dtype(TrainerConfig(), torch.device("cpu")) == dtype
+    choice = cpu_precision()
+    assert choice.speedup == speedup and choice.source == "measured"
+    assert f"{speedup:.2f}x" in choice.reason()
+    assert choice.describe().startswith("bf16 autocast" if dtype == torch.bfloat16 else "fp32 (")
+
+
+def test_the_cpu_precision_is_measured_once_a_process_and_again_on_request(chooser):
+    from trainer import cpu_precision, resolve_dtype
+
+    chooser.speedup = 1.5
+    cpu = torch.device("cpu")
+    assert resolve_dtype(TrainerConfig(), cpu) == torch.bfloat16
+    chooser.speedup = 0.9  # the machine changed its mind: nothing asks again ...
+    assert resolve_dtype(TrainerConfig(), cpu) == torch.bfloat16 and cpu_precision().speedup == 1.5
+    assert chooser.calls == 1
+    assert cpu_precision(remeasure=True).dtype == "float32"  # ... until a re-measurement
+    assert resolve_dtype(TrainerConfig(), cpu) == torch.float32 and chooser.calls == 2
+
+
+def test_a_cpu_without_bf16_kernels_trains_in_fp32_without_measuring(chooser, monkeypatch):
+    import trainer
+
+    monkeypatch.setattr(trainer, "_bf16_kernels", lambda: False)
+    chooser.speedup = 5.0
+    choice = trainer.cpu_precision()
+    assert choice.dtype == "float32" and choice.source == "unsupported" and chooser.calls == 0
+
+
+def test_the_environment_pins_the_cpu_precision_without_measuring(chooser, monkeypatch):
+    from trainer import CPU_DTYPE_VARIABLE, cpu_precision, resolve_dtype
+
+    monkeypatch.setenv(CPU_DTYPE_VARIABLE, "bfloat16")
+    assert resolve_dtype(TrainerConfig(), torch.device("cpu")) == torch.bfloat16
+    assert cpu_precision(remeasure=True).source == "environment" and chooser.calls == 0
+    monkeypatch.setenv(CPU_DTYPE_VARIABLE, "fp8")
+    with pytest.raises(ValueError, match=CPU_DTYPE_VARIABLE):
+        cpu_precision()
+
+
+@pytest.mark.parametrize("speedup", [1.74, 0.5])
+def test_an_explicit_use_dtype_always_wins(chooser, speedup):
+    from trainer import resolve_dtype
+
+    chooser.speedup = speedup
+    cpu = torch.device("cpu")
+    assert resolve_dtype(TrainerConfig(use_dtype="float32"), cpu) == torch.float32
+    assert resolve_dtype(TrainerConfig(use_dtype="bfloat16"), cpu) == torch.bfloat16
+    assert make(use_dtype="float32").dtype == torch.float32 and make(use_dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_a_resumed_run_keeps_its_precision_whatever_auto_would_choose_now(tmp_path, chooser):
+    from events import Start
+
+    chooser.speedup = 1.74
+    first = make(tmp_path, max_steps=2)
+    assert first.dtype == torch.bfloat16
+    first.fit()
+    saved = checkpoint.latest(tmp_path)
+    assert json.loads((saved / checkpoint.STATE_FILE).read_text())["dtype"] == "bfloat16"
+    chooser.speedup = 1.0  # re-measured on a busier day: auto now says fp32
+    import trainer
+
+    assert trainer.cpu_precision(remeasure=True).dtype == "float32"
+    events = []
+    resumed = make(tmp_path, callback=events.append, max_steps=4)
+    assert resumed.dtype == torch.float32
+    resumed.load_checkpoint(saved)
+    assert resumed.dtype == torch.bfloat16
+    resumed.fit()
+    start = next(e for e in events if isinstance(e, Start))
+    assert start.dtype == "bfloat16" and "resumed run keeps its precision" in start.dtype_note
+    assert json.loads((checkpoint.latest(tmp_path) / checkpoint.STATE_FILE).read_text())["dtype"] == "bfloat16"
+    # an explicit use_dtype wins over the recorded one
+    explicit = make(tmp_path, use_dtype="float32", max_steps=6)
+    explicit.load_checkpoint(checkpoint.latest(tmp_path))
+    assert explicit.dtype == torch.float32
+
+
+def test_a_checkpoint_from_before_the_precision_was_recorded_resumes_in_fp32_on_a_cpu(tmp_path, chooser):
+    chooser.speedup = 1.0
+    first = make(tmp_path, max_steps=2)
+    first.fit()
+    model_state, optimizer_state, saved = checkpoint.load(checkpoint.latest(tmp_path))
+    del saved["dtype"]  # as trainer_state.json was written before it held the precision
+    chooser.speedup = 1.74
+    import trainer
+
+    trainer.cpu_precision(remeasure=True)
+    resumed = make(tmp_path, max_steps=4)
+    assert resumed.dtype == torch.bfloat16
+    resumed.restore(checkpoint.latest(tmp_path), model_state, optimizer_state, saved)
+    assert resumed.dtype == torch.float32
+
+
 def test_bf16_autocast_on_cpu_trains():
     events = []
     trainer = make(callback=events.append, use_dtype="bfloat16", max_steps=20, data=blocks(4), val=blocks(4),
