@@ -838,9 +838,11 @@ class Transformer(nn.Module):
                 groups += [(module.gate_proj, module.up_proj), (module.down_proj,)]
         relaid, seen = [], set()
         for group in groups:
+            if not all(type(m) is nn.Linear for m in group):  # LoRA, NF4: not theirs to relay
+                continue
             weights = [m.weight for m in group]
-            if not all(type(m) is nn.Linear and type(w) is nn.Parameter and w.is_contiguous() and id(w) not in seen
-                       for m, w in zip(group, weights)) or sum(w.size(0) for w in weights) < weights[0].size(1):
+            if not all(type(w) is nn.Parameter and w.is_contiguous() and id(w) not in seen for w in weights) \
+                    or sum(w.size(0) for w in weights) < weights[0].size(1):
                 continue
             with torch.inference_mode(False):  # the weights stay ordinary tensors under a caller's inference mode
                 buffer = torch.cat([w.data for w in weights]).t().contiguous()  # (in, Σ out)

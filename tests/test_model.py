@@ -516,3 +516,21 @@ def test_compiled_model_trains_like_the_eager_one(tiny):
     torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
     for got, want in zip(torch.autograd.grad(compiled_loss, list(model.parameters())), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantize_base", [False, True])
+def test_generation_with_adapted_layers_leaves_them_alone(tiny, quantize_base):
+    """LoRA and NF4 (QLoRA) layers are not plain linears: decoding leaves them as they are
+    (an NF4 layer has no `weight` at all) and relays the plain ones around them."""
+    from lora import LoRAConfig, apply_lora
+
+    model = Transformer(tiny)
+    apply_lora(model, LoRAConfig(rank=2, target_modules=("q_proj", "v_proj", "gate_proj"), quantize_base=quantize_base,
+                                 quant_backend="native", blocksize=32))
+    prompt = tokens(tiny, 1, 3)
+    model.eval()
+    with torch.no_grad():
+        expected = prompt
+        for _ in range(4):
+            expected = torch.cat((expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(prompt, 4, temperature=0), expected)
