@@ -15,13 +15,23 @@ def seed() -> int:
     return 0
 
 
-@pytest.fixture(autouse=True)
-def cpu_precision_pinned(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def cpu_precision_pinned():
     """auto's CPU precision is fp32 without measuring, here and in the commands tests run,
-    so no test depends on this machine's bf16 speed (tests of the choice unset it)."""
+    so no test depends on this machine's bf16 speed (tests of the choice unset it). Session
+    scope: module fixtures that train (test_trainer_fsdp.py) come before function ones."""
     import trainer
 
-    monkeypatch.setenv(trainer.CPU_DTYPE_VARIABLE, "float32")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(trainer.CPU_DTYPE_VARIABLE, "float32")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cpu_precision_forgotten():
+    """Each test starts with no CPU precision decided in this process."""
+    import trainer
+
     trainer.remember_cpu_precision(None)
     yield
     trainer.remember_cpu_precision(None)
