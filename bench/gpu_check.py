@@ -360,12 +360,15 @@ def check_trainer_choices(rec: Recorder, ctx: Context) -> None:
                        f"{'yes' if rec.values['fused_adamw_ran'] else 'no'}; attention: {kernel}")
 
 
+def preset_config(ctx: Context) -> ModelConfig:
+    """The preset the throughput checks time, its context long enough for their sequences."""
+    preset = ctx.settings.preset
+    return ModelConfig.from_name(preset, context_len=max(ctx.settings.seq_len, ModelConfig.from_name(preset).context_len))
+
+
 def check_throughput(rec: Recorder, ctx: Context) -> None:
     """Ours vs transformers' LlamaForCausalLM, identical configuration and weights."""
-    settings, device = ctx.settings, ctx.device
-    dtype = compute_dtype(device)
-    config = ModelConfig.from_name(settings.preset, context_len=max(settings.seq_len,
-                                                                    ModelConfig.from_name(settings.preset).context_len))
+    settings, device, dtype, config = ctx.settings, ctx.device, compute_dtype(ctx.device), preset_config(ctx)
     batch, seq_len = settings.batch_size, settings.seq_len
     flops_per_token = config.flops_per_token(seq_len)
     rec.record(preset=settings.preset, params=config.num_params(), batch_size=batch, seq_len=seq_len,
@@ -648,10 +651,7 @@ def check_generation(rec: Recorder, ctx: Context) -> None:
 
 def check_compile(rec: Recorder, ctx: Context) -> None:
     """Our model eager vs torch.compile'd (as `trainer.use_compile` does), same parameters."""
-    settings, device = ctx.settings, ctx.device
-    dtype = compute_dtype(device)
-    config = ModelConfig.from_name(settings.preset, context_len=max(settings.seq_len,
-                                                                    ModelConfig.from_name(settings.preset).context_len))
+    settings, device, dtype, config = ctx.settings, ctx.device, compute_dtype(ctx.device), preset_config(ctx)
     batch, seq_len = settings.batch_size, settings.seq_len
     torch.manual_seed(0)
     model = Transformer(config).to(device).train()
