@@ -58,8 +58,7 @@ FIXED_STEPS_BELOW = 10
 FLOOR_STEPS = 5  # LightLM's table gives its tiny walkthrough 5 steps
 # torch.compile, by device type: (speed of a compiled training step / eager, seconds to
 # compile), as measured with `python -m bench.bench_train --compile`. On the 2-core EPYC:
-# 0.95x at 5M and 1.00x at 30M (the eager step's own hand-written backwards already do what
-# fusion would) for 16-31 s of compiling, so a CPU plan never pays. A device type not in the
+# 0.95x at 5M and 1.00x at 30M, in fp32, for 16-31 s of compiling, so a CPU plan never pays. A device type not in the
 # table has not been measured, and is not compiled either (bench/gpu_check.py measures it).
 COMPILE_GAIN: dict[str, tuple[float, float]] = {"cpu": (1.0, 30.0)}
 
