@@ -12,8 +12,8 @@ against a matmul peak measured in the same run.
 
 Each configuration runs in a fresh process, as a training run would: glibc's malloc
 adapts its thresholds to what a process has freed before, so a configuration measured
-after a larger one would see a different allocator (in one process, HF's 5M steps ran
-~12% faster after the 30M ones). On CPU, a large part of the step outside the matmuls is
+after a larger one would see a different allocator (measured after the 30M run in the
+same process, the 5M ratio was 1.03; in fresh processes 1.13-1.21). On CPU, a large part of the step outside the matmuls is
 fresh memory (page faults) rather than arithmetic; `--tuned-allocator` sets glibc's
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_ for both contenders,
 which removes most of them, so the ratio printed then is the one without that effect.
