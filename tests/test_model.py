@@ -357,6 +357,46 @@ def test_greedy_generation_equals_argmax_of_the_plain_forward(tiny):
     assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query and plain multi-head attention
+@pytest.mark.parametrize("relaid", [False, True])
+def test_decode_step_equals_the_blocks_forward(tiny, kv_heads, relaid):
+    """Generation's one-token step writes the blocks out without the modules; with the
+    weights as stored and in the decoding layout, its logits and cache must be exactly
+    the modules' (the same operations in the same order)."""
+    config = dataclasses.replace(tiny, num_kv_heads=kv_heads)
+    model = Transformer(config).eval()
+    x = tokens(config, 2, 10)
+    with torch.no_grad():
+        layout = model._decoding_layout() if relaid else []
+        weights = model._decode_step_weights()
+        assert all((qkv is not None, gate_up is not None) == (relaid, relaid) for qkv, gate_up in weights)
+        runs = []
+        for step in (lambda i: model._decode_step(x[:, i:i + 1], i, weights),
+                     lambda i: model.lm_head(model._hidden(x[:, i:i + 1], i)[0][:, -1])):
+            model.setup_kv_cache(2)
+            model._hidden(x[:, :6], 0)
+            logits = torch.stack([step(i) for i in range(6, 10)])
+            runs.append((logits, [(b.self_attn.kv_cache.k.clone(), b.self_attn.kv_cache.v.clone()) for b in model.layers]))
+        for weight in layout:
+            weight.data = weight.data.contiguous()
+    (fast, fast_cache), (modules, module_cache) = runs
+    assert torch.equal(fast, modules)
+    assert all(torch.equal(a, b) for pair, other in zip(fast_cache, module_cache) for a, b in zip(pair, other))
+
+
+def test_decode_step_is_left_to_the_modules_where_it_does_not_apply(tiny, moe_config):
+    from lora import LoRAConfig, apply_lora
+
+    assert Transformer(moe_config)._decode_step_weights() is None
+    explicit = Transformer(tiny)
+    explicit.set_runtime(use_flash=False)
+    assert explicit._decode_step_weights() is None
+    adapted = Transformer(tiny)
+    apply_lora(adapted, LoRAConfig(rank=2, target_modules=("o_proj",)))
+    assert adapted._decode_step_weights() is None
+    assert Transformer(tiny)._decode_step_weights() is not None
+
+
 def test_decoding_layout_keeps_values_and_is_undone(tiny):
     model = Transformer(tiny).eval()
     x = tokens(tiny, 2, 5)
