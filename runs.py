@@ -1293,7 +1293,8 @@ def compare_models(request: CompareRequest, say: Say = _quiet, progress: Optiona
     seq_len = min(info.get("trainer", {}).get("max_seq_len") or 256, context)
     trainer_config = run_configs(info, tuned.source)["trainer"] if "trainer" in info else TrainerConfig()
     device = resolve_device(trainer_config)
-    dtype = resolve_dtype(trainer_config, device)  # the precision the fine-tune evaluated in
+    dtype = recorded_dtype(tuned, device.type) if trainer_config.use_dtype == "auto" else None
+    dtype = dtype or resolve_dtype(trainer_config, device)  # the precision the fine-tune evaluated in
     figures = []
     for name, loaded in (("base", base), ("fine-tuned", tuned)):
         prepared = prepare(data_config, seq_len, tokenizer=loaded.tokenizer, progress=progress)
@@ -1310,6 +1311,19 @@ def compare_models(request: CompareRequest, say: Say = _quiet, progress: Optiona
     (base_task, base_general), (tuned_task, tuned_general) = figures
     return Comparison(str(base.source), str(tuned.source), data_config.source, base_task, tuned_task,
                       general_data, base_general, tuned_general, max_rise, tuned.checkpoint)
+
+
+def recorded_dtype(loaded: Loaded, device_type: str) -> Optional[torch.dtype]:
+    """The precision a Sprat run's checkpoint trained (and evaluated) in on this device type,
+    as its state records it; None where nothing is recorded (imported models, older runs)."""
+    if loaded.checkpoint is None or loaded.kind not in ("pretrained", "finetuned"):
+        return None
+    try:
+        state = checkpoint.read_state(loaded.source / loaded.checkpoint)
+    except (OSError, ValueError):
+        return None
+    name = state.get("dtype") if isinstance(state, dict) and state.get("device") == device_type else None
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
 
 
 EXPORT_FORMATS = ("hf", "gguf")

@@ -159,6 +159,27 @@ def test_the_guard_keeps_the_best_checkpoint_within_it_and_eval_compare_prints_t
     assert compared["general_data"] == str(tmp_path / "general.jsonl") and compared["within_guard"] is True
 
 
+def test_eval_compare_measures_in_the_precision_the_fine_tune_recorded(tmp_path, base_and_data, capsys,
+                                                                       monkeypatch):
+    """A fine-tune that auto ran in bf16 on this CPU is compared in bf16 again, whatever auto
+    would choose now (here fp32): the figures are the ones its guard measured."""
+    import trainer
+
+    base, data = base_and_data
+    monkeypatch.setenv(trainer.CPU_DTYPE_VARIABLE, "bfloat16")
+    assert train.main(finetune_args(tmp_path, base, data, "--epochs", "2", "trainer.learning_rate=1e-2")) == 0
+    run = tmp_path / "runs" / "ft"
+    result = json.loads((run / "run.json").read_text())["finetune"]["result"]
+    assert checkpoint.read_state(run / result["checkpoint"])["dtype"] == "bfloat16"
+    monkeypatch.setenv(trainer.CPU_DTYPE_VARIABLE, "float32")
+    trainer.remember_cpu_precision(None)
+    capsys.readouterr()
+    assert train.main(["eval", str(run), "--compare", str(base), "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    compared = json.loads(capsys.readouterr().out)
+    for key in ("base_task_loss", "tuned_task_loss", "base_general_loss", "tuned_general_loss"):
+        assert compared[key] == pytest.approx(result[key], rel=1e-5), key
+
+
 def test_when_no_checkpoint_meets_the_guard_it_says_so(tmp_path, base_and_data, capsys, monkeypatch):
     from trainer import Guard
 
