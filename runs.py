@@ -1115,7 +1115,7 @@ def load_trained(path: str | Path, checkpoint_name: Optional[str] = None, say: S
             return Loaded(model, tokenizer, path, "finetuned", found.name, info)
         model_config = run_configs(info, path)["model"]
         check_memory(model_config, False, device=resolve_device(TrainerConfig()).type)
-        model = Transformer(model_config)
+        model = Transformer.uninitialized(model_config)  # the checkpoint overwrites every weight
         found, model_state, _, _ = checkpoint.load_latest(path, checkpoint_name, on_skip=say, with_optimizer=False)
         try:
             model.load_state_dict(model_state)

@@ -325,6 +325,43 @@ def test_kv_cache_reproduces_uncached_forward(tiny, use_flash):
     assert all(block.self_attn.kv_cache is None for block in model.layers)
 
 
+def test_generation_sizes_its_kv_cache_to_what_it_needs(tiny, monkeypatch):
+    """A Llama 3 checkpoint's context is 131072 positions: a cache that long is 8.6 GB at
+    1B parameters, for a 30-token reply. The cache holds the prompt and the new tokens;
+    a longer run than the context is capped at it (the window then slides)."""
+    model = Transformer(tiny)
+    sizes = []
+    real = Transformer.setup_kv_cache
+    monkeypatch.setattr(Transformer, "setup_kv_cache",
+                        lambda self, batch, max_len=None, **kw: (sizes.append((batch, max_len)), real(self, batch, max_len, **kw))[1])
+    prompt = tokens(tiny, 2, 3)
+    assert torch.equal(model.generate(prompt, 5, temperature=0), model.generate(prompt, 5, temperature=0, use_cache=False))
+    model.generate(prompt, 40, temperature=0)  # past context_len=16
+    assert sizes == [(2, 8), (2, tiny.context_len)]
+    model.setup_kv_cache(1, 4)
+    with pytest.raises(ValueError, match="do not fit a KV cache of 4"):
+        model(tokens(tiny, 1, 5))
+
+
+def test_an_uninitialized_model_has_a_new_models_buffers_and_ties(tiny, moe_config):
+    """`Transformer.uninitialized` (to load a checkpoint into) skips the random weights but
+    must have every buffer of a new model and the tied head, so a loaded state dict gives the
+    same model."""
+    for config in (tiny, moe_config, dataclasses.replace(tiny, tie_embeddings=False),
+                   dataclasses.replace(tiny, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 8})):
+        new, empty = Transformer(config), Transformer.uninitialized(config)
+        assert dict(new.named_buffers()).keys() == dict(empty.named_buffers()).keys()
+        for name, buffer in new.named_buffers():
+            assert torch.equal(buffer, dict(empty.named_buffers())[name]), name
+        assert (empty.lm_head.weight is empty.embed_tokens.weight) == config.tie_embeddings
+        assert all(p.device.type == "cpu" for p in empty.parameters())
+        empty.load_state_dict(new.state_dict())
+        x = tokens(config)
+        torch.testing.assert_close(empty(x, x)[1], new(x, x)[1], atol=0, rtol=0)
+
+
 def test_kv_cache_buffers_are_not_saved(tiny):
     model = Transformer(tiny)
     keys = set(model.state_dict())
@@ -376,7 +413,8 @@ def test_decode_step_equals_the_blocks_forward(tiny, kv_heads, relaid):
             model.setup_kv_cache(2)
             model._hidden(x[:, :6], 0)
             logits = torch.stack([step(i) for i in range(6, 10)])
-            runs.append((logits, [(b.self_attn.kv_cache.k.clone(), b.self_attn.kv_cache.v.clone()) for b in model.layers]))
+            runs.append((logits, [(b.self_attn.kv_cache.k[:, :, :10].clone(), b.self_attn.kv_cache.v[:, :, :10].clone())
+                                 for b in model.layers]))  # the positions written
         for weight in layout:
             weight.data = weight.data.contiguous()
     (fast, fast_cache), (modules, module_cache) = runs
