@@ -1,9 +1,11 @@
+import contextlib
 import dataclasses
 import json
 
 import pytest
 import torch
 
+import model as model_module
 from model import (FeedForward, MoE, ModelConfig, RMSNorm, Transformer, apply_rope, linear_cross_entropy, rope_cache,
                    sample, shared_input_linears)
 
@@ -381,9 +383,11 @@ def test_cached_generation_equals_uncached(tiny):
     assert model.training  # generate restores the mode it found
 
 
-def test_greedy_generation_equals_argmax_of_the_plain_forward(tiny):
-    """generate decodes with the weights in their decoding layout (column-major, q/k/v and
-    gate/up side by side); the tokens must be those of the plain forward's argmax."""
+@pytest.mark.parametrize("layout", ["as stored", "held", "per call"])
+def test_greedy_generation_equals_argmax_of_the_plain_forward(tiny, layout, monkeypatch):
+    """generate decodes with the weights as stored (a short generation), in their decoding
+    layout (column-major, q/k/v and gate/up side by side) held by `decoding()`, or relaid
+    for one call (a long generation); the tokens must be those of the plain forward's argmax."""
     model = Transformer(tiny).eval()
     prompt = tokens(tiny, 2, 4)
     expected = prompt
@@ -391,7 +395,18 @@ def test_greedy_generation_equals_argmax_of_the_plain_forward(tiny):
         for _ in range(8):
             logits, _, _ = model(expected)
             expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
+    calls = []
+    relayout = model._decoding_layout
+    model._decoding_layout = lambda: calls.append(1) or relayout()
+    if layout == "per call":
+        monkeypatch.setattr(model_module, "LAYOUT_MIN_TOKENS", 8)
+    with model.decoding() if layout == "held" else contextlib.nullcontext():
+        assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
+        assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
+        if layout == "held":
+            assert not model.layers[0].self_attn.q_proj.weight.is_contiguous()  # still relaid between calls
+    assert len(calls) == {"as stored": 0, "held": 1, "per call": 2}[layout]
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query and plain multi-head attention
@@ -435,7 +450,8 @@ def test_decode_step_is_left_to_the_modules_where_it_does_not_apply(tiny, moe_co
     assert Transformer(tiny)._decode_step_weights() is not None
 
 
-def test_decoding_layout_keeps_values_and_is_undone(tiny):
+def test_decoding_layout_keeps_values_and_is_undone(tiny, monkeypatch):
+    monkeypatch.setattr(model_module, "LAYOUT_MIN_TOKENS", 0)  # every generation relays
     model = Transformer(tiny).eval()
     x = tokens(tiny, 2, 5)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -597,11 +613,12 @@ def test_compiled_model_trains_like_the_eager_one(tiny):
 
 
 @pytest.mark.parametrize("quantize_base", [False, True])
-def test_generation_with_adapted_layers_leaves_them_alone(tiny, quantize_base):
+def test_generation_with_adapted_layers_leaves_them_alone(tiny, quantize_base, monkeypatch):
     """LoRA and NF4 (QLoRA) layers are not plain linears: decoding leaves them as they are
     (an NF4 layer has no `weight` at all) and relays the plain ones around them."""
     from lora import LoRAConfig, apply_lora
 
+    monkeypatch.setattr(model_module, "LAYOUT_MIN_TOKENS", 0)  # the layout is tried on every generation
     model = Transformer(tiny)
     apply_lora(model, LoRAConfig(rank=2, target_modules=("q_proj", "v_proj", "gate_proj"), quantize_base=quantize_base,
                                  quant_backend="native", blocksize=32))
