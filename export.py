@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,22 @@ MIXTRAL_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # ours
 
 class UnsupportedModel(ValueError):
     """A model the target format cannot express, explained."""
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclass
+class HFOrigin:
+    """What a Hugging Face directory says that ModelConfig does not hold, kept on the model
+    `load_hf` returns (as `model.hf_origin`) so that exporting it says it again: the special
+    ids of config.json (Llama 3 lists several end-of-sequence ids, its tokenizer names one),
+    generation_config.json (the release's sampling defaults and stop ids) and the precision
+    the weights were stored in (a bfloat16 release stays bfloat16, not twice its size)."""
+
+    special_ids: dict
+    generation_config: Optional[dict]
+    dtype: torch.dtype
 
 
 def refuse_biased_routing(model: Transformer, target: str) -> None:
@@ -136,13 +153,22 @@ def hf_config(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.fl
 
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` (and its tokenizer) as a directory `transformers` loads with
-    `AutoModelForCausalLM.from_pretrained`."""
+    `AutoModelForCausalLM.from_pretrained`. A model imported by `load_hf` keeps what its
+    directory said beyond the shape (see HFOrigin)."""
+    origin: Optional[HFOrigin] = getattr(model, "hf_origin", None)
     state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
+    if origin is not None:
+        state = {k: v.to(origin.dtype) if v.is_floating_point() else v for k, v in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
     _save_shareable(state, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
+    values = hf_config(model.config, tokenizer, dtype)
+    if origin is not None:
+        values.update(origin.special_ids)
+    (out_dir / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+    if origin is not None and origin.generation_config is not None:
+        (out_dir / "generation_config.json").write_text(json.dumps(origin.generation_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
@@ -301,7 +327,9 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     refuse_remote_code(path)
     values = json.loads(config_file.read_text())
     config = config_from_hf(values, context_len)
-    state = from_hf_state_dict(_read_weights(path), config)
+    weights = _read_weights(path)
+    stored = {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()}
+    state = from_hf_state_dict(weights, config)
     model = Transformer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -316,6 +344,14 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     model.load_state_dict(state, strict=True)
     if dtype is not None:
         model.to(dtype)
+    generation = path / "generation_config.json"
+    try:
+        generation_config = json.loads(generation.read_text()) if generation.is_file() else None
+    except (ValueError, RecursionError):
+        generation_config = None  # not needed to run the model; an export writes none
+    model.hf_origin = HFOrigin({key: values[key] for key in SPECIAL_IDS if key in values},
+                               generation_config if isinstance(generation_config, dict) else None,
+                               stored.pop() if len(stored) == 1 else torch.float32)
     return model
 
 
@@ -362,6 +398,8 @@ def merged_model(model: Transformer) -> Transformer:
 
     merged = Transformer(model.config)
     merged.load_state_dict(merged_state_dict(model))
+    if getattr(model, "hf_origin", None) is not None:
+        merged.hf_origin = model.hf_origin
     return merged
 
 

@@ -1,17 +1,23 @@
-"""Directories laid out as real Hugging Face releases are (Mistral, shards, the older
-pickled weights) and the broken ones a user meets (an interrupted download, a missing
-shard, a quantized release), built in the test with transformers at tiny sizes."""
+"""Directories laid out as real Hugging Face releases are (Llama 3's several end ids and
+generation defaults in bfloat16, Mistral, shards, the older pickled weights) and the
+broken ones a user meets (an interrupted download, a missing shard, a quantized release),
+built in the test with transformers at tiny sizes."""
 
 import json
 import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, \
+    MistralForCausalLM
 
 import train
-from export import load_hf
+from export import load_hf, merged_model, save_hf
+from lora import LoRAConfig, apply_lora
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
 SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 
@@ -23,6 +29,50 @@ def decisive(model: torch.nn.Module) -> torch.nn.Module:
             if "norm" not in name:
                 param.normal_(0, 0.15)
     return model.eval()
+
+
+def llama3_release(path, dtype=torch.bfloat16) -> LlamaForCausalLM:
+    """A Llama 3.1-style release: untied, GQA, scaled RoPE, BOS and two end ids, sampling
+    defaults in generation_config.json, stored in bfloat16."""
+    config = LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING), rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, bos_token_id=98, eos_token_id=[99, 100])
+    reference = decisive(LlamaForCausalLM(config)).to(dtype)
+    reference.save_pretrained(path)
+    GenerationConfig(bos_token_id=98, eos_token_id=[99, 100], do_sample=True, temperature=0.6,
+                     top_p=0.9).save_pretrained(path)
+    return reference
+
+
+def test_export_of_an_imported_release_says_what_the_release_said(tmp_path):
+    llama3_release(tmp_path / "release")
+    model = load_hf(tmp_path / "release")
+    save_hf(model, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == [99, 100] and written["bos_token_id"] == 98
+    assert written["rope_scaling"] == LLAMA3_SCALING and written["rope_theta"] == 500000.0
+    assert written["torch_dtype"] == "bfloat16"
+    original = load_file(str(tmp_path / "release" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[name], original[name]) for name in original)  # bit for bit, still bfloat16
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [99, 100] and generation["temperature"] == 0.6
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert again.generation_config.eos_token_id == [99, 100]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "release", dtype=torch.float32).eval()
+    x = torch.randint(0, 101, (1, 24))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, reference(x).logits)
+
+
+def test_a_merged_fine_tune_of_a_release_keeps_its_ids_and_precision(tmp_path):
+    llama3_release(tmp_path / "release")
+    model = load_hf(tmp_path / "release")
+    apply_lora(model, LoRAConfig(rank=4))
+    save_hf(merged_model(model), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == [99, 100] and written["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "out" / "generation_config.json").exists()
 
 
 @pytest.mark.parametrize("window", [None, 64])  # none, and one as long as the context
