@@ -327,6 +327,9 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     refuse_remote_code(path)
     values = json.loads(config_file.read_text())
     config = config_from_hf(values, context_len)
+    from budget import check_memory  # (budget imports the trainer: only when a model is loaded)
+
+    check_memory(config, training=False)  # before the weights are read: an 8B release would not fit here
     weights = _read_weights(path)
     stored = {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()}
     state = from_hf_state_dict(weights, config)

@@ -164,3 +164,17 @@ def test_a_broken_directory_is_one_clear_line_and_exit_code_2(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert re.search(message, err), err
+
+
+def test_a_release_too_large_for_this_machine_is_refused_before_its_weights_are_read(tmp_path, capsys, monkeypatch):
+    """Llama 3.1 8B's config.json (8.0B parameters, 32 GB in float32) on a machine with 16 GiB free."""
+    import budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": 16 * 2**30)
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072)
+    config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not read")
+    assert train.main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: this model needs ~") and "GiB to load" in err and len(err.splitlines()) == 1, err
