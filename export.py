@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data import refuse_remote_code
@@ -27,6 +30,22 @@ MIXTRAL_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # ours
 
 class UnsupportedModel(ValueError):
     """A model the target format cannot express, explained."""
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclass
+class HFOrigin:
+    """What a Hugging Face directory says that ModelConfig does not hold, kept on the model
+    `load_hf` returns (as `model.hf_origin`) so that exporting it says it again: the special
+    ids of config.json (Llama 3 lists several end-of-sequence ids, its tokenizer names one),
+    generation_config.json (the release's sampling defaults and stop ids) and the precision
+    the weights were stored in (a bfloat16 release stays bfloat16, not twice its size)."""
+
+    special_ids: dict
+    generation_config: Optional[dict]
+    dtype: torch.dtype
 
 
 def refuse_biased_routing(model: Transformer, target: str) -> None:
@@ -134,29 +153,53 @@ def hf_config(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.fl
 
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` (and its tokenizer) as a directory `transformers` loads with
-    `AutoModelForCausalLM.from_pretrained`."""
+    `AutoModelForCausalLM.from_pretrained`. A model imported by `load_hf` keeps what its
+    directory said beyond the shape (see HFOrigin)."""
+    origin: Optional[HFOrigin] = getattr(model, "hf_origin", None)
     state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model).items()}
+    if origin is not None:
+        state = {k: v.to(origin.dtype) if v.is_floating_point() else v for k, v in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
     _save_shareable(state, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
+    values = hf_config(model.config, tokenizer, dtype)
+    if origin is not None:
+        values.update(origin.special_ids)
+    (out_dir / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+    if origin is not None and origin.generation_config is not None:
+        (out_dir / "generation_config.json").write_text(json.dumps(origin.generation_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
 
 
 def config_from_hf(values: dict, context_len: Optional[int] = None) -> ModelConfig:
-    """Our ModelConfig for a Llama `config.json`; unsupported variants are a clear error."""
+    """Our ModelConfig for a Llama `config.json` (Mistral's is Llama's with an optional sliding
+    window; Mixtral's adds experts); unsupported variants are a clear error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config.json holds a {type(values).__name__}, not an object of settings")
     model_type = values.get("model_type")
-    if model_type not in ("llama", "mixtral"):
-        raise ValueError(f"model_type {model_type!r} is not supported; load_hf imports Llama- and "
-                         f"Mixtral-architecture checkpoints (model_type 'llama' or 'mixtral')")
+    if model_type not in ("llama", "mistral", "mixtral"):
+        raise ValueError(f"model_type {model_type!r} is not supported; load_hf imports Llama-, Mistral- and "
+                         f"Mixtral-architecture checkpoints (model_type 'llama', 'mistral' or 'mixtral')")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    absent = [key for key in required if not isinstance(values.get(key), int) or values[key] < 1]
+    if absent:
+        raise ValueError(f"config.json lacks a positive whole number for {', '.join(absent)}: a {model_type} "
+                         f"config.json names all of {', '.join(required)}")
+    quantization = values.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        raise ValueError(f"config.json has quantization_config (quant_method {method!r}): Sprat imports "
+                         f"full-precision weights (float32, float16 or bfloat16); use the unquantized release")
+    context = context_len or values.get("max_position_embeddings", 2048)
+    window = values.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    if window is not None and window < context:
+        raise ValueError(f"config.json has sliding_window={window}, shorter than the {context}-token context; "
+                         f"Sprat attends to the whole context, so it would compute other outputs")
     moe = {}
     if model_type == "mixtral":
-        window = values.get("sliding_window")
-        if window is not None and window < values.get("max_position_embeddings", 0):
-            raise ValueError(f"config.json has sliding_window={window}; Sprat attends to the whole context")
         moe = dict(use_moe=True, moe_num_experts=values["num_local_experts"],
                    moe_active_experts=values["num_experts_per_tok"],
                    moe_aux_loss_coef=values.get("router_aux_loss_coef", 0.01))
@@ -191,7 +234,7 @@ def config_from_hf(values: dict, context_len: Optional[int] = None) -> ModelConf
         num_kv_heads=values.get("num_key_value_heads") or heads,
         num_layers=values["num_hidden_layers"],
         ffn_hidden_dims=values["intermediate_size"],
-        context_len=context_len or values.get("max_position_embeddings", 2048),
+        context_len=context,
         rmsnorm_eps=values.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
         rope_scaling=scaling,
@@ -200,21 +243,68 @@ def config_from_hf(values: dict, context_len: Optional[int] = None) -> ModelConf
     )
 
 
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:
+        raise ValueError(f"{file} is not a complete safetensors file ({error}); an interrupted download or copy "
+                         f"leaves such files: fetch it again") from None
+
+
+def _read_pickled(file: Path) -> dict[str, torch.Tensor]:
+    """A `pytorch_model.bin` read without running code (weights_only)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{file} is not a readable PyTorch weights file ({str(error).splitlines()[0][:200]}); "
+                         f"an interrupted download leaves such files, and Sprat reads only plain tensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a dictionary of tensors")
+    return state
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each checked to be a file beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise ValueError(f"{index} is not a shard index (a JSON object whose weight_map maps tensor names to "
+                         f"files)") from None
+    shards = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{index} names the shard {name!r}; shards must be files in the same directory")
+        if not (index.parent / name).is_file():
+            raise FileNotFoundError(f"{index.parent / name} is missing: {index.name} names {len(names)} shard "
+                                    f"files, and all must be present (an interrupted download?)")
+        shards.append(index.parent / name)
+    return shards
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `save_pretrained` directory: safetensors (one file or shards) first,
+    else the older pickled `pytorch_model.bin` (one file or shards)."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return _read_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
-        for shard in shards:
-            state.update(load_file(str(path / shard)))
+        for shard in _shards(index):
+            state.update(_read_safetensors(shard))
         return state
     legacy = path / "pytorch_model.bin"
+    legacy_index = path / "pytorch_model.bin.index.json"
     if legacy.exists():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        return _read_pickled(legacy)
+    if legacy_index.exists():
+        state = {}
+        for shard in _shards(legacy_index):
+            state.update(_read_pickled(shard))
+        return state
+    raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json, pytorch_model.bin "
+                            f"or pytorch_model.bin.index.json")
 
 
 def _save_shareable(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -235,8 +325,14 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     refuse_remote_code(path)
-    config = config_from_hf(json.loads(config_file.read_text()), context_len)
-    state = from_hf_state_dict(_read_weights(path), config)
+    values = json.loads(config_file.read_text())
+    config = config_from_hf(values, context_len)
+    from budget import check_memory  # (budget imports the trainer: only when a model is loaded)
+
+    check_memory(config, training=False)  # before the weights are read: an 8B release would not fit here
+    weights = _read_weights(path)
+    stored = {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()}
+    state = from_hf_state_dict(weights, config)
     model = Transformer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -251,6 +347,14 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     model.load_state_dict(state, strict=True)
     if dtype is not None:
         model.to(dtype)
+    generation = path / "generation_config.json"
+    try:
+        generation_config = json.loads(generation.read_text()) if generation.is_file() else None
+    except (ValueError, RecursionError):
+        generation_config = None  # not needed to run the model; an export writes none
+    model.hf_origin = HFOrigin({key: values[key] for key in SPECIAL_IDS if key in values},
+                               generation_config if isinstance(generation_config, dict) else None,
+                               stored.pop() if len(stored) == 1 else torch.float32)
     return model
 
 
@@ -297,6 +401,8 @@ def merged_model(model: Transformer) -> Transformer:
 
     merged = Transformer(model.config)
     merged.load_state_dict(merged_state_dict(model))
+    if getattr(model, "hf_origin", None) is not None:
+        merged.hf_origin = model.hf_origin
     return merged
 
 
