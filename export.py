@@ -333,7 +333,7 @@ def load_hf(path: str | Path, context_len: Optional[int] = None,
     weights = _read_weights(path)
     stored = {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()}
     state = from_hf_state_dict(weights, config)
-    model = Transformer(config)
+    model = Transformer.uninitialized(config)  # every weight comes from the checkpoint (strict load below)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -399,7 +399,7 @@ def merged_model(model: Transformer) -> Transformer:
     """A plain model with the adapters folded into the (dequantized) base weights."""
     from lora import merged_state_dict
 
-    merged = Transformer(model.config)
+    merged = Transformer.uninitialized(model.config)  # every weight comes from the merged state
     merged.load_state_dict(merged_state_dict(model))
     if getattr(model, "hf_origin", None) is not None:
         merged.hf_origin = model.hf_origin

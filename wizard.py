@@ -13,6 +13,7 @@ unsaved configuration changes before it ends).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -664,6 +665,14 @@ class Wizard:
         path = self.pick_model("Model")
         with self.console.status("loading the model ..."):
             loaded = load_trained(path)
+        with self.console.status("laying out the weights for decoding ..."):
+            with contextlib.ExitStack() as session:  # held for the whole chat: paid once, not per reply
+                session.enter_context(loaded.model.decoding())
+                session = session.pop_all()
+        with session:
+            self._chat_session(loaded)
+
+    def _chat_session(self, loaded: runs.Loaded) -> None:
         settings = dataclasses.asdict(runs.GenerateSettings())
         chat = loaded.kind == "finetuned"
         self.say(f"loaded {loaded.source} ({loaded.checkpoint or loaded.kind}); "

@@ -10,6 +10,7 @@ import checkpoint
 import runs
 import train
 from conftest import write_corpus
+from model import ModelConfig, Transformer
 from walkthrough import CTRL_C, CTRL_D, ESC, Walkthrough
 from wizard import BlankLines, Wizard, derived_figures
 
@@ -468,11 +469,15 @@ def test_chat_labels_each_turn_and_collapses_blank_lines(tmp_path, gguf_base, mo
     replies = iter([["\n" * 20, "hello", "\n\n\n\n\n", "  ", "\n", "world", "\n\n"], ["\n"] * 20])
     sampled = []
 
+    model = Transformer(ModelConfig.from_name("tiny"))
+
     def stream(model, tokenizer, text, *settings):
         sampled.append(settings[:4])
+        held.append(not model.layers[0].self_attn.q_proj.weight.is_contiguous())
         yield from next(replies)
 
-    monkeypatch.setattr("wizard.load_trained", lambda path: runs.Loaded(None, FakeTokenizer(), path, "finetuned"))
+    held = []  # whether the decoding layout is held at each reply: laid out once for the whole chat
+    monkeypatch.setattr("wizard.load_trained", lambda path: runs.Loaded(model, FakeTokenizer(), path, "finetuned"))
     monkeypatch.setattr("wizard.chat_prompt", lambda tokenizer, text: text)
     monkeypatch.setattr("wizard.stop_token", lambda loaded: None)
     monkeypatch.setattr("wizard.stream_text", stream)
@@ -484,6 +489,7 @@ def test_chat_labels_each_turn_and_collapses_blank_lines(tmp_path, gguf_base, mo
     assert "you: again\nmodel: (a blank reply)\n" in out
     settings = runs.GenerateSettings()
     assert sampled[0] == (settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p)
+    assert held == [True, True] and all(p.is_contiguous() for p in model.parameters())  # and put back after
 
 
 @pytest.mark.parametrize("pieces, continuing, shown", [
