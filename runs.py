@@ -1152,12 +1152,20 @@ class GenerateSettings:
     top_p: Optional[float] = None
 
 
+def with_special_tokens(loaded: Loaded, chat: bool) -> bool:
+    """Whether a prompt is tokenized with the tokenizer's own special tokens (Llama's BOS):
+    for imported models, which were trained with them, unless a chat template writes its
+    own; Sprat's runs train and generate without."""
+    return loaded.kind in ("huggingface", "gguf") and not chat
+
+
 def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: Optional[int], top_p: Optional[float], stop_at: Optional[int] = None,
-                seed: Optional[int] = None) -> Iterator[str]:
+                seed: Optional[int] = None, special_tokens: bool = False) -> Iterator[str]:
     """The continuation of `prompt`, yielded as text pieces while it is generated (a
-    piece is held back while it ends inside a multi-byte character)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    piece is held back while it ends inside a multi-byte character); `special_tokens`:
+    see `with_special_tokens`."""
+    ids = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"] or [tokenizer.eos_token_id]
     if len(ids) > model.config.context_len:
         ids = ids[-model.config.context_len:]
     device = next(model.parameters()).device

@@ -694,7 +694,7 @@ class Wizard:
             try:
                 for piece in stream_text(loaded.model, loaded.tokenizer, text, settings["max_new_tokens"],
                                          settings["temperature"], settings["top_k"], settings["top_p"],
-                                         stop_token(loaded)):
+                                         stop_token(loaded), special_tokens=runs.with_special_tokens(loaded, chat)):
                     self.console.print(reply(piece), end="", markup=False, highlight=False)
             except KeyboardInterrupt:
                 self.console.print()

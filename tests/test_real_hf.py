@@ -178,3 +178,32 @@ def test_a_release_too_large_for_this_machine_is_refused_before_its_weights_are_
     assert train.main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: this model needs ~") and "GiB to load" in err and len(err.splitlines()) == 1, err
+
+
+def test_generate_reads_an_imported_prompt_as_its_model_was_trained_with_bos(tmp_path, capsys):
+    """A Llama release's tokenizer adds BOS to a prompt, as the model was trained; `generate`
+    must too (Sprat's own runs train without it), giving transformers' greedy continuation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", *[f"w{i}" for i in range(60)]]
+    core = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(**dict(SHAPE, vocab_size=len(words)), bos_token_id=0, eos_token_id=1)
+    reference = decisive(LlamaForCausalLM(config))
+    reference.save_pretrained(tmp_path / "release")
+    tokenizer.save_pretrained(tmp_path / "release")
+    prompt = "w5 w17 w3"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0, 0] == 0  # the release's habit: BOS first
+    with torch.no_grad():
+        out = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=1, pad_token_id=1)
+    expected = tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)
+    without_bos = reference.generate(ids[:, 1:], max_new_tokens=8, do_sample=False, eos_token_id=1, pad_token_id=1)
+    assert tokenizer.decode(without_bos[0, ids.size(1) - 1:], skip_special_tokens=True) != expected  # BOS matters here
+    capsys.readouterr()
+    assert train.main(["generate", str(tmp_path / "release"), "--prompt", prompt, "--max-new-tokens", "8",
+                       "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + expected + "\n"

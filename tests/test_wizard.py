@@ -471,8 +471,9 @@ def test_chat_labels_each_turn_and_collapses_blank_lines(tmp_path, gguf_base, mo
 
     model = Transformer(ModelConfig.from_name("tiny"))
 
-    def stream(model, tokenizer, text, *settings):
+    def stream(model, tokenizer, text, *settings, special_tokens):
         sampled.append(settings[:4])
+        assert not special_tokens  # a Sprat fine-tune's chat template: no BOS added
         held.append(not model.layers[0].self_attn.q_proj.weight.is_contiguous())
         yield from next(replies)
 
