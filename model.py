@@ -12,7 +12,7 @@ import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Optional
+from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -792,10 +792,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: Optional[int] = None, top_p: Optional[float] = None,
-                        eos_token_id: Optional[int] = None, use_cache: Optional[bool] = None,
+                        eos_token_id: Optional[int | Sequence[int]] = None, use_cache: Optional[bool] = None,
                         generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
         """Yield the next token ids (B,) one step at a time for equal-length prompts (B, T).
-        Temperature 0 is greedy. Stops early once every sequence has produced `eos_token_id`.
+        Temperature 0 is greedy. Stops early once every sequence has produced `eos_token_id`
+        (one id or several: Llama 3 ends with any of three; a finished sequence repeats the first).
         When the sequence outgrows context_len, only its last context_len tokens are seen."""
         if input_ids.dim() != 2 or input_ids.size(1) == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, seq_len) tensor, got {tuple(input_ids.shape)}")
@@ -811,6 +812,10 @@ class Transformer(nn.Module):
         self.eval()
         tokens = input_ids
         finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        stops = None if eos_token_id is None else \
+            torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+        if stops is not None and stops.numel() == 0:
+            stops = None
         cached = 0  # positions already in the KV cache
         relaid = self._decoding_layout() if self._held_layout is None and max_new_tokens >= LAYOUT_MIN_TOKENS else []
         try:
@@ -829,12 +834,12 @@ class Transformer(nn.Module):
                     logits = self.lm_head(hidden[:, -1])
                 cached = tokens.size(1) if tokens.size(1) <= context_len else 0
                 next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-                if eos_token_id is not None:
-                    next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-                    finished |= next_token == eos_token_id
+                if stops is not None:
+                    next_token = torch.where(finished, torch.full_like(next_token, stops[0]), next_token)
+                    finished |= torch.isin(next_token, stops)
                 tokens = torch.cat((tokens, next_token[:, None]), dim=1)
                 yield next_token
-                if eos_token_id is not None and bool(finished.all()):
+                if stops is not None and bool(finished.all()):
                     break
         finally:
             _restore_layout(relaid)
@@ -958,7 +963,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 eos_token_id: Optional[int] = None, use_cache: Optional[bool] = None,
+                 eos_token_id: Optional[int | Sequence[int]] = None, use_cache: Optional[bool] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Prompt followed by up to `max_new_tokens` generated ids, (B, T + new)."""
         new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p,

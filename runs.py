@@ -1160,7 +1160,7 @@ def with_special_tokens(loaded: Loaded, chat: bool) -> bool:
 
 
 def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-                top_k: Optional[int], top_p: Optional[float], stop_at: Optional[int] = None,
+                top_k: Optional[int], top_p: Optional[float], stop_at: tuple[int, ...] = (),
                 seed: Optional[int] = None, special_tokens: bool = False) -> Iterator[str]:
     """The continuation of `prompt`, yielded as text pieces while it is generated (a
     piece is held back while it ends inside a multi-byte character); `special_tokens`:
@@ -1174,7 +1174,7 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int,
     shown = ""
     for token in model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
                                        top_k=top_k, top_p=top_p, eos_token_id=stop_at, generator=generator):
-        if stop_at is not None and int(token[0]) == stop_at:
+        if int(token[0]) in stop_at:
             break
         new.append(int(token[0]))
         text = tokenizer.decode(new, skip_special_tokens=True)
@@ -1187,9 +1187,20 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int,
         yield text[len(shown):]
 
 
-def stop_token(loaded: Loaded) -> Optional[int]:
-    """Where a reply ends: the chat template's end of turn for fine-tuned models, end-of-text otherwise."""
-    return answer_stop(loaded.tokenizer) if loaded.kind == "finetuned" else loaded.tokenizer.eos_token_id
+def stop_tokens(loaded: Loaded) -> tuple[int, ...]:
+    """Where a reply ends: the chat template's end of turn for fine-tuned models; else the
+    tokenizer's end-of-text and, for an imported release, every end id its config.json and
+    generation_config.json list (Llama 3 ends a turn with <|eot_id|> and text with
+    <|end_of_text|>, its tokenizer names one)."""
+    if loaded.kind == "finetuned":
+        ids = [answer_stop(loaded.tokenizer)]
+    else:
+        ids = [loaded.tokenizer.eos_token_id]
+        origin = getattr(loaded.model, "hf_origin", None)
+        if origin is not None:
+            for listed in (origin.special_ids.get("eos_token_id"), (origin.generation_config or {}).get("eos_token_id")):
+                ids += listed if isinstance(listed, list) else [listed]
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
 
 
 def answer_stop(tokenizer) -> Optional[int]:

@@ -127,7 +127,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     if not args.chat:
         sys.stdout.write(args.prompt)
     for piece in runs.stream_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens, args.temperature,
-                                  args.top_k, args.top_p, runs.stop_token(loaded), args.seed,
+                                  args.top_k, args.top_p, runs.stop_tokens(loaded), args.seed,
                                   runs.with_special_tokens(loaded, args.chat)):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -39,7 +39,7 @@ from gguf_io import QUANTS
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from runs import DEFAULT_CACHE, DEFAULT_PRESET, chat_prompt, data_summary, default_configs, fit_model_to_data, \
-    list_runs, load_trained, stop_token, stream_text
+    list_runs, load_trained, stop_tokens, stream_text
 from system_check import HardwareManager, SystemCheck
 from trainer import TrainerConfig
 
@@ -694,7 +694,7 @@ class Wizard:
             try:
                 for piece in stream_text(loaded.model, loaded.tokenizer, text, settings["max_new_tokens"],
                                          settings["temperature"], settings["top_k"], settings["top_p"],
-                                         stop_token(loaded), special_tokens=runs.with_special_tokens(loaded, chat)):
+                                         stop_tokens(loaded), special_tokens=runs.with_special_tokens(loaded, chat)):
                     self.console.print(reply(piece), end="", markup=False, highlight=False)
             except KeyboardInterrupt:
                 self.console.print()

@@ -504,6 +504,20 @@ def test_generate_stops_at_eos(tiny):
     assert stopped.size(1) == 3 + first + 1
 
 
+def test_generate_stops_at_any_of_several_end_ids(tiny):
+    model = Transformer(tiny)
+    prompt = tokens(tiny, 2, 3)
+    greedy = model.generate(prompt, 12, temperature=0)
+    first, second = int(greedy[0, 5]), int(greedy[1, 7])  # one end id reached by each sequence
+    stopped = model.generate(prompt, 12, temperature=0, eos_token_id=[first, second])
+    ends = [next(i for i in range(3, 15) if int(greedy[row, i]) in (first, second)) for row in range(2)]
+    assert stopped.size(1) == max(ends) + 1
+    for row, end in enumerate(ends):  # each row keeps its tokens up to its end, then repeats the first end id
+        assert torch.equal(stopped[row, :end + 1], greedy[row, :end + 1])
+        assert (stopped[row, end + 1:] == first).all()
+    assert torch.equal(model.generate(prompt, 12, temperature=0, eos_token_id=[]), greedy)
+
+
 def test_generate_rejects_bad_settings(tiny):
     model = Transformer(tiny)
     prompt = tokens(tiny, 1, 3)

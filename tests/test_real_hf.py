@@ -207,3 +207,24 @@ def test_generate_reads_an_imported_prompt_as_its_model_was_trained_with_bos(tmp
     assert train.main(["generate", str(tmp_path / "release"), "--prompt", prompt, "--max-new-tokens", "8",
                        "--temperature", "0"]) == 0
     assert capsys.readouterr().out == prompt + expected + "\n"
+
+
+def test_a_release_stops_at_every_end_id_it_lists(tmp_path):
+    """Llama 3 lists several end ids (config.json, generation_config.json) and its tokenizer
+    names one; a reply ends at any of them."""
+    import runs
+
+    llama3_release(tmp_path / "release")
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    generation = json.loads((tmp_path / "release" / "generation_config.json").read_text())
+    generation["eos_token_id"] = [99, 100, 97]
+    (tmp_path / "release" / "generation_config.json").write_text(json.dumps(generation))
+    assert config["eos_token_id"] == [99, 100]
+
+    class Tokenizer:
+        eos_token_id = 100
+
+    model = load_hf(tmp_path / "release")
+    assert runs.stop_tokens(runs.Loaded(model, Tokenizer(), tmp_path, "huggingface")) == (100, 99, 97)
+    del model.hf_origin
+    assert runs.stop_tokens(runs.Loaded(model, Tokenizer(), tmp_path, "gguf")) == (100,)

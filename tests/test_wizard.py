@@ -480,7 +480,7 @@ def test_chat_labels_each_turn_and_collapses_blank_lines(tmp_path, gguf_base, mo
     held = []  # whether the decoding layout is held at each reply: laid out once for the whole chat
     monkeypatch.setattr("wizard.load_trained", lambda path: runs.Loaded(model, FakeTokenizer(), path, "finetuned"))
     monkeypatch.setattr("wizard.chat_prompt", lambda tokenizer, text: text)
-    monkeypatch.setattr("wizard.stop_token", lambda loaded: None)
+    monkeypatch.setattr("wizard.stop_tokens", lambda loaded: ())
     monkeypatch.setattr("wizard.stream_text", stream)
     walk = Walkthrough(tmp_path).main("Chat / generate with a model").answer("Model", str(gguf_base))
     walk.answer("you", "hi").answer("you", "again").answer("you", ESC).main("Exit")
