@@ -13,6 +13,7 @@ it implements); dequantization reads every type it can.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,9 @@ from model import ModelConfig, Transformer, llama3_scaled_frequencies
 ARCH = "llama"
 GPT2_PRE = "gpt-2"  # GPT-2's regex, what tokenizers' ByteLevel(use_regex=True) splits with
 LLAMA3_PRE = "llama-bpe"
+# the other names llama.cpp gives Llama 3's split (Falcon 3's and others' files carry them)
+LLAMA3_ALIASES = ("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+SMOLLM_PRE = "smollm"  # each digit alone, then GPT-2's regex: SmolLM's Digits + ByteLevel
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 SPM_SPACE = "\u2581"
@@ -163,11 +167,16 @@ def bpe_pre_tokenizer(spec: dict) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return GPT2_PRE
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex", True) \
+            and not steps[1].get("add_prefix_space"):
+        return SMOLLM_PRE
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX \
             and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
         return LLAMA3_PRE
     raise GGUFError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:160]}) matches no llama.cpp pre-tokenizer "
-                    f"Sprat knows; supported: GPT-2's byte-level regex ({GPT2_PRE}) and Llama 3's ({LLAMA3_PRE})")
+                    f"Sprat knows; supported: GPT-2's byte-level regex ({GPT2_PRE}), Llama 3's ({LLAMA3_PRE}) and SmolLM's "
+                    f"({SMOLLM_PRE})")
 
 
 def adds_bos(tokenizer) -> bool:
@@ -414,9 +423,12 @@ def config_from_gguf(reader, context_len: Optional[int] = None) -> ModelConfig:
         if value is not None and int(value) != dims // heads:
             raise GGUFError(f"the GGUF sets {ARCH}.{name}={value}; Sprat needs embedding_length / head_count")
     scaling = None
-    if "rope_freqs.weight" in names:
-        raise GGUFError("the GGUF carries rope_freqs (per-frequency RoPE factors), which Sprat cannot read back "
-                        "into its RoPE scaling settings")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        theta = _float32(_field(reader, f"{ARCH}.rope.freq_base", 10000.0))
+        divisors = torch.from_numpy(np.array(_gguf().quants.dequantize(rope_freqs.data, rope_freqs.tensor_type),
+                                             dtype=np.float32).reshape(-1))
+        scaling = llama3_scaling_from_divisors(divisors, theta, head_dim)
     rope_type = _field(reader, f"{ARCH}.rope.scaling.type")
     if rope_type not in (None, "none"):
         raise GGUFError(f"the GGUF uses RoPE scaling {rope_type!r}; Sprat reads unscaled RoPE (and Llama 3's factors "
@@ -435,27 +447,90 @@ def config_from_gguf(reader, context_len: Optional[int] = None) -> ModelConfig:
         tie_embeddings="output.weight" not in names, **moe)
 
 
+def llama3_scaling_from_divisors(divisors: torch.Tensor, theta: float, head_dim: int) -> Optional[dict]:
+    """Llama 3's RoPE scaling settings back from llama.cpp's `rope_freqs` (what each
+    frequency is divided by), or None when every divisor is 1. The divisors are `factor` for
+    long wavelengths, 1 for short ones and 1 / ((1 - s) / factor + s) between, where
+    s = (original / wavelength - low) / (high - low): only original / (high - low) and
+    low / (high - low) shape them, so low_freq_factor is taken as 1 (Llama 3.x's value, which
+    then gives back its original context and high_freq_factor) and the rest fitted. Divisors
+    of another shape are an error."""
+    if divisors.numel() != head_dim // 2:
+        raise GGUFError(f"the GGUF's rope_freqs has {divisors.numel()} values; a head of {head_dim} dims has "
+                        f"{head_dim // 2} frequencies")
+    divisors = divisors.double()
+    if torch.allclose(divisors, torch.ones_like(divisors)):
+        return None
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).double() / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    factor = float(divisors.max())
+    kept, slowed = divisors <= 1 + 1e-6, divisors >= factor * (1 - 1e-6)
+    between = ~(kept | slowed)
+    if factor <= 1 or bool((kept & slowed).any()):
+        raise GGUFError(_rope_freqs_refusal(divisors))
+    # s = a / wavelength - b on the interpolated frequencies; s >= 1 on the kept ones, s <= 0 on the slowed
+    smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor)
+    if int(between.sum()) >= 2:
+        design = torch.stack([1 / wavelength[between], -torch.ones(int(between.sum()), dtype=torch.float64)], 1)
+        a, b = torch.linalg.lstsq(design, smooth[between].unsqueeze(1)).solution.flatten().tolist()
+    else:  # too few interpolated frequencies to fit: s = 0 between the neighbouring wavelengths
+        longest_kept = float(wavelength[kept].max()) if kept.any() else float(wavelength.min()) / 2
+        shortest_slowed = float(wavelength[slowed].min()) if slowed.any() else float(wavelength.max()) * 2
+        if between.any():  # and through the one interpolated value
+            w, s = float(wavelength[between][0]), float(smooth[between][0])
+            low_edge = math.sqrt(w * shortest_slowed)
+            a = s / (1 / w - 1 / low_edge)
+        else:  # and s = 1 where the kept ones end
+            low_edge = math.sqrt(longest_kept * shortest_slowed)
+            a = 1 / (1 / longest_kept - 1 / low_edge)
+        b = a / low_edge
+    if not (a > 0 and b > 0):
+        raise GGUFError(_rope_freqs_refusal(divisors))
+    original, high = a / b, 1 + 1 / b
+    for digits in (3, None):  # the round values a config states (8192, 4.0) when they fit as well
+        scaling = {"rope_type": "llama3", "factor": _float32(factor), "low_freq_factor": 1.0,
+                   "high_freq_factor": round(high, digits) if digits else high,
+                   "original_max_position_embeddings": round(original) if digits else original}
+        rebuilt = inv_freq.float() / llama3_scaled_frequencies(inv_freq.float(), scaling)
+        if torch.allclose(rebuilt.double(), divisors, rtol=1e-4, atol=0):
+            return scaling
+    raise GGUFError(_rope_freqs_refusal(divisors))
+
+
+def _rope_freqs_refusal(divisors: torch.Tensor) -> str:
+    return (f"the GGUF's rope_freqs (per-frequency RoPE divisors, from {float(divisors.min()):.4g} to "
+            f"{float(divisors.max()):.4g}) do not follow Llama 3's scaling, the only kind Sprat's RoPE can apply")
+
+
 def _float32(value: float) -> float:
     """GGUF stores these as float32: 1e-05 comes back as 9.99999974e-06; the shortest decimal
     with float32's precision gives back the value that was written."""
     return float(f"{float(value):.7g}")
 
 
-def _bpe_backend(tokens: list[str], merges: list[str], pre: str, ignore_merges: bool):
+def _bpe_backend(tokens: list[str], merges: list[str], pre: Optional[str]):
+    """A byte-level BPE splitting text as llama.cpp's pre-tokenizer `pre` does (Llama 3's
+    ignores merges for words already in the vocabulary, as llama.cpp does for it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
+    llama3 = pre == LLAMA3_PRE or pre in LLAMA3_ALIASES
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=llama3))
     if pre == GPT2_PRE:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    elif pre == LLAMA3_PRE:
+    elif llama3:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == SMOLLM_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
-        raise GGUFError(f"the GGUF's pre-tokenizer {pre!r} is not supported; Sprat reads {GPT2_PRE!r} and "
-                        f"{LLAMA3_PRE!r} byte-level BPE vocabularies and SentencePiece ('llama') ones")
+        named = f"pre-tokenizer {pre!r}" if pre else "no pre-tokenizer (tokenizer.ggml.pre; an older file)"
+        raise GGUFError(f"the GGUF's byte-level BPE vocabulary has {named}, which Sprat does not split text as; "
+                        f"supported: {GPT2_PRE!r}, {LLAMA3_PRE!r} (or {', '.join(map(repr, LLAMA3_ALIASES))}), "
+                        f"{SMOLLM_PRE!r}, and SentencePiece ('llama') vocabularies")
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -505,9 +580,9 @@ def tokenizer_from_gguf(reader):
     ids = {"bos": gguf.Keys.Tokenizer.BOS_ID, "eos": gguf.Keys.Tokenizer.EOS_ID, "pad": gguf.Keys.Tokenizer.PAD_ID,
            "unk": gguf.Keys.Tokenizer.UNK_ID}
     special = {name: _field(reader, key) for name, key in ids.items()}
+    pre = _field(reader, "tokenizer.ggml.pre")
     if kind == "gpt2":
-        backend = _bpe_backend(tokens, _field(reader, "tokenizer.ggml.merges", []), _field(reader, "tokenizer.ggml.pre"),
-                               ignore_merges=_field(reader, "tokenizer.ggml.pre") == LLAMA3_PRE)
+        backend = _bpe_backend(tokens, _field(reader, "tokenizer.ggml.merges", []), pre)
     elif kind == "llama":
         backend = _spm_backend(tokens, _field(reader, "tokenizer.ggml.scores"), types, special["unk"],
                                bool(_field(reader, gguf.Keys.Tokenizer.ADD_PREFIX, True)))
@@ -519,7 +594,9 @@ def tokenizer_from_gguf(reader):
                                 for i, kind in enumerate(types) if kind == control])
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                         for i, kind in enumerate(types) if kind == user and len(tokens[i]) > 1])
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
+    # without the key, llama.cpp adds BOS for SentencePiece and Llama 3-split vocabularies
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token",
+                          kind == "llama" or (kind == "gpt2" and (pre == LLAMA3_PRE or pre in LLAMA3_ALIASES))))
     if add_bos and special["bos"] is not None:
         bos = tokens[special["bos"]]
         backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
