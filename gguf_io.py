@@ -316,17 +316,21 @@ def _go_literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def modelfile(tokenizer, gguf_name: str) -> str:
+def modelfile(tokenizer, gguf_name: str, add_bos: Optional[bool] = None) -> str:
     """An Ollama Modelfile for the GGUF `gguf_name` beside it: the chat template rendered
     into Go template syntax (each role's text before and after its content, read off the
-    Jinja template and checked on a conversation) and the tokens that end a reply as stops."""
+    Jinja template and checked on a conversation) and the tokens that end a reply as stops.
+    A BOS the template opens with (Llama 3's `{{- bos_token }}`) is left to the GGUF's
+    add_bos_token (`add_bos`, None: the tokenizer's habit) when that adds it, as llama.cpp does."""
     from jinja2 import TemplateError
 
     lines = [f"FROM ./{gguf_name}", ""]
     template = tokenizer.chat_template
+    bos = tokenizer.bos_token if (adds_bos(tokenizer) if add_bos is None else add_bos) else None
 
     def render(messages: list[dict], generation: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        return text[len(bos):] if bos and text.startswith(bos) else text
 
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
     go = None
@@ -347,7 +351,9 @@ def modelfile(tokenizer, gguf_name: str) -> str:
                                    for i, (role, (before, after)) in enumerate(parts.items()))
                 go = f"{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(generation)}"
                 affixes = "".join(before + after for before, after in parts.values())
-                stops += [token for token in tokenizer.all_special_tokens if token in affixes]
+                specials = tokenizer.all_special_tokens + [added.content for added in
+                                                           tokenizer.added_tokens_decoder.values() if added.special]
+                stops += [token for token in specials if token in affixes]
         except (TemplateError, ValueError, TypeError, KeyError):  # e.g. a template that refuses a system turn
             go = None
     if go is not None:
@@ -362,7 +368,7 @@ def export_gguf(model: Transformer, out_dir: str | Path, tokenizer, quant: str =
     """`model.gguf` and an Ollama `Modelfile` in `out_dir`; returns the GGUF's path."""
     out_dir = Path(out_dir)
     path = save_gguf(model, out_dir / f"model-{quant}.gguf", tokenizer, quant, add_bos)
-    (out_dir / "Modelfile").write_text(modelfile(tokenizer, path.name))
+    (out_dir / "Modelfile").write_text(modelfile(tokenizer, path.name, add_bos))
     return path
 
 

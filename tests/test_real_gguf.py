@@ -318,3 +318,27 @@ def test_a_smollm_style_tokenizer_exports_under_llama_cpps_name_and_tokenizes_al
     llm = open_llama(llama_cpp, path, 64)
     for text in TEXTS + ["1234567890 x9y88z 3.14"]:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == source(text)["input_ids"], text
+
+
+# ---- Ollama Modelfile -----------------------------------------------------------------------------------
+def test_a_llama3_template_that_opens_with_bos_becomes_a_go_template_without_it(llama31_file, tmp_path):
+    """Llama 3's template starts with `{{- bos_token }}`; the GGUF's add_bos_token puts BOS
+    there, so the Go template leaves it out and renders the rest as Jinja does."""
+    import re
+
+    from gguf_io import export_gguf
+
+    model, tokenizer = load_gguf(llama31_file[0])
+    text = (export_gguf(model, tmp_path, tokenizer, "f16").parent / "Modelfile").read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    branches = {role: (before, after) for role, before, after in
+                re.findall(r'{{ (?:else )?if eq .Role "(\w+)" }}(.*?){{ .Content }}(.*?)(?={{ else if|{{ end }})',
+                           template, flags=re.S)}
+    generation = template.rsplit("{{ end }}{{ end }}", 1)[1]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    executed = "".join(branches[m["role"]][0] + m["content"] + branches[m["role"]][1] for m in messages) + generation
+    assert tokenizer.bos_token + executed == tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+    stops = {line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop")}
+    assert stops == {"<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"}
