@@ -316,48 +316,59 @@ def _go_literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
+def _go_template(render) -> Optional[tuple[str, str]]:
+    """(Go template, the text around the contents) of the chat template `render` draws,
+    read off one message per role and checked on a conversation; None when the template
+    is not a fixed text before and after each message."""
+    marker = "\x00CONTENT\x00"
+    parts = {}
+    for role in ("system", "user", "assistant"):
+        before, _, after = render([{"role": role, "content": marker}], False).partition(marker)
+        parts[role] = (before, after)
+    generation = render([{"role": "user", "content": marker}], True)[len("".join(parts["user"])) + len(marker):]
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+             {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    expected = "".join(parts[m["role"]][0] + m["content"] + parts[m["role"]][1] for m in probe) + generation
+    if render(probe, True) != expected:
+        return None
+    branches = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
+                       f"{_go_literal(before)}{{{{ .Content }}}}{_go_literal(after)}"
+                       for i, (role, (before, after)) in enumerate(parts.items()))
+    go = f"{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(generation)}"
+    return go, "".join(before + after for before, after in parts.values())
+
+
 def modelfile(tokenizer, gguf_name: str, add_bos: Optional[bool] = None) -> str:
     """An Ollama Modelfile for the GGUF `gguf_name` beside it: the chat template rendered
     into Go template syntax (each role's text before and after its content, read off the
     Jinja template and checked on a conversation) and the tokens that end a reply as stops.
-    A BOS the template opens with (Llama 3's `{{- bos_token }}`) is left to the GGUF's
-    add_bos_token (`add_bos`, None: the tokenizer's habit) when that adds it, as llama.cpp does."""
+    A BOS the conversation opens with (Llama 3's `{{- bos_token }}`) is left to the GGUF's
+    add_bos_token (`add_bos`, None: the tokenizer's habit) when that adds it, as llama.cpp
+    does; a template with BOS in every turn keeps it."""
     from jinja2 import TemplateError
 
     lines = [f"FROM ./{gguf_name}", ""]
-    template = tokenizer.chat_template
     bos = tokenizer.bos_token if (adds_bos(tokenizer) if add_bos is None else add_bos) else None
 
-    def render(messages: list[dict], generation: bool) -> str:
+    def render(messages: list[dict], generation: bool, strip: Optional[str]) -> str:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        return text[len(strip):] if strip and text.startswith(strip) else text
 
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    go = None
-    if template:
-        marker = "\x00CONTENT\x00"
+    found = None
+    for strip in dict.fromkeys([bos, None]) if tokenizer.chat_template else ():
         try:
-            parts = {}
-            for role in ("system", "user", "assistant"):
-                before, _, after = render([{"role": role, "content": marker}], False).partition(marker)
-                parts[role] = (before, after)
-            generation = render([{"role": "user", "content": marker}], True)[len("".join(parts["user"])) + len(marker):]
-            probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                     {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-            expected = "".join(parts[m["role"]][0] + m["content"] + parts[m["role"]][1] for m in probe) + generation
-            if render(probe, True) == expected:
-                branches = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-                                   f"{_go_literal(before)}{{{{ .Content }}}}{_go_literal(after)}"
-                                   for i, (role, (before, after)) in enumerate(parts.items()))
-                go = f"{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(generation)}"
-                affixes = "".join(before + after for before, after in parts.values())
-                specials = tokenizer.all_special_tokens + [added.content for added in
-                                                           tokenizer.added_tokens_decoder.values() if added.special]
-                stops += [token for token in specials if token in affixes]
+            found = _go_template(lambda messages, generation: render(messages, generation, strip))
         except (TemplateError, ValueError, TypeError, KeyError):  # e.g. a template that refuses a system turn
-            go = None
-    if go is not None:
+            found = None
+        if found is not None:
+            break
+    if found is not None:
+        go, affixes = found
         lines += [f'TEMPLATE """{go}"""', ""]
+        specials = tokenizer.all_special_tokens + [added.content for added in tokenizer.added_tokens_decoder.values()
+                                                   if added.special]
+        stops += [token for token in specials if token in affixes]
     for stop in dict.fromkeys(stops):
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     return "\n".join(lines) + "\n"
