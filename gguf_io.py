@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from budget import check_memory
 from export import refuse_biased_routing
 from model import ModelConfig, Transformer, llama3_scaled_frequencies
 
@@ -663,6 +664,7 @@ def load_gguf(path: str | Path, context_len: Optional[int] = None) -> tuple[Tran
     except (ValueError, OSError, KeyError, IndexError) as error:
         raise GGUFError(f"{path} is not a readable GGUF file ({type(error).__name__}: {str(error)[:160]})") from None
     config = config_from_gguf(reader, context_len)
+    check_memory(config, False)  # before dequantizing: a quantized file grows 3-8x as fp32 weights
     model = Transformer(config)
     model.load_state_dict(_checked_state(_read_tensors(reader), model, path), strict=True)
     return model, tokenizer_from_gguf(reader)

@@ -342,3 +342,28 @@ def test_a_llama3_template_that_opens_with_bos_becomes_a_go_template_without_it(
                                                                            add_generation_prompt=True)
     stops = {line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop")}
     assert stops == {"<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"}
+
+
+def test_a_gguf_too_large_for_memory_is_refused_before_dequantizing(llama31_file, monkeypatch, capsys):
+    """An 8B Q4_K_M file (4.9 GB) is 32 GB of fp32 weights: refused as Sprat refuses such runs."""
+    import budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": 2 ** 20)
+    with pytest.raises(ValueError, match="needs ~.* GiB to load"):
+        load_gguf(llama31_file[0])
+    assert train.main(["generate", str(llama31_file[0]), "--prompt", "hi"]) == 2
+    assert "GiB available" in capsys.readouterr().err
+
+
+def test_a_template_with_bos_in_every_turn_keeps_it(llama3_tokenizer, tmp_path):
+    """Llama 2's kind puts BOS before each user turn; the Go template keeps it there."""
+    import copy
+
+    from gguf_io import modelfile
+
+    tokenizer = copy.deepcopy(llama3_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+                               "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
+                               "{% endfor %}")
+    text = modelfile(tokenizer, "m.gguf", add_bos=True)
+    assert 'eq .Role "user" }}<|begin_of_text|>[INST] {{ .Content }} [/INST]' in text
