@@ -109,26 +109,39 @@ def to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 def from_gguf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """llama.cpp's tensor names → our state dict (the inverse of `to_gguf_tensors`)."""
+    state = _outer_state(tensors, config)
+    for index in range(config.num_layers):
+        state.update(_layer_state(tensors, config, index))
+    return state
+
+
+def _outer_state(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The embedding, final norm and head of our state dict."""
     state = {"embed_tokens.weight": tensors["token_embd.weight"], "norm.weight": tensors["output_norm.weight"]}
     state["lm_head.weight"] = tensors["token_embd.weight"] if config.tie_embeddings else tensors["output.weight"]
-    for index in range(config.num_layers):
-        ours, theirs = f"layers.{index}.", f"blk.{index}."
-        state[ours + "input_layernorm.weight"] = tensors[theirs + "attn_norm.weight"]
-        state[ours + "self_attn.q_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_q.weight"], config.num_heads)
-        state[ours + "self_attn.k_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_k.weight"],
-                                                                   config.num_kv_heads)
-        state[ours + "self_attn.v_proj.weight"] = tensors[theirs + "attn_v.weight"]
-        state[ours + "self_attn.o_proj.weight"] = tensors[theirs + "attn_output.weight"]
-        state[ours + "post_attention_layernorm.weight"] = tensors[theirs + "ffn_norm.weight"]
-        for proj, short in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-            if config.use_moe:
-                for expert, weight in enumerate(tensors[f"{theirs}ffn_{short}_exps.weight"]):
-                    state[f"{ours}mlp.experts.{expert}.{proj}.weight"] = weight
-            else:
-                state[f"{ours}mlp.{proj}.weight"] = tensors[f"{theirs}ffn_{short}.weight"]
+    return state
+
+
+def _layer_state(tensors: dict[str, torch.Tensor], config: ModelConfig, index: int) -> dict[str, torch.Tensor]:
+    """Layer `index` of our state dict: q/k un-permuted, experts unstacked."""
+    state = {}
+    ours, theirs = f"layers.{index}.", f"blk.{index}."
+    state[ours + "input_layernorm.weight"] = tensors[theirs + "attn_norm.weight"]
+    state[ours + "self_attn.q_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_q.weight"], config.num_heads)
+    state[ours + "self_attn.k_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_k.weight"],
+                                                               config.num_kv_heads)
+    state[ours + "self_attn.v_proj.weight"] = tensors[theirs + "attn_v.weight"]
+    state[ours + "self_attn.o_proj.weight"] = tensors[theirs + "attn_output.weight"]
+    state[ours + "post_attention_layernorm.weight"] = tensors[theirs + "ffn_norm.weight"]
+    for proj, short in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
         if config.use_moe:
-            state[ours + "mlp.gate.weight"] = tensors[theirs + "ffn_gate_inp.weight"]
-            state[ours + "mlp.expert_bias"] = torch.zeros(config.moe_num_experts)
+            for expert, weight in enumerate(tensors[f"{theirs}ffn_{short}_exps.weight"]):
+                state[f"{ours}mlp.experts.{expert}.{proj}.weight"] = weight
+        else:
+            state[f"{ours}mlp.{proj}.weight"] = tensors[f"{theirs}ffn_{short}.weight"]
+    if config.use_moe:
+        state[ours + "mlp.gate.weight"] = tensors[theirs + "ffn_gate_inp.weight"]
+        state[ours + "mlp.expert_bias"] = torch.zeros(config.moe_num_experts)
     return state
 
 
@@ -390,19 +403,19 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def _read_tensors(reader) -> dict[str, torch.Tensor]:
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the fastest-varying dimension first
+
+
+def _dequantized(tensor) -> torch.Tensor:
     gguf = _gguf()
-    tensors = {}
-    for tensor in reader.tensors:
-        try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            readable = [t.name for t in gguf.GGMLQuantizationType if _can_dequantize(t)]
-            raise GGUFError(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which this reader cannot "
-                            f"dequantize; supported: {', '.join(readable)}") from None
-        shape = tuple(reversed([int(n) for n in tensor.shape]))
-        tensors[tensor.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
-    return tensors
+    try:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        readable = [t.name for t in gguf.GGMLQuantizationType if _can_dequantize(t)]
+        raise GGUFError(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which this reader cannot "
+                        f"dequantize; supported: {', '.join(readable)}") from None
+    return torch.from_numpy(np.array(array, dtype=np.float32).reshape(_shape(tensor)))
 
 
 def _can_dequantize(qtype) -> bool:
@@ -650,7 +663,31 @@ def _checked_state(tensors: dict[str, torch.Tensor], model: Transformer, path: P
         if tensor.shape != expected[name].shape:
             raise GGUFError(f"{path}: {name} has shape {tuple(tensor.shape)}, the metadata implies "
                             f"{tuple(expected[name].shape)}")
+    if set(state) != set(expected):
+        raise GGUFError(f"{path}: the model needs {sorted(set(expected) - set(state))[:3]}, which the GGUF does "
+                        f"not give")
     return state
+
+
+def _fill(model: Transformer, reader) -> None:
+    """Copy the GGUF's weights into `model` a layer at a time (dequantized, q/k un-permuted),
+    so that beside the model only one layer's fp32 tensors exist, not a second model."""
+    groups: dict[Optional[int], dict] = {}
+    for tensor in reader.tensors:
+        if tensor.name != "rope_freqs.weight":  # read by config_from_gguf
+            index = int(tensor.name.split(".")[1]) if tensor.name.startswith("blk.") else None
+            groups.setdefault(index, {})[tensor.name] = tensor
+    targets = model.state_dict()
+    for index, group in groups.items():
+        _fill_group(targets, group, model.config, index)
+
+
+@torch.no_grad()
+def _fill_group(targets: dict[str, torch.Tensor], group: dict, config: ModelConfig, index: Optional[int]) -> None:
+    tensors = {name: _dequantized(tensor) for name, tensor in group.items()}
+    part = _outer_state(tensors, config) if index is None else _layer_state(tensors, config, index)
+    for name, tensor in part.items():
+        targets[name].copy_(tensor)
 
 
 def load_gguf(path: str | Path, context_len: Optional[int] = None) -> tuple[Transformer, object]:
@@ -666,5 +703,7 @@ def load_gguf(path: str | Path, context_len: Optional[int] = None) -> tuple[Tran
     config = config_from_gguf(reader, context_len)
     check_memory(config, False)  # before dequantizing: a quantized file grows 3-8x as fp32 weights
     model = Transformer(config)
-    model.load_state_dict(_checked_state(_read_tensors(reader), model, path), strict=True)
+    # every name and shape checked on shape-only tensors before anything is read
+    _checked_state({t.name: torch.empty(_shape(t), device="meta") for t in reader.tensors}, model, path)
+    _fill(model, reader)
     return model, tokenizer_from_gguf(reader)

@@ -367,3 +367,24 @@ def test_a_template_with_bos_in_every_turn_keeps_it(llama3_tokenizer, tmp_path):
                                "{% endfor %}")
     text = modelfile(tokenizer, "m.gguf", add_bos=True)
     assert 'eq .Role "user" }}<|begin_of_text|>[INST] {{ .Content }} [/INST]' in text
+
+
+def test_loading_holds_one_layer_of_fp32_weights_beside_the_model(llama31_file, monkeypatch):
+    """A GGUF is dequantized into the model a layer at a time: a 1B file (5 GB as fp32) must
+    not need a second 5 GB for a full dequantized copy."""
+    import weakref
+
+    import gguf_io
+
+    dequantize, alive, most = gguf_io._dequantized, weakref.WeakSet(), []
+
+    def tracked(tensor):
+        out = dequantize(tensor)
+        alive.add(out)
+        most.append(len(alive))
+        return out
+
+    monkeypatch.setattr(gguf_io, "_dequantized", tracked)
+    model, _ = load_gguf(llama31_file[0])
+    assert len(most) == len(gguf.GGUFReader(str(llama31_file[0])).tensors) - 1  # all but rope_freqs
+    assert max(most) <= 9  # one layer's tensors
