@@ -13,18 +13,23 @@ it implements); dequantization reads every type it can.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from budget import check_memory
 from export import refuse_biased_routing
 from model import ModelConfig, Transformer, llama3_scaled_frequencies
 
 ARCH = "llama"
 GPT2_PRE = "gpt-2"  # GPT-2's regex, what tokenizers' ByteLevel(use_regex=True) splits with
 LLAMA3_PRE = "llama-bpe"
+# the other names llama.cpp gives Llama 3's split (Falcon 3's and others' files carry them)
+LLAMA3_ALIASES = ("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+SMOLLM_PRE = "smollm"  # each digit alone, then GPT-2's regex: SmolLM's Digits + ByteLevel
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 SPM_SPACE = "\u2581"
@@ -104,26 +109,39 @@ def to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 def from_gguf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """llama.cpp's tensor names → our state dict (the inverse of `to_gguf_tensors`)."""
+    state = _outer_state(tensors, config)
+    for index in range(config.num_layers):
+        state.update(_layer_state(tensors, config, index))
+    return state
+
+
+def _outer_state(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The embedding, final norm and head of our state dict."""
     state = {"embed_tokens.weight": tensors["token_embd.weight"], "norm.weight": tensors["output_norm.weight"]}
     state["lm_head.weight"] = tensors["token_embd.weight"] if config.tie_embeddings else tensors["output.weight"]
-    for index in range(config.num_layers):
-        ours, theirs = f"layers.{index}.", f"blk.{index}."
-        state[ours + "input_layernorm.weight"] = tensors[theirs + "attn_norm.weight"]
-        state[ours + "self_attn.q_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_q.weight"], config.num_heads)
-        state[ours + "self_attn.k_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_k.weight"],
-                                                                   config.num_kv_heads)
-        state[ours + "self_attn.v_proj.weight"] = tensors[theirs + "attn_v.weight"]
-        state[ours + "self_attn.o_proj.weight"] = tensors[theirs + "attn_output.weight"]
-        state[ours + "post_attention_layernorm.weight"] = tensors[theirs + "ffn_norm.weight"]
-        for proj, short in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-            if config.use_moe:
-                for expert, weight in enumerate(tensors[f"{theirs}ffn_{short}_exps.weight"]):
-                    state[f"{ours}mlp.experts.{expert}.{proj}.weight"] = weight
-            else:
-                state[f"{ours}mlp.{proj}.weight"] = tensors[f"{theirs}ffn_{short}.weight"]
+    return state
+
+
+def _layer_state(tensors: dict[str, torch.Tensor], config: ModelConfig, index: int) -> dict[str, torch.Tensor]:
+    """Layer `index` of our state dict: q/k un-permuted, experts unstacked."""
+    state = {}
+    ours, theirs = f"layers.{index}.", f"blk.{index}."
+    state[ours + "input_layernorm.weight"] = tensors[theirs + "attn_norm.weight"]
+    state[ours + "self_attn.q_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_q.weight"], config.num_heads)
+    state[ours + "self_attn.k_proj.weight"] = unpermute_rotary(tensors[theirs + "attn_k.weight"],
+                                                               config.num_kv_heads)
+    state[ours + "self_attn.v_proj.weight"] = tensors[theirs + "attn_v.weight"]
+    state[ours + "self_attn.o_proj.weight"] = tensors[theirs + "attn_output.weight"]
+    state[ours + "post_attention_layernorm.weight"] = tensors[theirs + "ffn_norm.weight"]
+    for proj, short in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
         if config.use_moe:
-            state[ours + "mlp.gate.weight"] = tensors[theirs + "ffn_gate_inp.weight"]
-            state[ours + "mlp.expert_bias"] = torch.zeros(config.moe_num_experts)
+            for expert, weight in enumerate(tensors[f"{theirs}ffn_{short}_exps.weight"]):
+                state[f"{ours}mlp.experts.{expert}.{proj}.weight"] = weight
+        else:
+            state[f"{ours}mlp.{proj}.weight"] = tensors[f"{theirs}ffn_{short}.weight"]
+    if config.use_moe:
+        state[ours + "mlp.gate.weight"] = tensors[theirs + "ffn_gate_inp.weight"]
+        state[ours + "mlp.expert_bias"] = torch.zeros(config.moe_num_experts)
     return state
 
 
@@ -163,11 +181,16 @@ def bpe_pre_tokenizer(spec: dict) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return GPT2_PRE
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex", True) \
+            and not steps[1].get("add_prefix_space"):
+        return SMOLLM_PRE
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX \
             and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
         return LLAMA3_PRE
     raise GGUFError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:160]}) matches no llama.cpp pre-tokenizer "
-                    f"Sprat knows; supported: GPT-2's byte-level regex ({GPT2_PRE}) and Llama 3's ({LLAMA3_PRE})")
+                    f"Sprat knows; supported: GPT-2's byte-level regex ({GPT2_PRE}), Llama 3's ({LLAMA3_PRE}) and SmolLM's "
+                    f"({SMOLLM_PRE})")
 
 
 def adds_bos(tokenizer) -> bool:
@@ -307,42 +330,59 @@ def _go_literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def modelfile(tokenizer, gguf_name: str) -> str:
+def _go_template(render) -> Optional[tuple[str, str]]:
+    """(Go template, the text around the contents) of the chat template `render` draws,
+    read off one message per role and checked on a conversation; None when the template
+    is not a fixed text before and after each message."""
+    marker = "\x00CONTENT\x00"
+    parts = {}
+    for role in ("system", "user", "assistant"):
+        before, _, after = render([{"role": role, "content": marker}], False).partition(marker)
+        parts[role] = (before, after)
+    generation = render([{"role": "user", "content": marker}], True)[len("".join(parts["user"])) + len(marker):]
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+             {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    expected = "".join(parts[m["role"]][0] + m["content"] + parts[m["role"]][1] for m in probe) + generation
+    if render(probe, True) != expected:
+        return None
+    branches = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
+                       f"{_go_literal(before)}{{{{ .Content }}}}{_go_literal(after)}"
+                       for i, (role, (before, after)) in enumerate(parts.items()))
+    go = f"{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(generation)}"
+    return go, "".join(before + after for before, after in parts.values())
+
+
+def modelfile(tokenizer, gguf_name: str, add_bos: Optional[bool] = None) -> str:
     """An Ollama Modelfile for the GGUF `gguf_name` beside it: the chat template rendered
     into Go template syntax (each role's text before and after its content, read off the
-    Jinja template and checked on a conversation) and the tokens that end a reply as stops."""
+    Jinja template and checked on a conversation) and the tokens that end a reply as stops.
+    A BOS the conversation opens with (Llama 3's `{{- bos_token }}`) is left to the GGUF's
+    add_bos_token (`add_bos`, None: the tokenizer's habit) when that adds it, as llama.cpp
+    does; a template with BOS in every turn keeps it."""
     from jinja2 import TemplateError
 
     lines = [f"FROM ./{gguf_name}", ""]
-    template = tokenizer.chat_template
+    bos = tokenizer.bos_token if (adds_bos(tokenizer) if add_bos is None else add_bos) else None
 
-    def render(messages: list[dict], generation: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    def render(messages: list[dict], generation: bool, strip: Optional[str]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        return text[len(strip):] if strip and text.startswith(strip) else text
 
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    go = None
-    if template:
-        marker = "\x00CONTENT\x00"
+    found = None
+    for strip in dict.fromkeys([bos, None]) if tokenizer.chat_template else ():
         try:
-            parts = {}
-            for role in ("system", "user", "assistant"):
-                before, _, after = render([{"role": role, "content": marker}], False).partition(marker)
-                parts[role] = (before, after)
-            generation = render([{"role": "user", "content": marker}], True)[len("".join(parts["user"])) + len(marker):]
-            probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                     {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-            expected = "".join(parts[m["role"]][0] + m["content"] + parts[m["role"]][1] for m in probe) + generation
-            if render(probe, True) == expected:
-                branches = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-                                   f"{_go_literal(before)}{{{{ .Content }}}}{_go_literal(after)}"
-                                   for i, (role, (before, after)) in enumerate(parts.items()))
-                go = f"{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(generation)}"
-                affixes = "".join(before + after for before, after in parts.values())
-                stops += [token for token in tokenizer.all_special_tokens if token in affixes]
+            found = _go_template(lambda messages, generation: render(messages, generation, strip))
         except (TemplateError, ValueError, TypeError, KeyError):  # e.g. a template that refuses a system turn
-            go = None
-    if go is not None:
+            found = None
+        if found is not None:
+            break
+    if found is not None:
+        go, affixes = found
         lines += [f'TEMPLATE """{go}"""', ""]
+        specials = tokenizer.all_special_tokens + [added.content for added in tokenizer.added_tokens_decoder.values()
+                                                   if added.special]
+        stops += [token for token in specials if token in affixes]
     for stop in dict.fromkeys(stops):
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     return "\n".join(lines) + "\n"
@@ -353,7 +393,7 @@ def export_gguf(model: Transformer, out_dir: str | Path, tokenizer, quant: str =
     """`model.gguf` and an Ollama `Modelfile` in `out_dir`; returns the GGUF's path."""
     out_dir = Path(out_dir)
     path = save_gguf(model, out_dir / f"model-{quant}.gguf", tokenizer, quant, add_bos)
-    (out_dir / "Modelfile").write_text(modelfile(tokenizer, path.name))
+    (out_dir / "Modelfile").write_text(modelfile(tokenizer, path.name, add_bos))
     return path
 
 
@@ -363,19 +403,19 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def _read_tensors(reader) -> dict[str, torch.Tensor]:
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the fastest-varying dimension first
+
+
+def _dequantized(tensor) -> torch.Tensor:
     gguf = _gguf()
-    tensors = {}
-    for tensor in reader.tensors:
-        try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            readable = [t.name for t in gguf.GGMLQuantizationType if _can_dequantize(t)]
-            raise GGUFError(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which this reader cannot "
-                            f"dequantize; supported: {', '.join(readable)}") from None
-        shape = tuple(reversed([int(n) for n in tensor.shape]))
-        tensors[tensor.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
-    return tensors
+    try:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        readable = [t.name for t in gguf.GGMLQuantizationType if _can_dequantize(t)]
+        raise GGUFError(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which this reader cannot "
+                        f"dequantize; supported: {', '.join(readable)}") from None
+    return torch.from_numpy(np.array(array, dtype=np.float32).reshape(_shape(tensor)))
 
 
 def _can_dequantize(qtype) -> bool:
@@ -414,9 +454,12 @@ def config_from_gguf(reader, context_len: Optional[int] = None) -> ModelConfig:
         if value is not None and int(value) != dims // heads:
             raise GGUFError(f"the GGUF sets {ARCH}.{name}={value}; Sprat needs embedding_length / head_count")
     scaling = None
-    if "rope_freqs.weight" in names:
-        raise GGUFError("the GGUF carries rope_freqs (per-frequency RoPE factors), which Sprat cannot read back "
-                        "into its RoPE scaling settings")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        theta = _float32(_field(reader, f"{ARCH}.rope.freq_base", 10000.0))
+        divisors = torch.from_numpy(np.array(_gguf().quants.dequantize(rope_freqs.data, rope_freqs.tensor_type),
+                                             dtype=np.float32).reshape(-1))
+        scaling = llama3_scaling_from_divisors(divisors, theta, head_dim)
     rope_type = _field(reader, f"{ARCH}.rope.scaling.type")
     if rope_type not in (None, "none"):
         raise GGUFError(f"the GGUF uses RoPE scaling {rope_type!r}; Sprat reads unscaled RoPE (and Llama 3's factors "
@@ -435,27 +478,90 @@ def config_from_gguf(reader, context_len: Optional[int] = None) -> ModelConfig:
         tie_embeddings="output.weight" not in names, **moe)
 
 
+def llama3_scaling_from_divisors(divisors: torch.Tensor, theta: float, head_dim: int) -> Optional[dict]:
+    """Llama 3's RoPE scaling settings back from llama.cpp's `rope_freqs` (what each
+    frequency is divided by), or None when every divisor is 1. The divisors are `factor` for
+    long wavelengths, 1 for short ones and 1 / ((1 - s) / factor + s) between, where
+    s = (original / wavelength - low) / (high - low): only original / (high - low) and
+    low / (high - low) shape them, so low_freq_factor is taken as 1 (Llama 3.x's value, which
+    then gives back its original context and high_freq_factor) and the rest fitted. Divisors
+    of another shape are an error."""
+    if divisors.numel() != head_dim // 2:
+        raise GGUFError(f"the GGUF's rope_freqs has {divisors.numel()} values; a head of {head_dim} dims has "
+                        f"{head_dim // 2} frequencies")
+    divisors = divisors.double()
+    if torch.allclose(divisors, torch.ones_like(divisors)):
+        return None
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).double() / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    factor = float(divisors.max())
+    kept, slowed = divisors <= 1 + 1e-6, divisors >= factor * (1 - 1e-6)
+    between = ~(kept | slowed)
+    if factor <= 1 or bool((kept & slowed).any()):
+        raise GGUFError(_rope_freqs_refusal(divisors))
+    # s = a / wavelength - b on the interpolated frequencies; s >= 1 on the kept ones, s <= 0 on the slowed
+    smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor)
+    if int(between.sum()) >= 2:
+        design = torch.stack([1 / wavelength[between], -torch.ones(int(between.sum()), dtype=torch.float64)], 1)
+        a, b = torch.linalg.lstsq(design, smooth[between].unsqueeze(1)).solution.flatten().tolist()
+    else:  # too few interpolated frequencies to fit: s = 0 between the neighbouring wavelengths
+        longest_kept = float(wavelength[kept].max()) if kept.any() else float(wavelength.min()) / 2
+        shortest_slowed = float(wavelength[slowed].min()) if slowed.any() else float(wavelength.max()) * 2
+        if between.any():  # and through the one interpolated value
+            w, s = float(wavelength[between][0]), float(smooth[between][0])
+            low_edge = math.sqrt(w * shortest_slowed)
+            a = s / (1 / w - 1 / low_edge)
+        else:  # and s = 1 where the kept ones end
+            low_edge = math.sqrt(longest_kept * shortest_slowed)
+            a = 1 / (1 / longest_kept - 1 / low_edge)
+        b = a / low_edge
+    if not (a > 0 and b > 0):
+        raise GGUFError(_rope_freqs_refusal(divisors))
+    original, high = a / b, 1 + 1 / b
+    for digits in (3, None):  # the round values a config states (8192, 4.0) when they fit as well
+        scaling = {"rope_type": "llama3", "factor": _float32(factor), "low_freq_factor": 1.0,
+                   "high_freq_factor": round(high, digits) if digits else high,
+                   "original_max_position_embeddings": round(original) if digits else original}
+        rebuilt = inv_freq.float() / llama3_scaled_frequencies(inv_freq.float(), scaling)
+        if torch.allclose(rebuilt.double(), divisors, rtol=1e-4, atol=0):
+            return scaling
+    raise GGUFError(_rope_freqs_refusal(divisors))
+
+
+def _rope_freqs_refusal(divisors: torch.Tensor) -> str:
+    return (f"the GGUF's rope_freqs (per-frequency RoPE divisors, from {float(divisors.min()):.4g} to "
+            f"{float(divisors.max()):.4g}) do not follow Llama 3's scaling, the only kind Sprat's RoPE can apply")
+
+
 def _float32(value: float) -> float:
     """GGUF stores these as float32: 1e-05 comes back as 9.99999974e-06; the shortest decimal
     with float32's precision gives back the value that was written."""
     return float(f"{float(value):.7g}")
 
 
-def _bpe_backend(tokens: list[str], merges: list[str], pre: str, ignore_merges: bool):
+def _bpe_backend(tokens: list[str], merges: list[str], pre: Optional[str]):
+    """A byte-level BPE splitting text as llama.cpp's pre-tokenizer `pre` does (Llama 3's
+    ignores merges for words already in the vocabulary, as llama.cpp does for it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
+    llama3 = pre == LLAMA3_PRE or pre in LLAMA3_ALIASES
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=llama3))
     if pre == GPT2_PRE:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    elif pre == LLAMA3_PRE:
+    elif llama3:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == SMOLLM_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
-        raise GGUFError(f"the GGUF's pre-tokenizer {pre!r} is not supported; Sprat reads {GPT2_PRE!r} and "
-                        f"{LLAMA3_PRE!r} byte-level BPE vocabularies and SentencePiece ('llama') ones")
+        named = f"pre-tokenizer {pre!r}" if pre else "no pre-tokenizer (tokenizer.ggml.pre; an older file)"
+        raise GGUFError(f"the GGUF's byte-level BPE vocabulary has {named}, which Sprat does not split text as; "
+                        f"supported: {GPT2_PRE!r}, {LLAMA3_PRE!r} (or {', '.join(map(repr, LLAMA3_ALIASES))}), "
+                        f"{SMOLLM_PRE!r}, and SentencePiece ('llama') vocabularies")
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -505,9 +611,9 @@ def tokenizer_from_gguf(reader):
     ids = {"bos": gguf.Keys.Tokenizer.BOS_ID, "eos": gguf.Keys.Tokenizer.EOS_ID, "pad": gguf.Keys.Tokenizer.PAD_ID,
            "unk": gguf.Keys.Tokenizer.UNK_ID}
     special = {name: _field(reader, key) for name, key in ids.items()}
+    pre = _field(reader, "tokenizer.ggml.pre")
     if kind == "gpt2":
-        backend = _bpe_backend(tokens, _field(reader, "tokenizer.ggml.merges", []), _field(reader, "tokenizer.ggml.pre"),
-                               ignore_merges=_field(reader, "tokenizer.ggml.pre") == LLAMA3_PRE)
+        backend = _bpe_backend(tokens, _field(reader, "tokenizer.ggml.merges", []), pre)
     elif kind == "llama":
         backend = _spm_backend(tokens, _field(reader, "tokenizer.ggml.scores"), types, special["unk"],
                                bool(_field(reader, gguf.Keys.Tokenizer.ADD_PREFIX, True)))
@@ -519,7 +625,9 @@ def tokenizer_from_gguf(reader):
                                 for i, kind in enumerate(types) if kind == control])
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                         for i, kind in enumerate(types) if kind == user and len(tokens[i]) > 1])
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
+    # without the key, llama.cpp adds BOS for SentencePiece and Llama 3-split vocabularies
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token",
+                          kind == "llama" or (kind == "gpt2" and (pre == LLAMA3_PRE or pre in LLAMA3_ALIASES))))
     if add_bos and special["bos"] is not None:
         bos = tokens[special["bos"]]
         backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
@@ -555,7 +663,31 @@ def _checked_state(tensors: dict[str, torch.Tensor], model: Transformer, path: P
         if tensor.shape != expected[name].shape:
             raise GGUFError(f"{path}: {name} has shape {tuple(tensor.shape)}, the metadata implies "
                             f"{tuple(expected[name].shape)}")
+    if set(state) != set(expected):
+        raise GGUFError(f"{path}: the model needs {sorted(set(expected) - set(state))[:3]}, which the GGUF does "
+                        f"not give")
     return state
+
+
+def _fill(model: Transformer, reader) -> None:
+    """Copy the GGUF's weights into `model` a layer at a time (dequantized, q/k un-permuted),
+    so that beside the model only one layer's fp32 tensors exist, not a second model."""
+    groups: dict[Optional[int], dict] = {}
+    for tensor in reader.tensors:
+        if tensor.name != "rope_freqs.weight":  # read by config_from_gguf
+            index = int(tensor.name.split(".")[1]) if tensor.name.startswith("blk.") else None
+            groups.setdefault(index, {})[tensor.name] = tensor
+    targets = model.state_dict()
+    for index, group in groups.items():
+        _fill_group(targets, group, model.config, index)
+
+
+@torch.no_grad()
+def _fill_group(targets: dict[str, torch.Tensor], group: dict, config: ModelConfig, index: Optional[int]) -> None:
+    tensors = {name: _dequantized(tensor) for name, tensor in group.items()}
+    part = _outer_state(tensors, config) if index is None else _layer_state(tensors, config, index)
+    for name, tensor in part.items():
+        targets[name].copy_(tensor)
 
 
 def load_gguf(path: str | Path, context_len: Optional[int] = None) -> tuple[Transformer, object]:
@@ -569,6 +701,9 @@ def load_gguf(path: str | Path, context_len: Optional[int] = None) -> tuple[Tran
     except (ValueError, OSError, KeyError, IndexError) as error:
         raise GGUFError(f"{path} is not a readable GGUF file ({type(error).__name__}: {str(error)[:160]})") from None
     config = config_from_gguf(reader, context_len)
+    check_memory(config, False)  # before dequantizing: a quantized file grows 3-8x as fp32 weights
     model = Transformer(config)
-    model.load_state_dict(_checked_state(_read_tensors(reader), model, path), strict=True)
+    # every name and shape checked on shape-only tensors before anything is read
+    _checked_state({t.name: torch.empty(_shape(t), device="meta") for t in reader.tensors}, model, path)
+    _fill(model, reader)
     return model, tokenizer_from_gguf(reader)
