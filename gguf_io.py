@@ -403,6 +403,15 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def end_ids(path: str | Path) -> tuple[int, ...]:
+    """The ids a GGUF says end generation besides end-of-text: end of turn and end of message
+    (`tokenizer.ggml.eot_token_id`, `eom_token_id`; Llama 3's <|eot_id|>, <|eom_id|>), as
+    llama.cpp stops at them."""
+    reader = _gguf().GGUFReader(str(path))
+    ids = (_field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom"))
+    return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
 def _shape(tensor) -> tuple[int, ...]:
     return tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the fastest-varying dimension first
 
@@ -702,7 +711,7 @@ def load_gguf(path: str | Path, context_len: Optional[int] = None) -> tuple[Tran
         raise GGUFError(f"{path} is not a readable GGUF file ({type(error).__name__}: {str(error)[:160]})") from None
     config = config_from_gguf(reader, context_len)
     check_memory(config, False)  # before dequantizing: a quantized file grows 3-8x as fp32 weights
-    model = Transformer(config)
+    model = Transformer.uninitialized(config)  # every weight comes from the file (checked below)
     # every name and shape checked on shape-only tensors before anything is read
     _checked_state({t.name: torch.empty(_shape(t), device="meta") for t in reader.tensors}, model, path)
     _fill(model, reader)

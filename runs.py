@@ -33,7 +33,7 @@ from data import (BUILTIN, IM_END, DataConfig, DataError, MaskedSamples, PackedB
                   tokenizer_hash, training_side_text, WithGeneralText)
 from events import Callback, MetricsLog, TensorBoardLog, perplexity, progress_reporter
 from export import load_hf, merge_and_save, merged_model, save_adapter, save_hf
-from gguf_io import export_gguf, load_gguf
+from gguf_io import end_ids, export_gguf, load_gguf
 from lora import LoRAConfig, apply_lora, parameter_report
 from model import ModelConfig, Transformer
 from trainer import (CpuPrecision, Guard, Trainer, TrainerConfig, TrainResult, evaluate, guard_limit, resolve_device,
@@ -1190,14 +1190,16 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int,
 def stop_tokens(loaded: Loaded) -> tuple[int, ...]:
     """Where a reply ends: the chat template's end of turn for fine-tuned models; else the
     tokenizer's end-of-text and, for an imported release, every end id its config.json and
-    generation_config.json list (Llama 3 ends a turn with <|eot_id|> and text with
-    <|end_of_text|>, its tokenizer names one)."""
+    generation_config.json list, or a GGUF's end of turn and of message (Llama 3 ends a turn
+    with <|eot_id|> and text with <|end_of_text|>, its tokenizer names one)."""
     if loaded.kind == "finetuned":
         ids = [answer_stop(loaded.tokenizer)]
     else:
         ids = [loaded.tokenizer.eos_token_id]
         origin = getattr(loaded.model, "hf_origin", None)
-        if origin is not None:
+        if loaded.kind == "gguf":
+            ids += end_ids(loaded.source)
+        elif origin is not None:
             for listed in (origin.special_ids.get("eos_token_id"), (origin.generation_config or {}).get("eos_token_id")):
                 ids += listed if isinstance(listed, list) else [listed]
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))

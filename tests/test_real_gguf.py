@@ -388,3 +388,22 @@ def test_loading_holds_one_layer_of_fp32_weights_beside_the_model(llama31_file, 
     model, _ = load_gguf(llama31_file[0])
     assert len(most) == len(gguf.GGUFReader(str(llama31_file[0])).tensors) - 1  # all but rope_freqs
     assert max(most) <= 9  # one layer's tensors
+
+
+def test_a_reply_ends_at_the_files_end_of_turn_too(llama3_tokenizer, tmp_path):
+    """llama.cpp stops at a file's end-of-turn id (<|eot_id|>) as at end-of-text; so does a
+    reply from the file, and a plain prompt starts with the BOS the file adds."""
+    import copy
+
+    import runs
+
+    tokenizer = copy.deepcopy(llama3_tokenizer)
+    tokenizer.eos_token = "<|end_of_text|>"  # a base model's end of text; its turns end with <|eot_id|>
+    path = tmp_path / "base.gguf"
+    write_converted(hf_llama(416), tokenizer, path, "llama-bpe", add_bos=True)
+    loaded = runs.load_trained(path)
+    eos, eot = (tokenizer.convert_tokens_to_ids(token) for token in ("<|end_of_text|>", "<|eot_id|>"))
+    assert loaded.tokenizer.eos_token_id == eos != eot
+    assert runs.stop_tokens(loaded) == (eos, eot)
+    ids = loaded.tokenizer("hello", add_special_tokens=runs.with_special_tokens(loaded, chat=False))["input_ids"]
+    assert ids[0] == loaded.tokenizer.bos_token_id
