@@ -227,4 +227,4 @@ def test_a_release_stops_at_every_end_id_it_lists(tmp_path):
     model = load_hf(tmp_path / "release")
     assert runs.stop_tokens(runs.Loaded(model, Tokenizer(), tmp_path, "huggingface")) == (100, 99, 97)
     del model.hf_origin
-    assert runs.stop_tokens(runs.Loaded(model, Tokenizer(), tmp_path, "gguf")) == (100,)
+    assert runs.stop_tokens(runs.Loaded(model, Tokenizer(), tmp_path, "huggingface")) == (100,)
