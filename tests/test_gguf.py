@@ -243,6 +243,14 @@ def write_llama_gguf(reference, tokenizer, path, types: dict) -> None:
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(tokenizer.chat_template)
+    add_llama_tensors(writer, reference, types)
+
+
+def add_llama_tensors(writer, reference, types: dict) -> None:
+    """Write `reference`'s tensors as convert_hf_to_gguf does (its names, q/k rows interleaved
+    per head, a tied head left out, norms f32), then the file. `types` maps a tensor-name
+    fragment to the type to store it as (F32 where none matches)."""
+    config = reference.config
 
     def permute(weight, heads):
         return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(

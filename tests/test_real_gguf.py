@@ -14,6 +14,7 @@ import gguf
 import train
 from gguf_io import GGUFError, LLAMA3_REGEX, llama3_scaling_from_divisors, load_gguf, save_gguf
 from model import llama3_scaled_frequencies
+from test_gguf import add_llama_tensors
 
 TEXTS = ["Hello world", " leading space", "  two spaces\n\nnewlines\n", "Ünïcödé café 日本語 😀",
          "digits 1234567 and 3.14159", "def f(x):\n    return x + 1\n", "don't I'LL we've", "tabs\tand\r\nCRLF",
@@ -144,36 +145,7 @@ def write_converted(reference, tokenizer, path, pre: str, qtype=gguf.GGMLQuantiz
         writer.add_tensor("rope_freqs.weight", llama3_divisors(head_dim, config.rope_parameters["rope_theta"],
                                                                scaling))
 
-    def interleave(weight: np.ndarray, heads: int) -> np.ndarray:
-        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, weight.shape[1]).swapaxes(1, 2).reshape(
-            weight.shape)
-
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, tensor in reference.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        base = name.removesuffix(".weight")
-        if base.startswith("model.layers."):
-            index, rest = base.removeprefix("model.layers.").split(".", 1)
-            target = f"blk.{index}.{per_layer[rest]}"
-        else:
-            target = names[base]
-        array = tensor.numpy()
-        if target.endswith("attn_q"):
-            array = interleave(array, config.num_attention_heads)
-        if target.endswith("attn_k"):
-            array = interleave(array, config.num_key_value_heads)
-        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(target + ".weight", array.astype(np.float32))
-        else:
-            writer.add_tensor(target + ".weight", gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_llama_tensors(writer, reference, {"": qtype})
 
 
 @pytest.fixture(scope="module")
