@@ -675,6 +675,7 @@ class Wizard:
     def _chat_session(self, loaded: runs.Loaded) -> None:
         settings = dataclasses.asdict(runs.GenerateSettings())
         chat = loaded.kind == "finetuned"
+        stops = stop_tokens(loaded)  # (a GGUF's are read from its file: once, not per reply)
         self.say(f"loaded {loaded.source} ({loaded.checkpoint or loaded.kind}); "
                  f"{'chat' if chat else 'text continuation'} mode. Commands: /temperature X, /top_k N, /top_p X, "
                  f"/max_new_tokens N, /settings; Ctrl-C stops a reply; Enter on an empty line, /exit or Esc "
@@ -694,7 +695,7 @@ class Wizard:
             try:
                 for piece in stream_text(loaded.model, loaded.tokenizer, text, settings["max_new_tokens"],
                                          settings["temperature"], settings["top_k"], settings["top_p"],
-                                         stop_tokens(loaded), special_tokens=runs.with_special_tokens(loaded, chat)):
+                                         stops, special_tokens=runs.with_special_tokens(loaded, chat)):
                     self.console.print(reply(piece), end="", markup=False, highlight=False)
             except KeyboardInterrupt:
                 self.console.print()
