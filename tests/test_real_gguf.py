@@ -14,7 +14,7 @@ import gguf
 import train
 from gguf_io import GGUFError, LLAMA3_REGEX, llama3_scaling_from_divisors, load_gguf, save_gguf
 from model import llama3_scaled_frequencies
-from test_gguf import add_llama_tensors
+from test_gguf import add_llama_tensors, llama_cpp, open_llama  # noqa: F401 (llama_cpp: a fixture)
 
 TEXTS = ["Hello world", " leading space", "  two spaces\n\nnewlines\n", "Ünïcödé café 日本語 😀",
          "digits 1234567 and 3.14159", "def f(x):\n    return x + 1\n", "don't I'LL we've", "tabs\tand\r\nCRLF",
@@ -230,22 +230,12 @@ def test_an_unknown_or_missing_pre_tokenizer_is_refused_by_name(llama3_tokenizer
         load_gguf(tmp_path / "f.gguf")
 
 
-# ---- llama.cpp itself -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_cpp():
-    return pytest.importorskip("llama_cpp")
-
-
-def open_llama(llama_cpp, path, n_ctx: int = 256):
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
-                           n_threads=1)
-
-
+# ---- llama.cpp itself (the `llama_cpp` fixture and `open_llama` are test_gguf's) -------------------------
 def test_llama_cpp_logits_on_a_llama31_file_equal_sprats(llama_cpp, llama31_file, llama3_tokenizer):
     path, _ = llama31_file
     model, tokenizer = load_gguf(path)
     ids = token_ids(llama3_tokenizer, 200)
-    llm = open_llama(llama_cpp, path)
+    llm = open_llama(llama_cpp, path, 256)
     llm.reset()
     llm.eval(ids)
     with torch.no_grad():
